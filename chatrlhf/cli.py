@@ -1,0 +1,90 @@
+"""`chatrlhf sft | reward | rl | pipeline`.
+
+Each stage takes its typed config (chatrlhf/config.py): defaults, then `--recipe FILE.yaml`, then flags such as
+`--train.optim.lr 1e-5` (run `chatrlhf STAGE --help` for every field). User errors print one message and exit 2;
+a numerical failure (NaN/inf) exits 3.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from chatrlhf.errors import UserError
+
+USAGE = """usage: chatrlhf {sft,reward,rl,pipeline} [--recipe FILE.yaml] [--FIELD VALUE ...]
+
+  sft        step 1: supervised fine-tuning on prompt/response records
+  reward     step 2: reward model on prompt/chosen/rejected pairs
+  rl         step 3: RLHF with PPO (actor, critic, reference, reward model)
+  pipeline   steps 1-3 and an SFT-vs-RLHF evaluation in one run directory
+
+`chatrlhf STAGE --help` lists every option with its default and meaning."""
+
+
+# stage → (config class name in chatrlhf.config, driver module, driver function); drivers are imported only when
+# run, so `--help` and config errors answer without loading torch.
+STAGES = {
+    "sft": ("SFTConfig", "chatrlhf.train.sft", "run_sft"),
+    "reward": ("RewardConfig", "chatrlhf.train.reward", "run_reward"),
+    "rl": ("RLConfig", "chatrlhf.train.rl", "run_rl"),
+    "pipeline": ("PipelineConfig", "chatrlhf.train.pipeline", "run_pipeline"),
+}
+
+
+def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--recipe PATH` (or `--recipe=PATH`) out of the arguments."""
+    recipe, rest, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--recipe":
+            if i + 1 >= len(args):
+                raise UserError("--recipe needs a path")
+            recipe, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--recipe="):
+            recipe = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return recipe, rest
+
+
+def parse(stage: str, args: list[str]):
+    """Config for `stage` from defaults, the recipe and the flags."""
+    import tyro
+
+    from chatrlhf.config import load_recipe
+
+    from chatrlhf import config
+
+    cls = getattr(config, STAGES[stage][0])
+    recipe, rest = _split_recipe(args)
+    default = load_recipe(cls, recipe) if recipe else cls()
+    return tyro.cli(cls, default=default, args=rest, prog=f"chatrlhf {stage}", config=(tyro.conf.FlagConversionOff,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    stage, args = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"chatrlhf: unknown command '{stage}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        cfg = parse(stage, args)
+        _, module, function = STAGES[stage]
+        getattr(importlib.import_module(module), function)(cfg)
+    except UserError as e:
+        print(f"chatrlhf {stage}: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"chatrlhf {stage}: numerical failure: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,486 @@
+"""Typed configs, one per stage; every field documented where it is declared.
+
+Values come from three layers, later ones winning: the defaults below (DeepSpeed-Chat's where it has one, see
+docs/algorithms.md), a YAML recipe (`--recipe recipes/demo.yaml`), and command-line flags (`--optim.lr 1e-5`).
+Each run directory stores the fully resolved config as `config.yaml`; passing that file back as `--recipe`
+repeats the run exactly.
+
+`validate()` on each config raises `ConfigError` naming the fields in conflict; nothing here rewrites a user's value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from chatrlhf.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every stage: where, on what device, how reproducibly, how loudly."""
+
+    seed: int = 1234
+    """Seed for python, numpy and torch RNGs and for the data order (DeepSpeed-Chat's default)."""
+    device: str = "auto"
+    """Torch device: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the models are loaded in. float32 on CPU; bfloat16 is the usual choice on recent GPUs."""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 keeps torch's default (one per core)."""
+    log_every: int = 10
+    """Write a metrics line (metrics.jsonl) every this many optimizer steps / RL iterations."""
+    progress: bool = True
+    """Show a progress bar with the key metrics."""
+    overwrite: bool = False
+    """Allow writing into an output directory that already holds a finished run (its model is replaced)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warm-up + decay schedule and gradient clipping."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam (β1, β2); DeepSpeed-Chat uses (0.9, 0.95)."""
+    eps: float = 1e-8
+    """Adam ε."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up (cosine is DeepSpeed-Chat's default)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (optimizer steps)."""
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's records come from. See README "Data formats"."""
+
+    paths: list[str] = field(default_factory=list)
+    """Sources: .jsonl/.json/.parquet/.csv files, `datasets` directories saved to disk (`dir` or `dir:split`),
+    or generated demo data (`demo:pairs:N:SEED`, `demo:prompts:N:SEED`)."""
+    weights: list[float] | None = None
+    """Blend weights, one per path (up- or down-samples each source; counts are printed). None = concatenate."""
+    eval_paths: list[str] = field(default_factory=list)
+    """Held-out sources for evaluation. Empty = hold out `eval_fraction` of the training records."""
+    eval_fraction: float = 0.05
+    """Fraction of the records held out for evaluation when `eval_paths` is empty."""
+    skip_invalid: bool = False
+    """Skip invalid records instead of stopping at the first one; the number skipped is printed and logged."""
+
+
+@dataclass
+class SFTTrainConfig:
+    """How step 1 (supervised fine-tuning) trains."""
+
+    epochs: int = 1
+    """Passes over the training records."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    batch_size: int = 8
+    """Sequences per micro-batch (DeepSpeed-Chat's per-device default)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_seq_len: int = 512
+    """Longest prompt+response in tokens; a longer record is an error naming it."""
+    loss_on_prompt: bool = False
+    """Also train on prompt tokens (DeepSpeed-Chat does; the default trains on response tokens only)."""
+    eval_every: int = 0
+    """Evaluate held-out perplexity every this many steps (0 = only at the end)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    """Optimizer. DeepSpeed-Chat's OPT-1.3B script uses lr 9.65e-6; small models want more."""
+
+
+@dataclass
+class RewardTrainConfig:
+    """How step 2 (reward model) trains."""
+
+    epochs: int = 1
+    """Passes over the training pairs (DeepSpeed-Chat: 1)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    batch_size: int = 4
+    """Pairs per micro-batch (each pair is two sequences; DeepSpeed-Chat: 4)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_seq_len: int = 512
+    """Longest prompt+response in tokens; a longer record is an error naming it."""
+    eval_every: int = 0
+    """Evaluate held-out accuracy every this many steps (0 = only at the end)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.1))
+    """Optimizer (DeepSpeed-Chat's OPT-350M reward model: lr 5e-5, weight decay 0.1)."""
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for rollouts (and for the sampled evaluation)."""
+
+    max_new_tokens: int = 256
+    """Longest response in tokens (DeepSpeed-Chat's `max_answer_seq_len`)."""
+    temperature: float = 1.0
+    """Sampling temperature; PPO's math assumes samples from the policy itself, i.e. 1.0."""
+    top_p: float = 1.0
+    """Nucleus sampling; below 1.0 the rollouts no longer come from π, which biases the policy gradient."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables it."""
+
+
+@dataclass
+class PPOConfig:
+    """The PPO update (DeepSpeed-Chat's trainer constants by default; see docs/algorithms.md)."""
+
+    kl_coef: float = 0.1
+    """β in r_t = −β·(log π_old − log π_ref); the per-token KL penalty in the reward."""
+    reward_clip: float = 5.0
+    """The reward model's score is clipped to ±reward_clip before it is added at the last response token."""
+    clip_eps: float = 0.2
+    """ε of the clipped policy surrogate (ratio kept in [1−ε, 1+ε])."""
+    value_clip: float = 0.2
+    """ε of the clipped value loss (new values kept within ±ε of the rollout's values)."""
+    gamma: float = 1.0
+    """Discount γ of GAE."""
+    lam: float = 0.95
+    """λ of GAE."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batch_size: int = 0
+    """Sequences per optimizer step within a rollout batch (0 = the whole rollout batch in one step)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward (gradient accumulation up to mini_batch_size); 0 = mini_batch_size."""
+    whiten_advantages: bool = False
+    """Whiten advantages over the rollout batch (masked). DeepSpeed-Chat does not; OpenRLHF and TRL do."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    """How per-token losses become one number (docs/algorithms.md)."""
+
+
+@dataclass
+class RLTrainConfig:
+    """How step 3 (RLHF) runs."""
+
+    algo: Literal["ppo"] = "ppo"
+    """RL algorithm."""
+    iterations: int = 100
+    """RL iterations: each samples `rollout_batch_size` prompts, generates, scores and updates."""
+    rollout_batch_size: int = 16
+    """Prompts per iteration."""
+    max_prompt_len: int = 256
+    """Longest prompt in tokens; a longer prompt is an error naming it (DeepSpeed-Chat drops them silently)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Rollout sampling."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO hyper-parameters."""
+    actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.65e-6))
+    """Actor optimizer (DeepSpeed-Chat's OPT-1.3B step-3 lr)."""
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
+    """Critic optimizer (DeepSpeed-Chat's step-3 critic lr)."""
+    ema: bool = False
+    """Keep an exponential moving average of the actor and save it as `model_ema/`."""
+    ema_decay: float = 0.992
+    """EMA decay (DeepSpeed-Chat: 0.992)."""
+    ptx_coef: float = 0.0
+    """Weight of the pre-training (language-modelling) loss mixed into each actor step; DeepSpeed-Chat uses 27.8
+    when unsupervised data is given. Needs `ptx_paths`."""
+    ptx_paths: list[str] = field(default_factory=list)
+    """SFT-format records for the PTX loss (prompt+response or messages)."""
+    ptx_batch_size: int = 8
+    """Sequences per PTX micro-batch."""
+
+
+@dataclass
+class SFTConfig:
+    """`chatrlhf sft`: fine-tune a causal LM on prompt/response records."""
+
+    model: str = ""
+    """Base model: a Hugging Face id, a local HF model directory, or a tiny random preset (`tiny:llama`)."""
+    output_dir: str = "runs/sft"
+    """Run directory: `model/` (HF model), `metrics.jsonl`, `config.yaml`, `summary.json`."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training records: {prompt, response}, {messages} or {prompt, chosen, rejected} (uses chosen)."""
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    """Training loop."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, seed, logging."""
+
+    def validate(self, need_data: bool = True) -> None:
+        _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
+        if need_data:
+            _require(self.data.paths, "data.paths", "at least one data source")
+        _validate_data(self.data)
+        _validate_loop(self.train, "train")
+        _validate_optim(self.train.optim, "train.optim")
+
+
+@dataclass
+class RewardConfig:
+    """`chatrlhf reward`: train a reward model (causal-LM backbone + scalar head) on preference pairs."""
+
+    model: str = ""
+    """Backbone: usually the SFT output (InstructGPT), or any causal LM (DeepSpeed-Chat uses a smaller one)."""
+    output_dir: str = "runs/reward"
+    """Run directory: `model/` (HF sequence-classification model, 1 label), metrics, config, summary."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training pairs: {prompt, chosen, rejected}."""
+    train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    """Training loop."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, seed, logging."""
+
+    def validate(self, need_data: bool = True) -> None:
+        _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
+        if need_data:
+            _require(self.data.paths, "data.paths", "at least one data source")
+        _validate_data(self.data)
+        _validate_loop(self.train, "train")
+        _validate_optim(self.train.optim, "train.optim")
+
+
+@dataclass
+class RLConfig:
+    """`chatrlhf rl`: RLHF with PPO (actor, critic, frozen reference, frozen reward model)."""
+
+    actor: str = ""
+    """The policy to train: the SFT output directory (or any causal LM)."""
+    reward_model: str = ""
+    """The trained reward model directory (a 1-label sequence-classification model)."""
+    critic: str | None = None
+    """Critic initialisation; None = the reward model (as DeepSpeed-Chat does)."""
+    reference: str | None = None
+    """Frozen reference policy for the KL penalty; None = the actor's starting weights."""
+    output_dir: str = "runs/rl"
+    """Run directory: `model/` (the trained actor), `critic/`, metrics, config, summary."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts: any record with `prompt` (or `messages`); other fields are kept."""
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    """RL loop and PPO hyper-parameters."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, seed, logging."""
+
+    def validate(self, need_data: bool = True) -> None:
+        _require(self.actor, "actor", "the SFT model directory")
+        _require(self.reward_model, "reward_model", "the reward model directory")
+        if need_data:
+            _require(self.data.paths, "data.paths", "at least one prompt source")
+        _validate_data(self.data)
+        _validate_rl(self.train)
+
+
+@dataclass
+class PipelineDataConfig:
+    """Data for the three-step pipeline: one pool split across the stages, or a dataset per stage."""
+
+    paths: list[str] = field(default_factory=list)
+    """Pair sources ({prompt, chosen, rejected}) blended and then split across SFT / reward / RL by `split`."""
+    weights: list[float] | None = None
+    """Blend weights, one per path; None = concatenate."""
+    split: str = "2,4,4"
+    """Shares of the pool for SFT, reward model and RL (DeepSpeed-Chat's `data_split`)."""
+    sft_paths: list[str] = field(default_factory=list)
+    """If set, SFT trains on these sources instead of its share of the pool."""
+    reward_paths: list[str] = field(default_factory=list)
+    """If set, the reward model trains on these instead of its share of the pool."""
+    rl_paths: list[str] = field(default_factory=list)
+    """If set, RL draws prompts from these instead of its share of the pool."""
+    eval_fraction: float = 0.05
+    """Fraction of each stage's records held out for its evaluation."""
+    skip_invalid: bool = False
+    """Skip invalid records (counted and printed) instead of stopping."""
+
+
+@dataclass
+class EvalConfig:
+    """The final comparison of the SFT and RLHF policies on held-out prompts."""
+
+    prompts: list[str] = field(default_factory=list)
+    """Held-out prompt sources; empty = the RL stage's held-out prompts."""
+    num_prompts: int = 256
+    """Prompts to evaluate (the first N of the source)."""
+    samples_per_prompt: int = 4
+    """Sampled responses per prompt and model; per-prompt means are compared pairwise."""
+    judge: str | None = None
+    """Optional programmatic judge `module:function(prompt, response, **fields) -> float` (never seen by RL)."""
+    batch_size: int = 64
+    """Prompts per generation batch."""
+
+
+@dataclass
+class PipelineConfig:
+    """`chatrlhf pipeline`: SFT → reward model → RLHF → evaluation, in one run directory."""
+
+    model: str = ""
+    """Actor base model: a Hugging Face id, a local HF model directory, or a tiny random preset."""
+    reward_base: str | None = None
+    """Reward-model backbone; None = the SFT output (InstructGPT). DeepSpeed-Chat uses a separate smaller LM."""
+    run_dir: str = "runs/pipeline"
+    """Everything goes here: `sft/`, `reward/`, `rl/`, `summary.json`, `config.yaml`."""
+    data: PipelineDataConfig = field(default_factory=PipelineDataConfig)
+    """Data pool and per-stage split."""
+    sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    """Step 1 training."""
+    reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    """Step 2 training."""
+    rl: RLTrainConfig = field(default_factory=RLTrainConfig)
+    """Step 3 training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Final evaluation."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, seed, logging (shared by all stages)."""
+
+    def validate(self) -> None:
+        _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
+        d = self.data
+        if not d.paths and not (d.sft_paths and d.reward_paths and d.rl_paths):
+            raise ConfigError(
+                "data.paths is empty and not every stage has its own data (data.sft_paths, data.reward_paths, "
+                "data.rl_paths): give a pool to split, or all three per-stage sources"
+            )
+        if d.weights is not None and len(d.weights) != len(d.paths):
+            raise ConfigError(f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} sources")
+        _check_fraction(d.eval_fraction, "data.eval_fraction")
+        _validate_loop(self.sft, "sft")
+        _validate_optim(self.sft.optim, "sft.optim")
+        _validate_loop(self.reward, "reward")
+        _validate_optim(self.reward.optim, "reward.optim")
+        _validate_rl(self.rl, "rl")
+        if self.eval.num_prompts < 1 or self.eval.samples_per_prompt < 1:
+            raise ConfigError("eval.num_prompts and eval.samples_per_prompt must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _require(value: Any, name: str, what: str) -> None:
+    if not value:
+        raise ConfigError(f"{name} is required: give {what} (--{name} or in the recipe)")
+
+
+def _check_fraction(value: float, name: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+
+def _validate_data(d: DataConfig) -> None:
+    if d.weights is not None and len(d.weights) != len(d.paths):
+        raise ConfigError(f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} sources")
+    _check_fraction(d.eval_fraction, "data.eval_fraction")
+
+
+def _validate_loop(t: SFTTrainConfig | RewardTrainConfig, prefix: str) -> None:
+    for name in ("epochs", "batch_size", "grad_accum", "max_seq_len"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(t, name)}")
+    if t.max_steps < 0 or t.eval_every < 0:
+        raise ConfigError(f"{prefix}.max_steps and {prefix}.eval_every must be >= 0")
+
+
+def _validate_optim(o: OptimConfig, prefix: str) -> None:
+    if o.lr <= 0:
+        raise ConfigError(f"{prefix}.lr must be > 0, got {o.lr}")
+    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        raise ConfigError(f"{prefix}.warmup_steps, {prefix}.grad_clip and {prefix}.weight_decay must be >= 0")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"{prefix}.betas must be in [0, 1), got {o.betas}")
+
+
+def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
+    p, g = t.ppo, t.generation
+    if t.iterations < 1 or t.rollout_batch_size < 1:
+        raise ConfigError(f"{prefix}.iterations and {prefix}.rollout_batch_size must be >= 1")
+    if t.max_prompt_len < 1 or g.max_new_tokens < 1:
+        raise ConfigError(f"{prefix}.max_prompt_len and {prefix}.generation.max_new_tokens must be >= 1")
+    mini = p.mini_batch_size or t.rollout_batch_size
+    micro = p.micro_batch_size or mini
+    if t.rollout_batch_size % mini:
+        raise ConfigError(
+            f"{prefix}.ppo.mini_batch_size ({mini}) must divide {prefix}.rollout_batch_size ({t.rollout_batch_size})"
+        )
+    if mini % micro:
+        raise ConfigError(f"{prefix}.ppo.micro_batch_size ({micro}) must divide {prefix}.ppo.mini_batch_size ({mini})")
+    if p.ppo_epochs < 1:
+        raise ConfigError(f"{prefix}.ppo.ppo_epochs must be >= 1")
+    if p.kl_coef < 0 or p.reward_clip <= 0 or p.clip_eps <= 0 or p.value_clip <= 0:
+        raise ConfigError(f"{prefix}.ppo: kl_coef must be >= 0 and reward_clip, clip_eps, value_clip > 0")
+    if not (0.0 <= p.gamma <= 1.0 and 0.0 <= p.lam <= 1.0):
+        raise ConfigError(f"{prefix}.ppo.gamma and {prefix}.ppo.lam must be in [0, 1]")
+    if g.temperature <= 0 or not 0.0 < g.top_p <= 1.0 or g.top_k < 0:
+        raise ConfigError(f"{prefix}.generation: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+    if t.ptx_coef > 0 and not t.ptx_paths:
+        raise ConfigError(f"{prefix}.ptx_coef is {t.ptx_coef} but {prefix}.ptx_paths is empty: the PTX loss needs data")
+    if t.ptx_paths and t.ptx_coef <= 0:
+        raise ConfigError(f"{prefix}.ptx_paths is set but {prefix}.ptx_coef is {t.ptx_coef}: set a coefficient > 0")
+    if not 0.0 < t.ema_decay < 1.0:
+        raise ConfigError(f"{prefix}.ema_decay must be in (0, 1), got {t.ema_decay}")
+    for name in ("actor_optim", "critic_optim"):
+        _validate_optim(getattr(t, name), f"{prefix}.{name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML in and out
+
+C = TypeVar("C")
+
+
+def from_dict(cls: type[C], data: dict, where: str = "") -> C:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with the dotted key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(fields))})")
+        current = getattr(defaults, key)
+        if dataclasses.is_dataclass(current):
+            kwargs[key] = from_dict(type(current), value, path)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_recipe(cls: type[C], path: str | Path) -> C:
+    """Read a YAML recipe into config class `cls`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {p}: invalid YAML: {e}") from None
+    try:
+        return from_dict(cls, data)
+    except TypeError as e:
+        raise ConfigError(f"recipe {p}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"recipe {p}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-safe data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,125 @@
+"""Rendering records with the chat template, tokenizing, and padding into batches.
+
+Prompts are rendered with the tokenizer's chat template when it has one (`add_generation_prompt=True`); otherwise
+with the plain template `Human: {prompt}\\n\\nAssistant:` and the response follows after one space (DeepSpeed-Chat's
+convention). A response is the template's text of the assistant turn, cut after the first EOS token; EOS is
+appended when the template does not end the turn with it, so the model learns to stop.
+
+Position ids are always `cumsum(attention_mask) − 1`: the first real token is position 0 whether the batch is
+left-padded (rollouts) or right-padded (training), so the same sequence gets the same positions everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from chatrlhf.errors import DataError
+
+PLAIN_TEMPLATE = "Human: {prompt}\n\nAssistant:"
+
+
+def _messages(prompt: str | None, messages: Sequence[dict] | None) -> list[dict]:
+    return list(messages) if messages is not None else [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tok: PreTrainedTokenizerBase, prompt: str | None, messages: Sequence[dict] | None = None) -> str:
+    """The text the model sees before it answers."""
+    msgs = _messages(prompt, messages)
+    if tok.chat_template:
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
+    if len(msgs) == 1 and msgs[0]["role"] == "user":
+        return PLAIN_TEMPLATE.format(prompt=msgs[0]["content"])
+    return "\n\n".join(t.replace("User:", "Human:", 1) for t in turns) + "\n\nAssistant:"
+
+
+def response_ids(tok: PreTrainedTokenizerBase, prompt_text: str, context: list[dict], response: str) -> list[int]:
+    """Token ids of the assistant's turn after `prompt_text`, ending with exactly one EOS."""
+    if tok.chat_template:
+        full = tok.apply_chat_template(context + [{"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the chat template renders the prompt differently with and without the answer")
+        text = full[len(prompt_text) :]
+    else:
+        text = " " + response
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else ids + [eos]
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt_text: str) -> list[int]:
+    return tok(prompt_text, add_special_tokens=True)["input_ids"]
+
+
+@dataclass
+class Encoded:
+    """One tokenized training sequence."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    """1 where the token is a training target (response tokens, or all tokens with loss_on_prompt)."""
+
+
+def encode_sft(tok, rec, max_len: int, loss_on_prompt: bool) -> Encoded:
+    """prompt + response (+ EOS), checked against max_len (an error, never a silent truncation)."""
+    if rec.messages is not None:
+        context, answer = list(rec.messages[:-1]), rec.messages[-1]["content"]
+    else:
+        context, answer = _messages(rec.prompt, None), rec.response
+    p_text = render_prompt(tok, None, context)
+    p_ids = prompt_ids(tok, p_text)
+    r_ids = response_ids(tok, p_text, context, answer)
+    ids = p_ids + r_ids
+    if len(ids) > max_len:
+        raise DataError(rec.source, rec.where, None, f"record is {len(ids)} tokens, over max_seq_len={max_len}")
+    mask = [1] * len(ids) if loss_on_prompt else [0] * len(p_ids) + [1] * len(r_ids)
+    return Encoded(ids, mask)
+
+
+def encode_pair(tok, rec, max_len: int) -> tuple[list[int], list[int]]:
+    """(prompt + chosen + EOS, prompt + rejected + EOS)."""
+    context = _messages(rec.prompt, None)
+    p_text = render_prompt(tok, rec.prompt)
+    p_ids = prompt_ids(tok, p_text)
+    out = []
+    for name in ("chosen", "rejected"):
+        ids = p_ids + response_ids(tok, p_text, context, getattr(rec, name))
+        if len(ids) > max_len:
+            raise DataError(rec.source, rec.where, name, f"prompt + {name} is {len(ids)} tokens, over max_seq_len={max_len}")
+        out.append(ids)
+    return out[0], out[1]
+
+
+def encode_prompt(tok, rec, max_len: int) -> list[int]:
+    ids = prompt_ids(tok, render_prompt(tok, rec.prompt, rec.messages))
+    if len(ids) > max_len:
+        raise DataError(rec.source, rec.where, "prompt", f"prompt is {len(ids)} tokens, over max_prompt_len={max_len}")
+    return ids
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting real tokens only: the first real token is 0 (padding gets 0 too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence → (ids (B, T) long, attention_mask (B, T) long)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def collate_sft(batch: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ input_ids, attention_mask, loss_mask; all (B, T), right-padded."""
+    ids, attn = pad([e.input_ids for e in batch], pad_id)
+    loss_mask, _ = pad([e.loss_mask for e in batch], 0)
+    return ids, attn, loss_mask

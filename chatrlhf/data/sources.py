@@ -1,0 +1,205 @@
+"""Read a data source into raw records, each tagged with where it came from.
+
+A source is a file (`.jsonl`, `.json`, `.parquet`, `.csv`) or a directory written by `datasets`'
+`save_to_disk`. Every record keeps its source and position ("line N", "item N" or "row N") so that
+validation errors can point at it. Nothing here checks the fields of a record; `records.py` does that.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatrlhf.errors import DataError
+
+SUPPORTED = ".jsonl, .json, .parquet, .csv, or a directory written by datasets' save_to_disk"
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One record as read from a source, before validation."""
+
+    data: dict
+    """The record's fields, as parsed (JSON object, Parquet/datasets row, or CSV row of strings)."""
+    source: str
+    """The source spec the record came from, as the user wrote it."""
+    where: str
+    """Position in the source: "line N" (JSONL, 1-based physical line), "item N" (JSON array, 1-based) or
+    "row N" (Parquet, CSV, datasets on disk; 1-based data rows)."""
+
+
+def load_source(spec: str) -> list[RawRecord]:
+    """Load every record of one source.
+
+    `spec` is a path; for a `DatasetDict` saved to disk it may be `path:split` (default split: "train").
+    Raises `DataError` for a missing path, an unsupported format, unreadable or malformed content, and a
+    source with no records.
+    """
+    path, split = _resolve(spec)
+    if path.is_dir():
+        records = _load_saved_dataset(spec, path, split)
+    else:
+        if split is not None:
+            raise DataError(spec, None, None, f"a ':{split}' suffix only applies to a dataset directory "
+                                              "written by save_to_disk, and this is a file")
+        suffix = path.suffix.lower()
+        readers = {".jsonl": _load_jsonl_file, ".json": _load_json, ".parquet": _load_parquet, ".csv": _load_csv}
+        if suffix not in readers:
+            raise DataError(spec, None, None,
+                            f"unsupported file type '{suffix or path.name}'; supported: {SUPPORTED}")
+        records = readers[suffix](spec, path)
+    if not records:
+        raise DataError(spec, None, None, "no records")
+    return records
+
+
+def _resolve(spec: str) -> tuple[Path, str | None]:
+    """Split `spec` into a path and an optional split name; a path that exists as written wins."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path, None
+    if ":" in spec:
+        head, split = spec.rsplit(":", 1)
+        head_path = Path(head).expanduser()
+        if head and split and head_path.exists():
+            return head_path, split
+    raise DataError(spec, None, None, "no such file or directory")
+
+
+def _read_text(spec: str, path: Path) -> str:
+    """The file decoded as UTF-8 (a leading byte-order mark is dropped); bad bytes name their line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(spec, None, None, f"cannot read: {e.strerror or e}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(spec, f"line {line}", None,
+                        f"invalid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    names = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _load_jsonl_file(spec: str, path: Path) -> list[RawRecord]:
+    return _parse_jsonl(spec, _read_text(spec, path))
+
+
+def _parse_jsonl(spec: str, text: str) -> list[RawRecord]:
+    """One JSON object per non-blank line."""
+    records = []
+    loads = json.loads
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            value = loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(spec, where, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(value, dict):
+            raise DataError(spec, where, None, f"expected a JSON object, found {_json_type(value)}")
+        records.append(RawRecord(value, spec, where))
+    return records
+
+
+def _load_json(spec: str, path: Path) -> list[RawRecord]:
+    """A JSON array of objects; a `.json` file that is really JSON Lines is read as JSON Lines."""
+    text = _read_text(spec, path)
+    stripped = text.lstrip()
+    if not stripped:
+        return []
+    if not stripped.startswith("["):
+        # Not an array: JSON Lines saved as .json (common for exported datasets). A single multi-line
+        # object (e.g. {"data": [...]}) is not a list of records; say so rather than guess.
+        if stripped.startswith("{") and len([ln for ln in text.split("\n") if ln.strip()]) > 1:
+            try:
+                json.loads(text)
+            except json.JSONDecodeError:
+                return _parse_jsonl(spec, text)
+            raise DataError(spec, None, None,
+                            "expected a JSON array of objects or one JSON object per line (JSON Lines), "
+                            "found a single JSON object spanning several lines")
+        return _parse_jsonl(spec, text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(spec, f"line {e.lineno}", None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    records = []
+    for number, item in enumerate(value, start=1):
+        where = f"item {number}"
+        if not isinstance(item, dict):
+            raise DataError(spec, where, None, f"expected a JSON object, found {_json_type(item)}")
+        records.append(RawRecord(item, spec, where))
+    return records
+
+
+def _load_parquet(spec: str, path: Path) -> list[RawRecord]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(spec, None, None, f"not a readable Parquet file: {e}") from None
+    return [RawRecord(row, spec, f"row {number}") for number, row in enumerate(rows, start=1)]
+
+
+def _load_csv(spec: str, path: Path) -> list[RawRecord]:
+    """A header row names the columns; every value is a string. Blank lines are skipped."""
+    reader = csv.reader(io.StringIO(_read_text(spec, path), newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        for column in header:
+            if header.count(column) > 1:
+                raise DataError(spec, "line 1", None, f"duplicate column '{column}' in the header")
+        records = []
+        for values in reader:
+            if not values:
+                continue
+            where = f"row {len(records) + 1}"
+            if len(values) != len(header):
+                raise DataError(spec, where, None, f"has {len(values)} values but the header has "
+                                                   f"{len(header)} columns (line {reader.line_num})")
+            records.append(RawRecord(dict(zip(header, values)), spec, where))
+    except csv.Error as e:
+        raise DataError(spec, f"line {reader.line_num}", None, f"malformed CSV: {e}") from None
+    return records
+
+
+def _load_saved_dataset(spec: str, path: Path, split: str | None) -> list[RawRecord]:
+    """A `Dataset` or `DatasetDict` directory written by `save_to_disk`."""
+    is_dict = (path / "dataset_dict.json").is_file()
+    is_dataset = (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    if not (is_dict or is_dataset):
+        raise DataError(spec, None, None,
+                        "is a directory but not a dataset written by save_to_disk (it has neither "
+                        f"dataset_dict.json nor state.json + dataset_info.json); supported: {SUPPORTED}")
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as e:
+        raise DataError(spec, None, None, f"cannot load the saved dataset: {e}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        name = split or "train"
+        if name not in loaded:
+            raise DataError(spec, None, None, f"no split '{name}'; the splits are: {', '.join(loaded)} "
+                                              "(choose one with path:split)")
+        loaded = loaded[name]
+    elif split is not None:
+        raise DataError(spec, None, None, f"this is a single Dataset without splits; drop ':{split}'")
+    return [RawRecord(row, spec, f"row {number}") for number, row in enumerate(loaded.to_list(), start=1)]

@@ -1,0 +1,1 @@
+"""Training engines and the hybrid (train ↔ generate) actor engine."""

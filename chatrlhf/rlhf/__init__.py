@@ -1,0 +1,62 @@
+"""The math of RLHF as pure functions: tensors and floats in, tensors out.
+
+masks       response masks, EOS truncation, masked reductions and whitening
+kl          per-token KL estimators (k1, k2, k3) and the KL-penalized reward
+advantages  generalized advantage estimation
+losses      token log-probs, loss aggregation, PPO policy/value losses, pairwise RM loss, LM loss
+
+Response-side tensors are (B, T) over response positions only (position 0 is the first generated token), with
+a float mask that is 1 up to and including the first EOS and 0 after.
+"""
+
+from __future__ import annotations
+
+from chatrlhf.rlhf.advantages import gae_advantages
+from chatrlhf.rlhf.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalized_rewards
+from chatrlhf.rlhf.losses import (
+    LOSS_AGGREGATIONS,
+    PolicyLossStats,
+    ValueLossStats,
+    aggregate_loss,
+    entropy_from_logits,
+    lm_loss,
+    pairwise_loss,
+    policy_loss,
+    token_logprobs,
+    value_loss,
+)
+from chatrlhf.rlhf.masks import (
+    last_token_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    response_mask,
+    truncate_after_eos,
+)
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "PolicyLossStats",
+    "ValueLossStats",
+    "aggregate_loss",
+    "entropy_from_logits",
+    "gae_advantages",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalized_rewards",
+    "last_token_index",
+    "lm_loss",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "pairwise_loss",
+    "policy_loss",
+    "response_mask",
+    "token_logprobs",
+    "truncate_after_eos",
+    "value_loss",
+]

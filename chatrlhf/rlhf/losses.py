@@ -1,0 +1,298 @@
+"""Token log-probabilities, loss aggregation, and the losses of the three RLHF stages.
+
+SFT: `lm_loss`. Reward model: `pairwise_loss`. PPO: `policy_loss` (actor) and `value_loss` (critic). Each
+per-token loss is reduced by `aggregate_loss`, the one place where token-mean vs sequence-mean and
+gradient-accumulation scaling are decided.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from chatrlhf.rlhf.masks import masked_mean, masked_sum
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log π(y_t | y_<t): the log-softmax of the logits at the label tokens.
+
+    log p_t = z_{t, y_t} − log Σ_v exp(z_{t, v}), computed in float32 (float64 if the logits are float64). Rows
+    are done one at a time: besides the log-softmax outputs that autograd keeps, only one (T, V) float32 copy of
+    the logits exists at once, instead of a (B, T, V) one.
+
+    Args:
+        logits: (B, T, V) float — logits already aligned with `labels` (the caller shifts them).
+        labels: (B, T) long — token ids to score.
+
+    Returns:
+        (B, T) float32 (float64 for float64 logits) — log-probabilities of the labels.
+    """
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):
+        row_logprobs = F.log_softmax(row_logits.to(compute_dtype), dim=-1)
+        rows.append(row_logprobs.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution at each position, computed in at least float32.
+
+    H_t = −Σ_v p_v log p_v = log Σ_v exp(z_v) − Σ_v p_v z_v, with p = softmax(z).
+
+    Args:
+        logits: (B, T, V) float — logits.
+
+    Returns:
+        (B, T) float32 (float64 for float64 logits) — entropy in nats.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    probs = F.softmax(logits, dim=-1)
+    # H = logsumexp(z) − Σ p·z
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+
+
+def _token_mean(per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None) -> Tensor:
+    # Σ_{b,t} ℓ·m / N_tokens
+    if total_tokens is None:
+        total_tokens = mask.sum()
+    if total_tokens == 0:
+        raise ValueError("token_mean loss with total_tokens == 0: the batch holds no response tokens")
+    return masked_sum(per_token, mask) / total_tokens
+
+
+def _seq_mean_token_mean(
+    per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None
+) -> Tensor:
+    # Σ_b (Σ_t ℓ·m / Σ_t m) / N_seqs
+    tokens_per_seq = mask.sum(dim=1)
+    if (tokens_per_seq == 0).any():
+        empty = (tokens_per_seq == 0).nonzero().flatten().tolist()
+        raise ValueError(f"seq_mean_token_mean loss: mask rows {empty} hold no tokens")
+    if total_seqs is None:
+        total_seqs = per_token.shape[0]
+    if total_seqs == 0:
+        raise ValueError("seq_mean_token_mean loss with total_seqs == 0")
+    return (masked_sum(per_token, mask, dim=1) / tokens_per_seq).sum() / total_seqs
+
+
+def _seq_mean_token_sum(
+    per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None
+) -> Tensor:
+    # Σ_{b,t} ℓ·m / N_seqs
+    if total_seqs is None:
+        total_seqs = per_token.shape[0]
+    if total_seqs == 0:
+        raise ValueError("seq_mean_token_sum loss with total_seqs == 0")
+    return masked_sum(per_token, mask) / total_seqs
+
+
+_AGGREGATORS: dict[str, Callable[[Tensor, Tensor, float | None, int | None], Tensor]] = {
+    "token_mean": _token_mean,
+    "seq_mean_token_mean": _seq_mean_token_mean,
+    "seq_mean_token_sum": _seq_mean_token_sum,
+}
+
+LOSS_AGGREGATIONS = tuple(_AGGREGATORS)
+"""Names accepted by `aggregate_loss(mode=...)`."""
+
+
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    total_tokens: float | None = None,
+    total_seqs: int | None = None,
+) -> Tensor:
+    """Reduce a per-token loss to a scalar.
+
+    Modes, with N_tokens = `total_tokens` (default Σ m) and N_seqs = `total_seqs` (default B):
+      - "token_mean":          L = Σ_{b,t} ℓ_{b,t}·m_{b,t} / N_tokens — every token weighs the same
+        (DeepSpeed-Chat's actor and critic losses, with N_tokens the tokens of the batch).
+      - "seq_mean_token_mean": L = Σ_b (Σ_t ℓ_{b,t}·m_{b,t} / Σ_t m_{b,t}) / N_seqs — every sequence weighs the
+        same, whatever its length (GRPO's reduction; veRL's "seq-mean-token-mean").
+      - "seq_mean_token_sum":  L = Σ_{b,t} ℓ_{b,t}·m_{b,t} / N_seqs — per-sequence sums, so long sequences
+        weigh more (veRL's "seq-mean-token-sum").
+
+    Gradient accumulation: pass the totals of the whole accumulation batch (all its micro-batches) and sum the
+    micro-batch losses; the gradient then equals the gradient of one big batch. With the defaults each
+    micro-batch is normalised by its own counts, which weighs tokens unequally when micro-batches differ in
+    length. The result is meant to be summed, not averaged: where an engine divides each micro-batch loss by
+    the number of accumulation steps, or averages gradients over data-parallel ranks, the caller must undo that
+    division (e.g. by passing totals divided by the same count).
+
+    Args:
+        per_token: (B, T) float — loss per token ℓ_{b,t}.
+        mask: (B, T) float — 1 for tokens that count, 0 otherwise.
+        mode: one of `LOSS_AGGREGATIONS`.
+        total_tokens: N_tokens for "token_mean"; ignored by the other modes.
+        total_seqs: N_seqs for the "seq_mean_*" modes; ignored by "token_mean".
+
+    Returns:
+        () float — the loss.
+
+    Raises:
+        ValueError: unknown mode, or a zero denominator.
+    """
+    if mode not in _AGGREGATORS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+    return _AGGREGATORS[mode](per_token, mask, total_tokens, total_seqs)
+
+
+class PolicyLossStats(NamedTuple):
+    """Diagnostics of `policy_loss`; detached scalars, masked means over response tokens."""
+
+    clipfrac: Tensor
+    """Fraction of tokens where the clipped surrogate was selected (ratio clipped in the direction that matters)."""
+    approx_kl: Tensor
+    """½(log π_θ − log π_old)², an estimate of KL(π_old‖π_θ) (k2 of Schulman 2020)."""
+    ratio_mean: Tensor
+    """Mean of ρ = π_θ/π_old; 1 on the first minibatch of a rollout."""
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    mode: str = "token_mean",
+    total_tokens: float | None = None,
+    total_seqs: int | None = None,
+) -> tuple[Tensor, PolicyLossStats]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, arXiv 1707.06347, eq. 7, negated to minimise).
+
+    ρ_t = exp(log π_θ(a_t|s_t) − log π_old(a_t|s_t)),
+    ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε)), reduced by `aggregate_loss`.
+
+    The log-ratio is multiplied by the mask before the exponential (as DeepSpeed-Chat does), so ρ = 1 outside
+    the mask and log-probs at padding positions cannot overflow into inf·0 = NaN.
+
+    Args:
+        logp: (B, T) float — log π_θ(a_t|s_t) under the policy being trained (requires grad).
+        old_logp: (B, T) float — log π_old(a_t|s_t) from the policy that sampled the rollout.
+        advantages: (B, T) float — A_t.
+        mask: (B, T) float — response mask.
+        clip_eps: ε, the clip range of the ratio.
+        mode, total_tokens, total_seqs: see `aggregate_loss`.
+
+    Returns:
+        loss: () float — the aggregated loss.
+        stats: `PolicyLossStats`, detached.
+    """
+    log_ratio = (logp - old_logp) * mask
+    # ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t)
+    ratio = torch.exp(log_ratio)
+    # −A·ρ
+    unclipped = -advantages * ratio
+    # −A·clip(ρ, 1−ε, 1+ε)
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate_loss(per_token, mask, mode, total_tokens, total_seqs)
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            clipfrac=masked_mean((clipped > unclipped).float(), mask),
+            approx_kl=masked_mean(0.5 * log_ratio**2, mask),
+            ratio_mean=masked_mean(ratio, mask),
+        )
+    return loss, stats
+
+
+class ValueLossStats(NamedTuple):
+    """Diagnostics of `value_loss`; detached scalars, masked means over response tokens."""
+
+    clipfrac: Tensor
+    """Fraction of tokens where the clipped value error was the larger one and so was selected."""
+    mean_value: Tensor
+    """Mean of the critic's current values V_t."""
+    mean_return: Tensor
+    """Mean of the returns G_t."""
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    mode: str = "token_mean",
+    total_tokens: float | None = None,
+    total_seqs: int | None = None,
+) -> tuple[Tensor, ValueLossStats]:
+    """Clipped value loss of the PPO critic, as in DeepSpeed-Chat `critic_loss_fn`.
+
+    V̂_t = V_old,t + clip(V_t − V_old,t, −ε, ε),   ℓ_t = ½·max((V_t − G_t)², (V̂_t − G_t)²), reduced by
+    `aggregate_loss`.
+
+    Args:
+        values: (B, T) float — V_t from the critic being trained (requires grad).
+        old_values: (B, T) float — V_old,t recorded with the rollout.
+        returns: (B, T) float — G_t, e.g. from `gae_advantages`.
+        mask: (B, T) float — response mask.
+        clip_eps: ε, how far the new value may move from the old one before the clipped error takes over.
+        mode, total_tokens, total_seqs: see `aggregate_loss`.
+
+    Returns:
+        loss: () float — the aggregated loss.
+        stats: `ValueLossStats`, detached.
+    """
+    # V̂ = V_old + clip(V − V_old, −ε, ε)
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    # ℓ = ½·max((V − G)², (V̂ − G)²)
+    per_token = 0.5 * torch.maximum(unclipped_error, clipped_error)
+    loss = aggregate_loss(per_token, mask, mode, total_tokens, total_seqs)
+    with torch.no_grad():
+        stats = ValueLossStats(
+            clipfrac=masked_mean((clipped_error > unclipped_error).float(), mask),
+            mean_value=masked_mean(values, mask),
+            mean_return=masked_mean(returns, mask),
+        )
+    return loss, stats
+
+
+def pairwise_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
+    """Pairwise (Bradley–Terry) reward-model loss (Ouyang et al. 2022, arXiv 2203.02155, eq. 1).
+
+    L = mean_b −log σ(r_c,b − r_r,b)
+
+    Args:
+        chosen_scores: (B,) float — reward r_c of the preferred response of each pair.
+        rejected_scores: (B,) float — reward r_r of the other response.
+
+    Returns:
+        () float — the loss; log 2 when the scores are equal.
+    """
+    if chosen_scores.shape != rejected_scores.shape:
+        raise ValueError(
+            f"chosen_scores {tuple(chosen_scores.shape)} and rejected_scores {tuple(rejected_scores.shape)} "
+            "must have the same shape"
+        )
+    # −log σ(r_c − r_r), computed stably by logsigmoid
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    total_tokens: float | None = None,
+    total_seqs: int | None = None,
+) -> Tensor:
+    """Next-token cross-entropy: ℓ_t = −log π(y_t | y_<t), reduced by `aggregate_loss`.
+
+    Args:
+        logits: (B, T, V) float — logits already shifted to align with `labels`.
+        labels: (B, T) long — target tokens.
+        mask: (B, T) float — 1 for tokens that count in the loss.
+        mode, total_tokens, total_seqs: see `aggregate_loss`.
+
+    Returns:
+        () float — the loss.
+    """
+    return aggregate_loss(-token_logprobs(logits, labels), mask, mode, total_tokens, total_seqs)

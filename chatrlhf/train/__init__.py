@@ -1,0 +1,1 @@
+"""One driver per stage: sft, reward, rl, pipeline. Each reads top to bottom."""

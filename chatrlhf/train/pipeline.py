@@ -1,0 +1,180 @@
+"""`chatrlhf pipeline`: SFT → reward model → RLHF → side-by-side evaluation, in one run directory.
+
+Data: one pool of pair records ({prompt, chosen, rejected}) is blended from `data.paths`, shuffled with the seed
+and split across the stages by `data.split` (DeepSpeed-Chat's 2,4,4: SFT trains on prompt+chosen, the reward
+model on the pairs, RL on the prompts); a stage with its own `data.<stage>_paths` uses those instead.
+
+Output: `run_dir/{sft,reward,rl}/` (each with `model/`, metrics.jsonl, summary.json), `run_dir/config.yaml`, and
+`run_dir/summary.json` with the SFT-vs-RLHF comparison, also printed as a table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chatrlhf.config import DataConfig, PipelineConfig, RLConfig, RewardConfig, SFTConfig
+from chatrlhf.data import load_source, parse_split, split_for_stages, to_prompt
+from chatrlhf.data.collate import encode_prompt
+from chatrlhf.demo.task import materialize
+from chatrlhf.errors import UserError
+from chatrlhf.eval.compare import compare, load_function, sample_and_score
+from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, pick_device
+from chatrlhf.train.common import (
+    Stopwatch,
+    convert,
+    load_raw,
+    run_directory,
+    seed_everything,
+    train_eval_split,
+    write_json,
+)
+from chatrlhf.train.reward import run_reward
+from chatrlhf.train.rl import run_rl
+from chatrlhf.train.sft import run_sft
+
+STAGES = ("sft", "reward", "rl")
+
+
+def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, list]:
+    """Raw records per stage: the stage's own sources, or its share of the split pool."""
+    d = cfg.data
+    fractions = parse_split(d.split)
+    shares: dict[str, list] = {s: [] for s in STAGES}
+    if d.paths:
+        pool = load_raw(d.paths, d.weights, cfg.run.seed, workdir)
+        shares = dict(zip(STAGES, split_for_stages(pool, fractions, cfg.run.seed)))
+    own = {"sft": d.sft_paths, "reward": d.reward_paths, "rl": d.rl_paths}
+    out = {}
+    for stage in STAGES:
+        if own[stage]:
+            out[stage] = load_raw(own[stage], None, cfg.run.seed, workdir)
+        elif shares[stage]:
+            out[stage] = shares[stage]
+        else:
+            raise UserError(
+                f"stage '{stage}' has no data: data.split={d.split!r} gives it no share of the "
+                f"{sum(len(v) for v in shares.values())} pooled records and data.{stage}_paths is empty"
+            )
+        print(f"pipeline: {stage}: {len(out[stage])} records")
+    return out
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    cfg.validate()
+    with run_directory(cfg.run_dir, cfg, cfg.run.overwrite) as run_dir:
+        return _run_pipeline(cfg, run_dir)
+
+
+def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
+    seed_everything(cfg.run.seed)
+    data = stage_data(cfg, run_dir)
+    d = cfg.data
+    stage_data_cfg = DataConfig(eval_fraction=d.eval_fraction, skip_invalid=d.skip_invalid)
+    times = {}
+
+    # step 1: SFT
+    sft_dir = run_dir / "sft"
+    clock = Stopwatch()
+    sft = run_sft(
+        SFTConfig(model=cfg.model, output_dir=str(sft_dir), data=stage_data_cfg, train=cfg.sft, run=cfg.run),
+        raws=data["sft"],
+    )
+    times["sft"] = clock.elapsed()
+
+    # step 2: reward model (InstructGPT initialises it from the SFT model unless another base is given)
+    clock = Stopwatch()
+    rm_dir = run_dir / "reward"
+    reward = run_reward(
+        RewardConfig(
+            model=cfg.reward_base or str(sft_dir / "model"), output_dir=str(rm_dir), data=stage_data_cfg,
+            train=cfg.reward, run=cfg.run,
+        ),
+        raws=data["reward"],
+    )
+    times["reward"] = clock.elapsed()
+
+    # step 3: RLHF; the held-out prompts are kept for the final comparison
+    clock = Stopwatch()
+    rl_train, rl_eval = train_eval_split(data["rl"], [], d.eval_fraction, cfg.run.seed)
+    rl_dir = run_dir / "rl"
+    rl = run_rl(
+        RLConfig(
+            actor=str(sft_dir / "model"), reward_model=str(rm_dir / "model"), output_dir=str(rl_dir),
+            data=stage_data_cfg, train=cfg.rl, run=cfg.run,
+        ),
+        raws=rl_train,
+        eval_raws=rl_eval,
+    )
+    times["rl"] = clock.elapsed()
+
+    # evaluation: SFT vs RLHF on the same held-out prompts
+    clock = Stopwatch()
+    report = evaluate(cfg, run_dir, rl_eval)
+    times["eval"] = clock.elapsed()
+
+    summary = {
+        "sft": {"eval/perplexity": sft.get("eval/perplexity"), "steps": sft["steps"]},
+        "reward_model": {k: reward.get(k) for k in ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")},
+        "rl": {k: v for k, v in rl.items() if k.startswith("final/")},
+        "comparison": report,
+        "time_s": times,
+    }
+    write_json(run_dir / "summary.json", summary)
+    print_table(summary)
+    return summary
+
+
+def evaluate(cfg: PipelineConfig, run_dir: Path, rl_eval_raws: list) -> dict:
+    """Sample k responses per held-out prompt from the SFT and the RLHF model; score with the RM and the judge."""
+    e = cfg.eval
+    device = pick_device(cfg.run.device)
+    raws = [r for p in e.prompts for r in load_source(materialize(p, run_dir / "data"))] if e.prompts else rl_eval_raws
+    if not raws:
+        raise UserError("no held-out prompts to evaluate: set eval.prompts or data.eval_fraction > 0")
+    recs = convert(raws, to_prompt, cfg.data.skip_invalid, "evaluation prompt")[: e.num_prompts]
+    tok = load_tokenizer(str(run_dir / "sft" / "model"))
+    prompts = [encode_prompt(tok, r, cfg.rl.max_prompt_len) for r in recs]
+    texts = [r.prompt if r.prompt is not None else r.messages[-1]["content"] for r in recs]
+    extras = [r.extra for r in recs]
+    judge = load_function(e.judge) if e.judge else None
+    rm = load_value_model(str(run_dir / "reward" / "model"), tok, cfg.run.dtype, device).eval()
+    results = {}
+    for name, path in (("sft", run_dir / "sft" / "model"), ("rlhf", run_dir / "rl" / "model")):
+        model = load_causal_lm(str(path), tok, cfg.run.dtype, device).eval()
+        results[name] = sample_and_score(
+            model, tok, rm, prompts, e.samples_per_prompt, cfg.rl.generation, e.batch_size, cfg.run.seed + 1,
+            judge, texts, extras,
+        )
+    report = compare(results["sft"], results["rlhf"])
+    report["prompts"] = len(prompts)
+    report["samples_per_prompt"] = e.samples_per_prompt
+    report["examples"] = [
+        {"prompt": texts[i], "sft": results["sft"].texts[i][0], "rlhf": results["rlhf"].texts[i][0]}
+        for i in range(min(5, len(prompts)))
+    ]
+    return report
+
+
+def _fmt(ci: dict) -> str:
+    return f"{ci['mean']:+.3f}  [{ci['ci95'][0]:+.3f}, {ci['ci95'][1]:+.3f}]"
+
+
+def print_table(summary: dict) -> None:
+    c = summary["comparison"]
+    rows = []
+    for name in ("judge", "reward_model"):
+        if name in c:
+            r = c[name]
+            rows.append((f"{name} score", _fmt(r["sft"]), _fmt(r["rlhf"]), _fmt(r["rlhf_minus_sft"])))
+    print()
+    print(f"held-out prompts: {c['prompts']} × {c['samples_per_prompt']} samples; mean [95% CI]")
+    print(f"{'':16} {'SFT':>28} {'RLHF':>28} {'RLHF − SFT (paired)':>28}")
+    for row in rows:
+        print(f"{row[0]:16} {row[1]:>28} {row[2]:>28} {row[3]:>28}")
+    rm = summary["reward_model"]
+    if rm.get("eval/accuracy") is not None:
+        print(f"reward model held-out accuracy {rm['eval/accuracy']:.3f}, score gap {rm['eval/score_gap']:.3f}")
+    kl = summary["rl"].get("final/kl/mean")
+    if kl is not None:
+        print(f"final KL(actor ‖ reference) per response {kl:.3f}")
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["time_s"].items()))

@@ -1,0 +1,146 @@
+"""Step 2: a reward model — causal-LM backbone + scalar head — trained on prompt/chosen/rejected pairs.
+
+Loss (InstructGPT eq. 1): L = mean_i −log σ(r(x_i, y_c) − r(x_i, y_r)), where r is the END score: the head's
+value at the last real token of the response (its EOS). DeepSpeed-Chat instead averages a per-token loss over
+the positions after the first differing token (docs/algorithms.md says why we score the end).
+Reports held-out pairwise accuracy (r_c > r_r), mean chosen and rejected scores, and their gap.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pathlib import Path
+
+import torch
+
+from chatrlhf.config import RewardConfig
+from chatrlhf.data import to_pair
+from chatrlhf.data.collate import encode_pair, pad, position_ids
+from chatrlhf.engine.single import TrainEngine
+from chatrlhf.metrics import MetricsLogger
+from chatrlhf.models.load import ValueModel, load_tokenizer, load_value_model, pick_device, resolve_model, save_model_dir
+from chatrlhf.rlhf import last_token_index, pairwise_loss
+from chatrlhf.train.common import (
+    Stopwatch,
+    batches,
+    run_directory,
+    seed_everything,
+    set_threads,
+    stage_records,
+    write_json,
+)
+
+
+def end_scores(model: ValueModel, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """(N,) score of each right-padded sequence at its last real token."""
+    ids, attn = pad(seqs, pad_id)
+    ids, attn = ids.to(device), attn.to(device)
+    values = model(ids, attn, position_ids(attn))
+    return values.gather(1, last_token_index(attn).unsqueeze(1)).squeeze(1)
+
+
+def pair_scores(model: ValueModel, batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected end scores of a batch of encoded pairs, in one forward."""
+    seqs = [c for c, _ in batch] + [r for _, r in batch]
+    scores = end_scores(model, seqs, pad_id, device)
+    return scores[: len(batch)], scores[len(batch) :]
+
+
+@torch.no_grad()
+def evaluate_pairs(model: ValueModel, pairs, batch_size: int, pad_id: int, device) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_scores(model, pairs[i : i + batch_size], pad_id, device)
+        chosen.append(c)
+        rejected.append(r)
+    model.train(was_training)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    return {
+        "eval/accuracy": float((c > r).float().mean()),
+        "eval/chosen_score": float(c.mean()),
+        "eval/rejected_score": float(r.mean()),
+        "eval/score_gap": float((c - r).mean()),
+        "eval/loss": float(pairwise_loss(c, r)),
+    }
+
+
+def run_reward(cfg: RewardConfig, raws=None, eval_raws=None) -> dict:
+    """Train; write `output_dir/model` (1-label sequence-classification model), metrics, config, summary."""
+    cfg.validate(need_data=raws is None)
+    with run_directory(cfg.output_dir, cfg, cfg.run.overwrite) as out:
+        return _run_reward(cfg, out, raws, eval_raws)
+
+
+def _run_reward(cfg, out: Path, raws, eval_raws) -> dict:
+    clock = Stopwatch()
+    seed_everything(cfg.run.seed)
+    set_threads(cfg.run.threads)
+    t = cfg.train
+    device = pick_device(cfg.run.device)
+
+    # 1. data
+    train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)
+    path = resolve_model(cfg.model, out)
+    tok = load_tokenizer(path)
+    train_pairs = [encode_pair(tok, r, t.max_seq_len) for r in train_recs]
+    eval_pairs = [encode_pair(tok, r, t.max_seq_len) for r in eval_recs]
+
+    # 2. model and engine
+    model = load_value_model(path, tok, cfg.run.dtype, device)
+    model.train()
+    steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum)
+    total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    engine = TrainEngine(model, t.optim, total, name="reward")
+    log = MetricsLogger(out / "metrics.jsonl", "reward", total, cfg.run.progress, ("loss/train", "train/accuracy"))
+    print(f"reward: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
+
+    # 3. train: each micro-batch's mean loss is weighted by its share of the step's pairs
+    step, metrics = 0, {}
+    for epoch in range(t.epochs):
+        micro = list(batches(train_pairs, t.batch_size, cfg.run.seed, epoch))
+        for start in range(0, len(micro), t.grad_accum):
+            group = micro[start : start + t.grad_accum]
+            n_pairs = sum(len(b) for b in group)
+            loss_sum, correct = 0.0, 0.0
+            for b in group:
+                c, r = pair_scores(model, b, tok.pad_token_id, device)
+                loss = pairwise_loss(c, r) * (len(b) / n_pairs)
+                engine.backward(loss)
+                loss_sum += float(loss)
+                correct += float((c > r).sum())
+            stats = engine.step()
+            step += 1
+            metrics = {
+                "loss/train": loss_sum,
+                "train/accuracy": correct / n_pairs,
+                "optim/grad_norm": stats.grad_norm,
+                "optim/lr": stats.lr,
+            }
+            if eval_pairs and t.eval_every and step % t.eval_every == 0:
+                metrics.update(evaluate_pairs(model, eval_pairs, t.batch_size, tok.pad_token_id, device))
+            log.log(step, metrics, write=step % cfg.run.log_every == 0 or "eval/accuracy" in metrics)
+            log.advance()
+            if step >= total:
+                break
+        if step >= total:
+            break
+
+    # 4. evaluate, save, summarise
+    summary = {"stage": "reward", "steps": step, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
+    summary["loss/train"] = metrics.get("loss/train")
+    if eval_pairs:
+        final = evaluate_pairs(model, eval_pairs, t.batch_size, tok.pad_token_id, device)
+        summary.update(final)
+        log.log(step, final)
+    log.close()
+    save_model_dir(model.model, tok, out / "model")
+    summary["time/total_s"] = clock.elapsed()
+    write_json(out / "summary.json", summary)
+    print(
+        f"reward: done in {summary['time/total_s']:.1f}s; held-out accuracy {summary.get('eval/accuracy')}, "
+        f"gap {summary.get('eval/score_gap')}"
+    )
+    return summary

@@ -1,0 +1,126 @@
+"""Step 1: supervised fine-tuning of a causal LM on prompt/response records.
+
+Loss: mean negative log-likelihood of the response tokens (plus the prompt's with `train.loss_on_prompt`),
+averaged over all target tokens of the optimizer step (micro-batches × accumulation = one big batch).
+Reports train loss and held-out perplexity exp(mean NLL).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from chatrlhf.config import SFTConfig
+from chatrlhf.data import to_sft
+from chatrlhf.data.collate import collate_sft, encode_sft, position_ids
+from chatrlhf.engine.single import TrainEngine
+from chatrlhf.metrics import MetricsLogger
+from chatrlhf.models.load import load_causal_lm, load_tokenizer, pick_device, resolve_model, save_model_dir
+from chatrlhf.rlhf import lm_loss
+from chatrlhf.train.common import (
+    Stopwatch,
+    batches,
+    run_directory,
+    seed_everything,
+    set_threads,
+    stage_records,
+    write_json,
+)
+
+
+def shifted_lm_loss(model, ids, attn, loss_mask, total_tokens: float | None = None) -> torch.Tensor:
+    """NLL of tokens 1..T given their prefixes, over `loss_mask` (token mean over `total_tokens`)."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
+    return lm_loss(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:].float(), total_tokens=total_tokens)
+
+
+@torch.no_grad()
+def perplexity(model, encoded, batch_size: int, pad_id: int) -> float:
+    """exp of the mean NLL per target token over `encoded`."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0.0
+    for i in range(0, len(encoded), batch_size):
+        ids, attn, mask = (t.to(model.device) for t in collate_sft(encoded[i : i + batch_size], pad_id))
+        n = float(mask[:, 1:].sum())
+        nll += float(shifted_lm_loss(model, ids, attn, mask)) * n
+        count += n
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def run_sft(cfg: SFTConfig, raws=None, eval_raws=None) -> dict:
+    """Train; write `output_dir/model` (HF causal LM), metrics.jsonl, config.yaml, summary.json."""
+    cfg.validate(need_data=raws is None)
+    with run_directory(cfg.output_dir, cfg, cfg.run.overwrite) as out:
+        return _run_sft(cfg, out, raws, eval_raws)
+
+
+def _run_sft(cfg, out: Path, raws, eval_raws) -> dict:
+    clock = Stopwatch()
+    seed_everything(cfg.run.seed)
+    set_threads(cfg.run.threads)
+    t = cfg.train
+    device = pick_device(cfg.run.device)
+
+    # 1. data: validate every record before anything trains
+    train_recs, eval_recs = stage_records(cfg.data, to_sft, cfg.run.seed, out, "SFT", raws, eval_raws)
+    path = resolve_model(cfg.model, out)
+    tok = load_tokenizer(path)
+    train_enc = [encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt) for r in train_recs]
+    eval_enc = [encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt) for r in eval_recs]
+
+    # 2. model and engine
+    model = load_causal_lm(path, tok, cfg.run.dtype, device)
+    model.train()
+    micro_per_epoch = math.ceil(len(train_enc) / t.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
+    total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    engine = TrainEngine(model, t.optim, total, name="sft")
+    log = MetricsLogger(out / "metrics.jsonl", "sft", total, cfg.run.progress, ("loss/train", "eval/perplexity"))
+    print(f"sft: {len(train_enc)} train / {len(eval_enc)} eval records, {total} steps → {out / 'model'}")
+
+    # 3. train: grad_accum micro-batches per step, each loss scaled by the step's total target tokens
+    metrics: dict[str, float] = {}
+    step = 0
+    for epoch in range(t.epochs):
+        group: list = []
+        micro = list(batches(train_enc, t.batch_size, cfg.run.seed, epoch))
+        for i, mb in enumerate(micro):
+            group.append(mb)
+            if len(group) < t.grad_accum and i < len(micro) - 1:
+                continue
+            step_tokens = sum(float(sum(e.loss_mask[1:])) for b in group for e in b)
+            loss_sum = 0.0
+            for b in group:
+                ids, attn, mask = (x.to(device) for x in collate_sft(b, tok.pad_token_id))
+                loss = shifted_lm_loss(model, ids, attn, mask, total_tokens=step_tokens)
+                engine.backward(loss)
+                loss_sum += float(loss)
+            group = []
+            stats = engine.step()
+            step += 1
+            metrics = {"loss/train": loss_sum, "optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr}
+            if eval_enc and t.eval_every and step % t.eval_every == 0:
+                metrics["eval/perplexity"] = perplexity(model, eval_enc, t.batch_size, tok.pad_token_id)
+            log.log(step, metrics, write=step % cfg.run.log_every == 0 or "eval/perplexity" in metrics)
+            log.advance()
+            if step >= total:
+                break
+        if step >= total:
+            break
+
+    # 4. evaluate, save, summarise
+    summary = {"stage": "sft", "steps": step, "train_records": len(train_enc), "eval_records": len(eval_enc)}
+    summary["loss/train"] = metrics.get("loss/train")
+    if eval_enc:
+        summary["eval/perplexity"] = perplexity(model, eval_enc, t.batch_size, tok.pad_token_id)
+        log.log(step, {"eval/perplexity": summary["eval/perplexity"]})
+    log.close()
+    save_model_dir(model, tok, out / "model")
+    summary["time/total_s"] = clock.elapsed()
+    write_json(out / "summary.json", summary)
+    print(f"sft: done in {summary['time/total_s']:.1f}s; held-out perplexity {summary.get('eval/perplexity')}")
+    return summary
