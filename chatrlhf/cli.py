@@ -61,7 +61,19 @@ def parse(stage: str, args: list[str]):
     cls = getattr(config, STAGES[stage][0])
     recipe, rest = _split_recipe(args)
     default = load_recipe(cls, recipe) if recipe else cls()
-    return tyro.cli(cls, default=default, args=rest, prog=f"chatrlhf {stage}", config=(tyro.conf.FlagConversionOff,))
+    return tyro.cli(
+        cls, default=default, args=rest, prog=f"chatrlhf {stage}", use_underscores=True,
+        config=(tyro.conf.FlagConversionOff,),
+    )
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages say what happens; transformers' per-load bars and reports (e.g. "score.weight
+    newly initialized" when a reward model starts from a causal LM, which is intended) would bury them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = parse(stage, args)
+        _quiet_libraries()
         _, module, function = STAGES[stage]
         getattr(importlib.import_module(module), function)(cfg)
     except UserError as e:

@@ -109,7 +109,7 @@ def _run_reward(cfg, out: Path, raws, eval_raws) -> dict:
                 c, r = pair_scores(model, b, tok.pad_token_id, device)
                 loss = pairwise_loss(c, r) * (len(b) / n_pairs)
                 engine.backward(loss)
-                loss_sum += float(loss)
+                loss_sum += loss.item()
                 correct += float((c > r).sum())
             stats = engine.step()
             step += 1

@@ -216,14 +216,14 @@ def ppo_update(
                 actor.backward(pg)
                 critic.backward(vl)
                 frac = len(idx) / len(mb_idx)
-                _acc(sums, {"loss/policy": float(pg), "loss/value": float(vl)})
+                _acc(sums, {"loss/policy": pg.item(), "loss/value": vl.item()})
                 _acc(sums, {"policy/clipfrac": float(pstats.clipfrac) * frac, "policy/approx_kl": float(pstats.approx_kl) * frac})
                 _acc(sums, {"value/clipfrac": float(vstats.clipfrac) * frac})
             if ptx_batches is not None:
                 ids, attn, lmask = next(ptx_batches)
                 ptx = shifted_lm_loss(actor.model, ids, attn, lmask)
                 actor.backward(t.ptx_coef * ptx)
-                _acc(sums, {"loss/ptx": float(ptx)})
+                _acc(sums, {"loss/ptx": ptx.item()})
             a_stats, c_stats = actor.step(), critic.step()
             _acc(sums, {"optim/actor_grad_norm": a_stats.grad_norm, "optim/critic_grad_norm": c_stats.grad_norm})
             if ema is not None:

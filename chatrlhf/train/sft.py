@@ -98,7 +98,7 @@ def _run_sft(cfg, out: Path, raws, eval_raws) -> dict:
                 ids, attn, mask = (x.to(device) for x in collate_sft(b, tok.pad_token_id))
                 loss = shifted_lm_loss(model, ids, attn, mask, total_tokens=step_tokens)
                 engine.backward(loss)
-                loss_sum += float(loss)
+                loss_sum += loss.item()
             group = []
             stats = engine.step()
             step += 1

@@ -1,0 +1,82 @@
+"""Rendering, tokenizing and padding: templates, EOS handling, positions, length errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatrlhf.data import RawRecord, to_pair, to_prompt, to_sft
+from chatrlhf.data.collate import (
+    PLAIN_TEMPLATE,
+    encode_pair,
+    encode_prompt,
+    encode_sft,
+    pad,
+    position_ids,
+    render_prompt,
+)
+from chatrlhf.errors import DataError
+from chatrlhf.models.tiny import EOS_ID, byte_tokenizer
+
+
+def raw(**data):
+    return RawRecord(data=data, source="mem.jsonl", where="line 1")
+
+
+def test_chat_template_prompt_and_response_tokens():
+    tok = byte_tokenizer()
+    enc = encode_sft(tok, to_sft(raw(prompt="hi", response="yo")), max_len=64, loss_on_prompt=False)
+    prompt = list(b"User: hi\nAssistant:")
+    assert enc.input_ids == prompt + list(b" yo") + [EOS_ID]
+    assert enc.loss_mask == [0] * len(prompt) + [1, 1, 1, 1]
+    with_prompt = encode_sft(tok, to_sft(raw(prompt="hi", response="yo")), max_len=64, loss_on_prompt=True)
+    assert with_prompt.loss_mask == [1] * len(with_prompt.input_ids)
+
+
+def test_plain_template_without_chat_template():
+    tok = byte_tokenizer(chat_template=False)
+    assert render_prompt(tok, "hi") == PLAIN_TEMPLATE.format(prompt="hi") == "Human: hi\n\nAssistant:"
+    enc = encode_sft(tok, to_sft(raw(prompt="hi", response="yo")), max_len=64, loss_on_prompt=False)
+    assert enc.input_ids == list(b"Human: hi\n\nAssistant: yo") + [EOS_ID]
+
+
+def test_messages_use_the_whole_conversation():
+    tok = byte_tokenizer()
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    enc = encode_sft(tok, to_sft(raw(messages=msgs)), max_len=128, loss_on_prompt=False)
+    context = list(b"System: S\nUser: a\nAssistant: b") + [EOS_ID] + list(b"\nUser: c\nAssistant:")
+    assert enc.input_ids == context + list(b" d") + [EOS_ID]
+    assert sum(enc.loss_mask) == 3
+
+
+def test_pair_and_prompt_encoding():
+    tok = byte_tokenizer()
+    c, r = encode_pair(tok, to_pair(raw(prompt="p", chosen="good", rejected="bad")), max_len=64)
+    prefix = list(b"User: p\nAssistant:")
+    assert c == prefix + list(b" good") + [EOS_ID] and r == prefix + list(b" bad") + [EOS_ID]
+    assert encode_prompt(tok, to_prompt(raw(prompt="p", extra=1)), max_len=64) == prefix
+
+
+def test_too_long_is_an_error_naming_the_record():
+    tok = byte_tokenizer()
+    with pytest.raises(DataError, match=r"mem.jsonl:line 1: .*over max_seq_len=10"):
+        encode_sft(tok, to_sft(raw(prompt="hello", response="world")), max_len=10, loss_on_prompt=False)
+    with pytest.raises(DataError, match=r"field 'rejected'.*max_seq_len=25"):
+        encode_pair(tok, to_pair(raw(prompt="p", chosen="a", rejected="a much longer answer")), max_len=25)
+    with pytest.raises(DataError, match=r"field 'prompt'.*max_prompt_len=5"):
+        encode_prompt(tok, to_prompt(raw(prompt="long prompt")), max_len=5)
+
+
+def test_pad_left_right_and_positions():
+    ids, mask = pad([[1, 2, 3], [4]], value=0, left=True)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    ids, mask = pad([[1, 2, 3], [4]], value=9)
+    assert ids.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert position_ids(torch.tensor([[0, 1, 1, 0]])).tolist() == [[0, 0, 1, 1]]

@@ -1,0 +1,93 @@
+"""The hybrid engine: generation mode is scoped and restores the training state exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatrlhf.config import GenerationConfig, OptimConfig
+from chatrlhf.engine.hybrid import HybridEngine
+from chatrlhf.engine.single import TrainEngine
+
+
+@pytest.fixture()
+def actor(tiny_dirs):
+    path = tiny_dirs["llama"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.config.attention_dropout = 0.0
+    engine = TrainEngine(model, OptimConfig(lr=1e-3), total_steps=10)
+    return HybridEngine(engine, tok, GenerationConfig(max_new_tokens=6)), tok
+
+
+def state(model):
+    return {
+        "training": {n: m.training for n, m in model.named_modules()},
+        "grad": torch.is_grad_enabled(),
+        "use_cache": model.config.use_cache,
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
+
+
+def assert_same(a, b):
+    assert a["training"] == b["training"]
+    assert a["grad"] == b["grad"] and a["use_cache"] == b["use_cache"]
+    assert a["requires_grad"] == b["requires_grad"]
+    assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+
+
+def test_generation_mode_switches_and_restores(actor):
+    hybrid, tok = actor
+    model = hybrid.model
+    model.train()
+    model.config.use_cache = False
+    model.model.layers[0].eval()  # a mixed train/eval state must come back exactly as it was
+    before = state(model)
+    prompt = torch.tensor([[tok.pad_token_id, 72, 105], [65, 66, 67]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with hybrid.generation_mode():
+        assert not model.training and not any(m.training for m in model.modules())
+        assert not torch.is_grad_enabled() and model.config.use_cache
+        out = hybrid.generate(prompt, mask)
+        assert out.shape[0] == 2 and 1 <= out.shape[1] <= 6 and not out.requires_grad
+    assert_same(before, state(model))
+
+
+def test_state_restored_when_generation_raises(actor):
+    hybrid, _ = actor
+    hybrid.model.train()
+    before = state(hybrid.model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hybrid.generation_mode():
+            raise RuntimeError("boom")
+    assert_same(before, state(hybrid.model))
+
+
+def test_generate_outside_generation_mode_is_refused(actor):
+    hybrid, _ = actor
+    with pytest.raises(RuntimeError, match="generation_mode"):
+        hybrid.generate(torch.tensor([[65]]), torch.tensor([[1]]))
+
+
+def test_training_step_after_generation_matches_one_without(actor, tiny_dirs):
+    """Generating in between must not change what the next training step computes."""
+    hybrid, tok = actor
+    ids = torch.tensor([[65, 66, 67, 68]])
+
+    def loss_of(model):
+        return model(input_ids=ids, labels=ids).loss
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    hybrid.model.train()
+    with hybrid.generation_mode():
+        hybrid.generate(ids, torch.ones_like(ids))
+    assert torch.allclose(loss_of(hybrid.model), loss_of(reference.train()), atol=1e-6)
+    assert loss_of(hybrid.model).requires_grad
+
+
+def test_sampling_settings_are_ours_not_the_models(actor):
+    hybrid, _ = actor
+    g = hybrid.hf_generation
+    assert g.do_sample and g.top_k == 0 and g.top_p == 1.0 and g.temperature == 1.0 and g.max_new_tokens == 6
