@@ -62,11 +62,11 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where a stage's records come from. See README "Data formats"."""
+    """Where a stage's records come from (README, "Data formats")."""
 
     paths: list[str] = field(default_factory=list)
     """Sources: .jsonl/.json/.parquet/.csv files, `datasets` directories saved to disk (`dir` or `dir:split`),
-    or generated demo data (`demo:pairs:N:SEED`, `demo:prompts:N:SEED`)."""
+    or generated demo data (`demo:pairs:N:SEED`, `demo:prompts:N:SEED`). See README, "Data formats"."""
     weights: list[float] | None = None
     """Blend weights, one per path (up- or down-samples each source; counts are printed). None = concatenate."""
     eval_paths: list[str] = field(default_factory=list)
@@ -186,10 +186,10 @@ class RLTrainConfig:
     ema_decay: float = 0.992
     """EMA decay (DeepSpeed-Chat: 0.992)."""
     ptx_coef: float = 0.0
-    """Weight of the pre-training (language-modelling) loss mixed into each actor step; DeepSpeed-Chat uses 27.8
-    when unsupervised data is given. Needs `ptx_paths`."""
+    """Weight of the PTX (language-modelling) loss added to each actor step, to keep the SFT skills; DeepSpeed-Chat
+    uses 27.8 when unsupervised data is given. Needs `ptx_paths`."""
     ptx_paths: list[str] = field(default_factory=list)
-    """SFT-format records for the PTX loss (prompt+response or messages)."""
+    """SFT-format records for the PTX loss (prompt+response or messages; the loss is on response tokens)."""
     ptx_batch_size: int = 8
     """Sequences per PTX micro-batch."""
 
@@ -307,7 +307,7 @@ class EvalConfig:
     judge: str | None = None
     """Optional programmatic judge `module:function(prompt, response, **fields) -> float` (never seen by RL)."""
     batch_size: int = 64
-    """Prompts per generation batch."""
+    """Sequences (prompt × sample) per generation batch."""
 
 
 @dataclass

@@ -6,7 +6,8 @@ Switching is explicit and scoped (DESIGN.md):
         responses = actor.generate(prompt_ids, prompt_mask)
 
 Inside the block the model is in eval mode with the KV cache on and autograd off; leaving it restores the
-training state exactly (train/eval flags of every module, grad mode, the cache flag), also when generation raises.
+training state exactly (train/eval flags of every module, grad mode, the cache flag, the model's generation
+config), also when generation raises.
 Backend `hf` is Hugging Face `generate`.
 """
 
@@ -24,8 +25,10 @@ from chatrlhf.engine.single import TrainEngine
 
 
 def sampling_config(tokenizer: PreTrainedTokenizerBase, generation: GenerationConfig) -> HFGenerationConfig:
-    """Hugging Face sampling settings built from ours alone — not from the model's generation_config, so no
-    hidden default (such as top_k=50) changes the sampling distribution behind the user's back."""
+    """Hugging Face sampling settings built from ours alone. transformers fills every field a passed config leaves
+    at its default from the model's `generation_config.json` (top_k=50, repetition_penalty, min_new_tokens, ...),
+    so generation must also run with this object installed as the model's `generation_config`
+    (`generation_mode` does that) — otherwise a checkpoint's settings would silently change the rollouts."""
     return HFGenerationConfig(
         do_sample=True,
         temperature=generation.temperature,
@@ -53,9 +56,11 @@ class HybridEngine:
         model = self.model
         modes = {m: m.training for m in model.modules()}
         use_cache = model.config.use_cache
+        generation_config = model.generation_config
         grad_enabled = torch.is_grad_enabled()
         model.eval()
         model.config.use_cache = True
+        model.generation_config = self.hf_generation
         torch.set_grad_enabled(False)
         self._generating = True
         try:
@@ -64,6 +69,7 @@ class HybridEngine:
             self._generating = False
             torch.set_grad_enabled(grad_enabled)
             model.config.use_cache = use_cache
+            model.generation_config = generation_config
             for m, training in modes.items():
                 m.training = training
 

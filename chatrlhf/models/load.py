@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from chatrlhf.data.collate import position_ids
 from chatrlhf.errors import UserError
 from chatrlhf.models.tiny import build_tiny_model, parse_tiny_spec
 
@@ -122,6 +123,12 @@ class ValueModel(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
+
+    def scores_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B,) the value at position `index[b]` of each sequence — at the last real response token, the reward
+        model's end score r(x, y)."""
+        values = self(input_ids, attention_mask, position_ids(attention_mask))
+        return values.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
 def load_value_model(path: str, tok: PreTrainedTokenizerBase, dtype: str, device: torch.device) -> ValueModel:

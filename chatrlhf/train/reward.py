@@ -16,7 +16,7 @@ import torch
 
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import to_pair
-from chatrlhf.data.collate import encode_pair, pad, position_ids
+from chatrlhf.data.collate import encode_pair, pad
 from chatrlhf.engine.single import TrainEngine
 from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import ValueModel, load_tokenizer, load_value_model, pick_device, resolve_model, save_model_dir
@@ -34,10 +34,8 @@ from chatrlhf.train.common import (
 
 def end_scores(model: ValueModel, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
     """(N,) score of each right-padded sequence at its last real token."""
-    ids, attn = pad(seqs, pad_id)
-    ids, attn = ids.to(device), attn.to(device)
-    values = model(ids, attn, position_ids(attn))
-    return values.gather(1, last_token_index(attn).unsqueeze(1)).squeeze(1)
+    ids, attn = (x.to(device) for x in pad(seqs, pad_id))
+    return model.scores_at(ids, attn, last_token_index(attn))
 
 
 def pair_scores(model: ValueModel, batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +119,7 @@ def _run_reward(cfg, out: Path, raws, eval_raws) -> dict:
             }
             if eval_pairs and t.eval_every and step % t.eval_every == 0:
                 metrics.update(evaluate_pairs(model, eval_pairs, t.batch_size, tok.pad_token_id, device))
-            log.log(step, metrics, write=step % cfg.run.log_every == 0 or "eval/accuracy" in metrics)
+            log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/accuracy" in metrics)
             log.advance()
             if step >= total:
                 break

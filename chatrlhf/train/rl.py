@@ -11,7 +11,8 @@ One iteration (DESIGN.md), each a named function below:
   8. log every metric (docs/metrics.md) and save.
 
 Dropout is off in the actor and critic throughout (eval mode; gradients still flow), so the first mini-batch
-recomputes exactly the rollout's log-probs and the ratio starts at 1, as DeepSpeed-Chat's zero-dropout actor does.
+recomputes the rollout's log-probs (up to float rounding between batch shapes) and the ratio starts at 1, as with
+DeepSpeed-Chat's zero-dropout actor.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class Advantages:
 
 
 def prompt_stream(prompts: list[list[int]], batch_size: int, seed: int):
-    """1. Endless shuffled batches of encoded prompts; every prompt is used once per pass."""
+    """1. Endless shuffled batches of encoded prompts: each pass is a new permutation, cut into full batches (the
+    last `len % batch_size` prompts of a pass wait for a later pass's shuffle)."""
     for epoch in itertools.count():
         order = np.random.default_rng(seed + epoch).permutation(len(prompts))
         for i in range(0, len(order) - batch_size + 1, batch_size):
@@ -153,10 +155,8 @@ def response_values(critic: ValueModel, rollout: Rollout) -> torch.Tensor:
 
 def end_scores(reward_model: ValueModel, rollout: Rollout) -> torch.Tensor:
     """3. (B,) the reward model's value at the last real response token."""
-    attn = rollout.attention_mask
-    values = reward_model(rollout.sequences, attn, position_ids(attn))
     last = rollout.prompt_ids.shape[1] + last_token_index(rollout.response_mask)
-    return values.gather(1, last.unsqueeze(1)).squeeze(1)
+    return reward_model.scores_at(rollout.sequences, rollout.attention_mask, last)
 
 
 @torch.no_grad()
@@ -215,7 +215,7 @@ def ppo_update(
                 )
                 actor.backward(pg)
                 critic.backward(vl)
-                frac = len(idx) / len(mb_idx)
+                frac = float(mask.sum()) / total_tokens  # the micro-batch's share of the mini-batch's tokens
                 _acc(sums, {"loss/policy": pg.item(), "loss/value": vl.item()})
                 _acc(sums, {"policy/clipfrac": float(pstats.clipfrac) * frac, "policy/approx_kl": float(pstats.approx_kl) * frac})
                 _acc(sums, {"value/clipfrac": float(vstats.clipfrac) * frac})
@@ -271,6 +271,16 @@ def truncated(rollout: Rollout, eos_id: int) -> torch.Tensor:
     """(B,) True where the response has no EOS: it filled max_new_tokens and was cut."""
     last = last_token_index(rollout.response_mask)
     return rollout.response.gather(1, last.unsqueeze(1)).squeeze(1) != eos_id
+
+
+@torch.no_grad()
+def held_out_score(m: Models, prompts: list[list[int]], batch_size: int, device) -> float:
+    """Mean reward-model end score of one sampled response per held-out prompt."""
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        rollout = generate_rollout(m.actor, prompts[i : i + batch_size], m.tok.pad_token_id, m.tok.eos_token_id, device)
+        scores.append(end_scores(m.reward_model, rollout))
+    return float(torch.cat(scores).mean())
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -386,6 +396,10 @@ def _run_rl(cfg, out: Path, raws, eval_raws) -> dict:
     tail = history[-max(1, len(history) // 10) :]
     summary = {"stage": "rl", "algo": t.algo, "iterations": t.iterations, "prompts": len(prompts)}
     summary.update({f"final/{k}": sum(h[k] for h in tail) / len(tail) for k in tail[0]})
+    if eval_recs:
+        held_out = [encode_prompt(tok, r, t.max_prompt_len) for r in eval_recs]
+        summary["eval/prompts"] = len(held_out)
+        summary["eval/score_mean"] = held_out_score(m, held_out, t.rollout_batch_size, device)
     summary["time/total_s"] = clock.elapsed()
     write_json(out / "summary.json", summary)
     print(

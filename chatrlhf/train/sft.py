@@ -105,7 +105,7 @@ def _run_sft(cfg, out: Path, raws, eval_raws) -> dict:
             metrics = {"loss/train": loss_sum, "optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr}
             if eval_enc and t.eval_every and step % t.eval_every == 0:
                 metrics["eval/perplexity"] = perplexity(model, eval_enc, t.batch_size, tok.pad_token_id)
-            log.log(step, metrics, write=step % cfg.run.log_every == 0 or "eval/perplexity" in metrics)
+            log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/perplexity" in metrics)
             log.advance()
             if step >= total:
                 break

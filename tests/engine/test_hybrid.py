@@ -26,6 +26,7 @@ def state(model):
         "training": {n: m.training for n, m in model.named_modules()},
         "grad": torch.is_grad_enabled(),
         "use_cache": model.config.use_cache,
+        "generation_config": model.generation_config,
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
     }
@@ -34,6 +35,7 @@ def state(model):
 def assert_same(a, b):
     assert a["training"] == b["training"]
     assert a["grad"] == b["grad"] and a["use_cache"] == b["use_cache"]
+    assert a["generation_config"] is b["generation_config"]
     assert a["requires_grad"] == b["requires_grad"]
     assert all(torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
 
@@ -50,6 +52,7 @@ def test_generation_mode_switches_and_restores(actor):
     with hybrid.generation_mode():
         assert not model.training and not any(m.training for m in model.modules())
         assert not torch.is_grad_enabled() and model.config.use_cache
+        assert model.generation_config is hybrid.hf_generation, "the checkpoint's own sampling defaults are not used"
         out = hybrid.generate(prompt, mask)
         assert out.shape[0] == 2 and 1 <= out.shape[1] <= 6 and not out.requires_grad
     assert_same(before, state(model))
@@ -88,6 +91,13 @@ def test_training_step_after_generation_matches_one_without(actor, tiny_dirs):
 
 
 def test_sampling_settings_are_ours_not_the_models(actor):
-    hybrid, _ = actor
+    hybrid, tok = actor
     g = hybrid.hf_generation
     assert g.do_sample and g.top_k == 0 and g.top_p == 1.0 and g.temperature == 1.0 and g.max_new_tokens == 6
+    # a checkpoint's own settings (at least 6 new tokens, a repetition penalty) must not reach the rollouts
+    hybrid.model.generation_config.min_new_tokens = 6
+    hybrid.model.generation_config.repetition_penalty = 5.0
+    torch.manual_seed(0)
+    with hybrid.generation_mode():
+        assert hybrid.model.generation_config.min_new_tokens is None
+        assert hybrid.model.generation_config.repetition_penalty in (None, 1.0)  # None = no penalty
