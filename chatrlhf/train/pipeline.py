@@ -155,8 +155,10 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, rl_eval_raws: list) -> dict:
     return report
 
 
-def _fmt(ci: dict) -> str:
-    return f"{ci['mean']:+.3f}  [{ci['ci95'][0]:+.3f}, {ci['ci95'][1]:+.3f}]"
+def _fmt(ci: dict, sign: str = "") -> str:
+    if ci["ci95"] is None:
+        return f"{ci['mean']:{sign}.3f}  (n={ci['n']}, no interval)"
+    return f"{ci['mean']:{sign}.3f}  [{ci['ci95'][0]:{sign}.3f}, {ci['ci95'][1]:{sign}.3f}]"
 
 
 def print_table(summary: dict) -> None:
@@ -165,7 +167,7 @@ def print_table(summary: dict) -> None:
     for name in ("judge", "reward_model"):
         if name in c:
             r = c[name]
-            rows.append((f"{name} score", _fmt(r["sft"]), _fmt(r["rlhf"]), _fmt(r["rlhf_minus_sft"])))
+            rows.append((f"{name} score", _fmt(r["sft"]), _fmt(r["rlhf"]), _fmt(r["rlhf_minus_sft"], "+")))
     print()
     print(f"held-out prompts: {c['prompts']} × {c['samples_per_prompt']} samples; mean [95% CI]")
     print(f"{'':16} {'SFT':>28} {'RLHF':>28} {'RLHF − SFT (paired)':>28}")
