@@ -54,15 +54,18 @@ def parse(stage: str, args: list[str]):
     """Config for `stage` from defaults, the recipe and the flags."""
     import tyro
 
-    from chatrlhf.config import load_recipe
-
     from chatrlhf import config
+    from chatrlhf.config import load_recipe
 
     cls = getattr(config, STAGES[stage][0])
     recipe, rest = _split_recipe(args)
     default = load_recipe(cls, recipe) if recipe else cls()
     return tyro.cli(
-        cls, default=default, args=rest, prog=f"chatrlhf {stage}", use_underscores=True,
+        cls,
+        default=default,
+        args=rest,
+        prog=f"chatrlhf {stage}",
+        use_underscores=True,
         config=(tyro.conf.FlagConversionOff,),
     )
 

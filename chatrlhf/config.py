@@ -210,12 +210,7 @@ class SFTConfig:
     """Device, seed, logging."""
 
     def validate(self, need_data: bool = True) -> None:
-        _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
-        if need_data:
-            _require(self.data.paths, "data.paths", "at least one data source")
-        _validate_data(self.data)
-        _validate_loop(self.train, "train")
-        _validate_optim(self.train.optim, "train.optim")
+        _validate_supervised(self, need_data)
 
 
 @dataclass
@@ -234,12 +229,7 @@ class RewardConfig:
     """Device, seed, logging."""
 
     def validate(self, need_data: bool = True) -> None:
-        _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
-        if need_data:
-            _require(self.data.paths, "data.paths", "at least one data source")
-        _validate_data(self.data)
-        _validate_loop(self.train, "train")
-        _validate_optim(self.train.optim, "train.optim")
+        _validate_supervised(self, need_data)
 
 
 @dataclass
@@ -360,6 +350,15 @@ class PipelineConfig:
 def _require(value: Any, name: str, what: str) -> None:
     if not value:
         raise ConfigError(f"{name} is required: give {what} (--{name} or in the recipe)")
+
+
+def _validate_supervised(cfg: SFTConfig | RewardConfig, need_data: bool) -> None:
+    _require(cfg.model, "model", "a model id, directory or tiny:ARCH preset")
+    if need_data:
+        _require(cfg.data.paths, "data.paths", "at least one data source")
+    _validate_data(cfg.data)
+    _validate_loop(cfg.train, "train")
+    _validate_optim(cfg.train.optim, "train.optim")
 
 
 def _check_fraction(value: float, name: str) -> None:

@@ -14,8 +14,20 @@ from chatrlhf.cli import main
 @pytest.fixture()
 def sft_args(tmp_path, tiny_dirs):
     def make(data_path, *extra):
-        return ["sft", "--model", str(tiny_dirs["llama"]), "--output_dir", str(tmp_path / "out"),
-                "--data.paths", str(data_path), "--train.max_steps", "1", "--run.progress", "False", *extra]
+        return [
+            "sft",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--data.paths",
+            str(data_path),
+            "--train.max_steps",
+            "1",
+            "--run.progress",
+            "False",
+            *extra,
+        ]
 
     return make
 
@@ -41,8 +53,10 @@ CASES = {
     "malformed json": (GOOD + "\n{not json\n", r"data\.jsonl:line 2:.*JSON"),
     "missing field": (GOOD + "\n" + json.dumps({"prompt": "p"}) + "\n", r"data\.jsonl:line 2:.*'response'"),
     "wrong type": (json.dumps({"prompt": 3, "response": "r"}) + "\n", r"data\.jsonl:line 1:.*'prompt'.*str"),
-    "empty response": (GOOD + "\n" + GOOD + "\n" + json.dumps({"prompt": "p", "response": "  "}) + "\n",
-                       r"data\.jsonl:line 3:.*'response'.*whitespace"),
+    "empty response": (
+        GOOD + "\n" + GOOD + "\n" + json.dumps({"prompt": "p", "response": "  "}) + "\n",
+        r"data\.jsonl:line 3:.*'response'.*whitespace",
+    ),
 }
 
 
@@ -63,29 +77,65 @@ def test_record_over_max_len(tmp_path, sft_args, capsys):
 
 
 def test_missing_model_directory(tmp_path, capsys, pairs_file):
-    err = run_error(["sft", "--model", str(tmp_path / "nomodel"), "--output_dir", str(tmp_path / "o"),
-                     "--data.paths", str(pairs_file)], capsys)
+    err = run_error(
+        [
+            "sft",
+            "--model",
+            str(tmp_path / "nomodel"),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--data.paths",
+            str(pairs_file),
+        ],
+        capsys,
+    )
     assert "nomodel" in err and "no such directory" in err
 
 
 def test_directory_that_is_not_a_model(tmp_path, capsys, pairs_file):
     (tmp_path / "empty").mkdir()
-    err = run_error(["sft", "--model", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o"),
-                     "--data.paths", str(pairs_file)], capsys)
+    err = run_error(
+        [
+            "sft",
+            "--model",
+            str(tmp_path / "empty"),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--data.paths",
+            str(pairs_file),
+        ],
+        capsys,
+    )
     assert "not a Hugging Face model directory" in err
 
 
 @pytest.mark.parametrize(
     "flags, fields",
     [
-        (["--train.rollout_batch_size", "8", "--train.ppo.mini_batch_size", "3"], ["mini_batch_size", "rollout_batch_size"]),
+        (
+            ["--train.rollout_batch_size", "8", "--train.ppo.mini_batch_size", "3"],
+            ["mini_batch_size", "rollout_batch_size"],
+        ),
         (["--train.ptx_coef", "1.0"], ["ptx_coef", "ptx_paths"]),
         (["--train.ppo.gamma", "1.5"], ["gamma"]),
     ],
 )
 def test_conflicting_config_values(flags, fields, tmp_path, capsys, pairs_file):
-    err = run_error(["rl", "--actor", "a", "--reward_model", "b", "--data.paths", str(pairs_file),
-                     "--output_dir", str(tmp_path / "o"), *flags], capsys)
+    err = run_error(
+        [
+            "rl",
+            "--actor",
+            "a",
+            "--reward_model",
+            "b",
+            "--data.paths",
+            str(pairs_file),
+            "--output_dir",
+            str(tmp_path / "o"),
+            *flags,
+        ],
+        capsys,
+    )
     for f in fields:
         assert f in err
     assert not (tmp_path / "o").exists()

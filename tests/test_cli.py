@@ -35,15 +35,66 @@ def runs(tmp_path_factory, tiny_dirs, pairs_file):
     """sft → reward → rl, each a separate CLI call, as a user would chain them."""
     root = tmp_path_factory.mktemp("cli")
     base = str(tiny_dirs["gpt2"])
-    ok(chatrlhf("sft", "--model", base, "--output_dir", str(root / "sft"), "--data.paths", str(pairs_file),
-                "--train.max_steps", "4", "--train.batch_size", "8", "--train.max_seq_len", "96", *QUIET))
-    ok(chatrlhf("reward", "--model", str(root / "sft" / "model"), "--output_dir", str(root / "rm"),
-                "--data.paths", str(pairs_file), "--train.max_steps", "3", "--train.batch_size", "8",
-                "--train.max_seq_len", "96", *QUIET))
-    ok(chatrlhf("rl", "--actor", str(root / "sft" / "model"), "--reward_model", str(root / "rm" / "model"),
-                "--output_dir", str(root / "rl"), "--data.paths", str(pairs_file), "--train.iterations", "2",
-                "--train.rollout_batch_size", "8", "--train.ppo.mini_batch_size", "4",
-                "--train.generation.max_new_tokens", "8", "--train.ema", "True", *QUIET))
+    ok(
+        chatrlhf(
+            "sft",
+            "--model",
+            base,
+            "--output_dir",
+            str(root / "sft"),
+            "--data.paths",
+            str(pairs_file),
+            "--train.max_steps",
+            "4",
+            "--train.batch_size",
+            "8",
+            "--train.max_seq_len",
+            "96",
+            *QUIET,
+        )
+    )
+    ok(
+        chatrlhf(
+            "reward",
+            "--model",
+            str(root / "sft" / "model"),
+            "--output_dir",
+            str(root / "rm"),
+            "--data.paths",
+            str(pairs_file),
+            "--train.max_steps",
+            "3",
+            "--train.batch_size",
+            "8",
+            "--train.max_seq_len",
+            "96",
+            *QUIET,
+        )
+    )
+    ok(
+        chatrlhf(
+            "rl",
+            "--actor",
+            str(root / "sft" / "model"),
+            "--reward_model",
+            str(root / "rm" / "model"),
+            "--output_dir",
+            str(root / "rl"),
+            "--data.paths",
+            str(pairs_file),
+            "--train.iterations",
+            "2",
+            "--train.rollout_batch_size",
+            "8",
+            "--train.ppo.mini_batch_size",
+            "4",
+            "--train.generation.max_new_tokens",
+            "8",
+            "--train.ema",
+            "True",
+            *QUIET,
+        )
+    )
     return root
 
 
@@ -60,7 +111,9 @@ def test_sft_outputs(runs):
 def test_reward_outputs(runs):
     summary = json.loads((runs / "rm" / "summary.json").read_text())
     assert 0.0 <= summary["eval/accuracy"] <= 1.0
-    assert summary["eval/score_gap"] == pytest.approx(summary["eval/chosen_score"] - summary["eval/rejected_score"], abs=1e-5)
+    assert summary["eval/score_gap"] == pytest.approx(
+        summary["eval/chosen_score"] - summary["eval/rejected_score"], abs=1e-5
+    )
 
 
 def test_rl_outputs(runs):
@@ -113,13 +166,37 @@ def test_help_lists_documented_fields():
 def test_pipeline_on_a_reduced_demo_budget(tmp_path):
     """The demo recipe end to end, on a budget of seconds: every stage runs and summary.json is complete."""
     run = tmp_path / "demo"
-    ok(chatrlhf(
-        "pipeline", "--recipe", "recipes/demo.yaml", "--run_dir", str(run), "--data.paths", "demo:pairs:600:0",
-        "--model", "tiny:llama:hidden=32,layers=2,heads=4", "--sft.epochs", "1", "--reward.epochs", "1",
-        "--rl.iterations", "2", "--rl.rollout_batch_size", "16", "--rl.ppo.mini_batch_size", "8",
-        "--rl.generation.max_new_tokens", "12", "--eval.num_prompts", "8", "--eval.samples_per_prompt", "2",
-        "--run.progress", "False",
-    ))
+    ok(
+        chatrlhf(
+            "pipeline",
+            "--recipe",
+            "recipes/demo.yaml",
+            "--run_dir",
+            str(run),
+            "--data.paths",
+            "demo:pairs:600:0",
+            "--model",
+            "tiny:llama:hidden=32,layers=2,heads=4",
+            "--sft.epochs",
+            "1",
+            "--reward.epochs",
+            "1",
+            "--rl.iterations",
+            "2",
+            "--rl.rollout_batch_size",
+            "16",
+            "--rl.ppo.mini_batch_size",
+            "8",
+            "--rl.generation.max_new_tokens",
+            "12",
+            "--eval.num_prompts",
+            "8",
+            "--eval.samples_per_prompt",
+            "2",
+            "--run.progress",
+            "False",
+        )
+    )
     summary = json.loads((run / "summary.json").read_text())
     judge = summary["comparison"]["judge"]
     assert judge["sft"]["n"] == judge["rlhf"]["n"] == 8

@@ -22,16 +22,26 @@ def test_mean_ci_by_hand():
     xs = [1.0, 2.0, 4.0, 7.0]
     ci = mean_ci(xs)
     half = 3.1824 * statistics.stdev(xs) / 2.0  # t_{0.975,3} = 3.1824
-    assert ci.mean == 3.5 and ci.low == pytest.approx(3.5 - half, abs=1e-3) and ci.high == pytest.approx(3.5 + half, abs=1e-3)
+    assert (
+        ci.mean == 3.5
+        and ci.low == pytest.approx(3.5 - half, abs=1e-3)
+        and ci.high == pytest.approx(3.5 + half, abs=1e-3)
+    )
     single = mean_ci([2.0]).as_dict()
     assert single["ci95"] is None and single["mean"] == 2.0
 
 
 def test_compare_pairs_prompts():
-    base = PolicySamples(texts=[["a"], ["b"], ["c"]], rm_scores=[[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]],
-                         judge_scores=[[0.0, 0.5], [0.5, 0.5], [0.0, 1.0]])
-    new = PolicySamples(texts=[["a"], ["b"], ["c"]], rm_scores=[[1.0, 1.0], [2.0, 2.0], [1.0, 0.0]],
-                        judge_scores=[[1.0, 1.0], [1.0, 0.5], [0.5, 1.0]])
+    base = PolicySamples(
+        texts=[["a"], ["b"], ["c"]],
+        rm_scores=[[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]],
+        judge_scores=[[0.0, 0.5], [0.5, 0.5], [0.0, 1.0]],
+    )
+    new = PolicySamples(
+        texts=[["a"], ["b"], ["c"]],
+        rm_scores=[[1.0, 1.0], [2.0, 2.0], [1.0, 0.0]],
+        judge_scores=[[1.0, 1.0], [1.0, 0.5], [0.5, 1.0]],
+    )
     report = compare(base, new)
     diffs = [0.75, 0.25, 0.25]  # per-prompt judge means: new (1, .75, .75) − base (.25, .5, .5)
     d = report["judge"]["rlhf_minus_sft"]

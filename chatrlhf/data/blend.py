@@ -26,8 +26,10 @@ def parse_split(spec: str | Sequence[float]) -> tuple[float, float, float]:
     else:
         items = list(spec)
     if len(items) != 3:
-        raise ConfigError(f"data.split: expected three comma-separated weights for SFT, reward and RL "
-                          f"(e.g. '2,4,4'), got {len(items)}: {spec!r}")
+        raise ConfigError(
+            f"data.split: expected three comma-separated weights for SFT, reward and RL "
+            f"(e.g. '2,4,4'), got {len(items)}: {spec!r}"
+        )
     values = []
     for item in items:
         if isinstance(item, bool):
@@ -49,8 +51,9 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def split_for_stages(records: list[T], fractions: tuple[float, float, float] | Sequence[float],
-                     seed: int) -> tuple[list[T], list[T], list[T]]:
+def split_for_stages(
+    records: list[T], fractions: tuple[float, float, float] | Sequence[float], seed: int
+) -> tuple[list[T], list[T], list[T]]:
     """The SFT, reward and RL parts of `records`: disjoint, together all of `records`, deterministic in `seed`.
 
     Indices are shuffled with `numpy.random.default_rng(seed).permutation(n)` and cut at
@@ -62,9 +65,11 @@ def split_for_stages(records: list[T], fractions: tuple[float, float, float] | S
     order = np.random.default_rng(seed).permutation(n).tolist()
     cut1 = _round_half_up(n * f_sft)
     cut2 = _round_half_up(n * (f_sft + f_reward))
-    return ([records[i] for i in order[:cut1]],
-            [records[i] for i in order[cut1:cut2]],
-            [records[i] for i in order[cut2:]])
+    return (
+        [records[i] for i in order[:cut1]],
+        [records[i] for i in order[cut1:cut2]],
+        [records[i] for i in order[cut2:]],
+    )
 
 
 def blend_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
@@ -80,8 +85,10 @@ def blend_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
             raise ConfigError(f"data.weights: every weight must be a finite number > 0, found {w!r}")
     for i, size in enumerate(sizes):
         if size == 0:
-            raise ConfigError(f"data.weights: dataset {i + 1} has no records for this stage, so it cannot be "
-                              "sampled; remove it or give it records")
+            raise ConfigError(
+                f"data.weights: dataset {i + 1} has no records for this stage, so it cannot be "
+                "sampled; remove it or give it records"
+            )
     total, weight_sum = sum(sizes), sum(weights)
     exact = [total * w / weight_sum for w in weights]
     counts = [math.floor(x) for x in exact]

@@ -89,7 +89,9 @@ def encode_pair(tok, rec, max_len: int) -> tuple[list[int], list[int]]:
     for name in ("chosen", "rejected"):
         ids = p_ids + response_ids(tok, p_text, context, getattr(rec, name))
         if len(ids) > max_len:
-            raise DataError(rec.source, rec.where, name, f"prompt + {name} is {len(ids)} tokens, over max_seq_len={max_len}")
+            raise DataError(
+                rec.source, rec.where, name, f"prompt + {name} is {len(ids)} tokens, over max_seq_len={max_len}"
+            )
         out.append(ids)
     return out[0], out[1]
 

@@ -65,8 +65,15 @@ class PromptRecord:
 
 def _describe(value: object) -> str:
     """Type and a short preview of a value, for "found ..." in error messages."""
-    names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", tuple: "list",
-             dict: "object"}
+    names = {
+        str: "string",
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        list: "list",
+        tuple: "list",
+        dict: "object",
+    }
     if value is None:
         return "null"
     name = names.get(type(value), type(value).__name__)
@@ -97,8 +104,9 @@ def _fields_of(raw: RawRecord) -> str:
 def _field(raw: RawRecord, field: str) -> str:
     """The required field `field` of `raw` as a non-blank string."""
     if field not in raw.data:
-        raise DataError(raw.source, raw.where, field,
-                        f"missing (expected a string); the record's fields are: {_fields_of(raw)}")
+        raise DataError(
+            raw.source, raw.where, field, f"missing (expected a string); the record's fields are: {_fields_of(raw)}"
+        )
     return _string(raw, field, raw.data[field])
 
 
@@ -109,21 +117,30 @@ def _messages(raw: RawRecord) -> tuple[dict, ...]:
     """
     value = raw.data["messages"]
     if not isinstance(value, (list, tuple)):
-        raise DataError(raw.source, raw.where, "messages",
-                        f"expected a list of {{'role', 'content'}} objects, found {_describe(value)}")
+        raise DataError(
+            raw.source,
+            raw.where,
+            "messages",
+            f"expected a list of {{'role', 'content'}} objects, found {_describe(value)}",
+        )
     if not value:
         raise DataError(raw.source, raw.where, "messages", "is an empty list")
     turns = []
     for i, turn in enumerate(value):
         name = f"messages[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(raw.source, raw.where, name,
-                            f"expected an object with 'role' and 'content', found {_describe(turn)}")
+            raise DataError(
+                raw.source, raw.where, name, f"expected an object with 'role' and 'content', found {_describe(turn)}"
+            )
         if "role" not in turn:
             raise DataError(raw.source, raw.where, f"{name}.role", f"missing (expected one of {', '.join(ROLES)})")
         if turn["role"] not in ROLES:
-            raise DataError(raw.source, raw.where, f"{name}.role",
-                            f"expected one of {', '.join(ROLES)}, found {_describe(turn['role'])}")
+            raise DataError(
+                raw.source,
+                raw.where,
+                f"{name}.role",
+                f"expected one of {', '.join(ROLES)}, found {_describe(turn['role'])}",
+            )
         if "content" not in turn:
             raise DataError(raw.source, raw.where, f"{name}.content", "missing (expected a string)")
         _string(raw, f"{name}.content", turn["content"])
@@ -134,8 +151,9 @@ def _messages(raw: RawRecord) -> tuple[dict, ...]:
 def _no_layout(raw: RawRecord, layouts: str) -> DataError:
     """The error for a record that matches none of a stage's layouts."""
     problem = "missing" if "prompt" not in raw.data else "is null"
-    return DataError(raw.source, raw.where, "prompt",
-                     f"{problem}; expected {layouts}; the record's fields are: {_fields_of(raw)}")
+    return DataError(
+        raw.source, raw.where, "prompt", f"{problem}; expected {layouts}; the record's fields are: {_fields_of(raw)}"
+    )
 
 
 def to_sft(raw: RawRecord) -> SFTRecord:
@@ -144,9 +162,12 @@ def to_sft(raw: RawRecord) -> SFTRecord:
     if _present(data, "messages"):
         messages = _messages(raw)
         if messages[-1]["role"] != "assistant":
-            raise DataError(raw.source, raw.where, f"messages[{len(messages) - 1}].role",
-                            f"the last turn must be 'assistant' (the response to learn), "
-                            f"found '{messages[-1]['role']}'")
+            raise DataError(
+                raw.source,
+                raw.where,
+                f"messages[{len(messages) - 1}].role",
+                f"the last turn must be 'assistant' (the response to learn), found '{messages[-1]['role']}'",
+            )
         if not any(turn["role"] == "user" for turn in messages):
             raise DataError(raw.source, raw.where, "messages", "has no 'user' turn")
         return SFTRecord(None, None, messages, raw.source, raw.where)
@@ -164,8 +185,9 @@ def to_pair(raw: RawRecord) -> PairRecord:
     """Validate a preference pair; `chosen` and `rejected` must differ beyond surrounding whitespace."""
     prompt, chosen, rejected = _field(raw, "prompt"), _field(raw, "chosen"), _field(raw, "rejected")
     if chosen.strip() == rejected.strip():
-        raise DataError(raw.source, raw.where, "rejected",
-                        "is the same text as 'chosen'; a pair needs two different responses")
+        raise DataError(
+            raw.source, raw.where, "rejected", "is the same text as 'chosen'; a pair needs two different responses"
+        )
     return PairRecord(prompt, chosen, rejected, raw.source, raw.where)
 
 
@@ -181,9 +203,13 @@ def to_prompt(raw: RawRecord) -> PromptRecord:
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages or messages[-1]["role"] != "user":
-            raise DataError(raw.source, raw.where, "messages",
-                            "the prompt conversation (all turns before a final assistant turn) must end with "
-                            f"a 'user' turn, found {'no turns' if not messages else repr(messages[-1]['role'])}")
+            raise DataError(
+                raw.source,
+                raw.where,
+                "messages",
+                "the prompt conversation (all turns before a final assistant turn) must end with "
+                f"a 'user' turn, found {'no turns' if not messages else repr(messages[-1]['role'])}",
+            )
         extra = {k: v for k, v in data.items() if k != "messages"}
         return PromptRecord(None, messages, extra, raw.source, raw.where)
     if "prompt" not in data:
@@ -193,8 +219,9 @@ def to_prompt(raw: RawRecord) -> PromptRecord:
     return PromptRecord(prompt, None, extra, raw.source, raw.where)
 
 
-def validate_all(raws: Iterable[RawRecord], convert: Callable[[RawRecord], R],
-                 skip_invalid: bool = False) -> tuple[list[R], list[DataError]]:
+def validate_all(
+    raws: Iterable[RawRecord], convert: Callable[[RawRecord], R], skip_invalid: bool = False
+) -> tuple[list[R], list[DataError]]:
     """Convert every record with `convert` (`to_sft`, `to_pair` or `to_prompt`).
 
     By default raise the first error, saying how many other records are invalid too. With `skip_invalid`,
@@ -212,7 +239,10 @@ def validate_all(raws: Iterable[RawRecord], convert: Callable[[RawRecord], R],
         if len(errors) == 1:
             raise first
         more = len(errors) - 1
-        raise DataError(first.source, first.where, first.field,
-                        f"{first.problem} (and {more} more invalid record{'s' if more > 1 else ''} "
-                        "in this dataset)")
+        raise DataError(
+            first.source,
+            first.where,
+            first.field,
+            f"{first.problem} (and {more} more invalid record{'s' if more > 1 else ''} in this dataset)",
+        )
     return valid, errors

@@ -43,13 +43,16 @@ def load_source(spec: str) -> list[RawRecord]:
         records = _load_saved_dataset(spec, path, split)
     else:
         if split is not None:
-            raise DataError(spec, None, None, f"a ':{split}' suffix only applies to a dataset directory "
-                                              "written by save_to_disk, and this is a file")
+            raise DataError(
+                spec,
+                None,
+                None,
+                f"a ':{split}' suffix only applies to a dataset directory written by save_to_disk, and this is a file",
+            )
         suffix = path.suffix.lower()
         readers = {".jsonl": _load_jsonl_file, ".json": _load_json, ".parquet": _load_parquet, ".csv": _load_csv}
         if suffix not in readers:
-            raise DataError(spec, None, None,
-                            f"unsupported file type '{suffix or path.name}'; supported: {SUPPORTED}")
+            raise DataError(spec, None, None, f"unsupported file type '{suffix or path.name}'; supported: {SUPPORTED}")
         records = readers[suffix](spec, path)
     if not records:
         raise DataError(spec, None, None, "no records")
@@ -81,14 +84,21 @@ def _read_text(spec: str, path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(spec, f"line {line}", None,
-                        f"invalid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+        raise DataError(
+            spec, f"line {line}", None, f"invalid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def _json_type(value: object) -> str:
     """The JSON name of a parsed value's type, for error messages."""
-    names = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array",
-             type(None): "null"}
+    names = {
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -128,9 +138,13 @@ def _load_json(spec: str, path: Path) -> list[RawRecord]:
                 json.loads(text)
             except json.JSONDecodeError:
                 return _parse_jsonl(spec, text)
-            raise DataError(spec, None, None,
-                            "expected a JSON array of objects or one JSON object per line (JSON Lines), "
-                            "found a single JSON object spanning several lines")
+            raise DataError(
+                spec,
+                None,
+                None,
+                "expected a JSON array of objects or one JSON object per line (JSON Lines), "
+                "found a single JSON object spanning several lines",
+            )
         return _parse_jsonl(spec, text)
     try:
         value = json.loads(text)
@@ -172,8 +186,12 @@ def _load_csv(spec: str, path: Path) -> list[RawRecord]:
                 continue
             where = f"row {len(records) + 1}"
             if len(values) != len(header):
-                raise DataError(spec, where, None, f"has {len(values)} values but the header has "
-                                                   f"{len(header)} columns (line {reader.line_num})")
+                raise DataError(
+                    spec,
+                    where,
+                    None,
+                    f"has {len(values)} values but the header has {len(header)} columns (line {reader.line_num})",
+                )
             records.append(RawRecord(dict(zip(header, values)), spec, where))
     except csv.Error as e:
         raise DataError(spec, f"line {reader.line_num}", None, f"malformed CSV: {e}") from None
@@ -185,9 +203,13 @@ def _load_saved_dataset(spec: str, path: Path, split: str | None) -> list[RawRec
     is_dict = (path / "dataset_dict.json").is_file()
     is_dataset = (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
     if not (is_dict or is_dataset):
-        raise DataError(spec, None, None,
-                        "is a directory but not a dataset written by save_to_disk (it has neither "
-                        f"dataset_dict.json nor state.json + dataset_info.json); supported: {SUPPORTED}")
+        raise DataError(
+            spec,
+            None,
+            None,
+            "is a directory but not a dataset written by save_to_disk (it has neither "
+            f"dataset_dict.json nor state.json + dataset_info.json); supported: {SUPPORTED}",
+        )
     import datasets
 
     try:
@@ -197,8 +219,9 @@ def _load_saved_dataset(spec: str, path: Path, split: str | None) -> list[RawRec
     if isinstance(loaded, datasets.DatasetDict):
         name = split or "train"
         if name not in loaded:
-            raise DataError(spec, None, None, f"no split '{name}'; the splits are: {', '.join(loaded)} "
-                                              "(choose one with path:split)")
+            raise DataError(
+                spec, None, None, f"no split '{name}'; the splits are: {', '.join(loaded)} (choose one with path:split)"
+            )
         loaded = loaded[name]
     elif split is not None:
         raise DataError(spec, None, None, f"this is a single Dataset without splits; drop ':{split}'")

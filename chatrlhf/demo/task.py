@@ -107,7 +107,7 @@ def parse_prompt(prompt: str) -> tuple[int, str]:
         raise ValueError(f"not a letter-words prompt (expected e.g. 'Write 3 words that start with b.'): {prompt!r}")
     if len(found) > 1:
         raise ValueError(f"ambiguous letter-words prompt, it asks for {sorted(found)}: {prompt!r}")
-    (count, letter), = found
+    ((count, letter),) = found
     n = int(count) if count.isdigit() else _NUMBER_WORDS[count]
     if n < 1:
         raise ValueError(f"a letter-words prompt must ask for at least 1 word, got {n}: {prompt!r}")

@@ -93,8 +93,17 @@ class PolicySamples:
 
 @torch.no_grad()
 def sample_and_score(
-    model, tok, reward_model, prompts: list[list[int]], k: int, gen: GenerationConfig, batch_size: int, seed: int,
-    judge: Callable | None, prompt_texts: list[str], extras: list[dict],
+    model,
+    tok,
+    reward_model,
+    prompts: list[list[int]],
+    k: int,
+    gen: GenerationConfig,
+    batch_size: int,
+    seed: int,
+    judge: Callable | None,
+    prompt_texts: list[str],
+    extras: list[dict],
 ) -> PolicySamples:
     """k sampled responses per prompt, scored by the reward model and the judge."""
     from chatrlhf.train.rl import Rollout, end_scores  # the same end score the RL stage optimises

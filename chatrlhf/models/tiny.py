@@ -142,22 +142,47 @@ def tiny_config(
     ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=max_positions, n_embd=hidden, n_layer=layers, n_head=heads,
-            n_inner=4 * hidden, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, summary_first_dropout=0.0,
-            tie_word_embeddings=True, **ids,
+            vocab_size=vocab_size,
+            n_positions=max_positions,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_inner=4 * hidden,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            summary_first_dropout=0.0,
+            tie_word_embeddings=True,
+            **ids,
         )
     if arch == "opt":
         return OPTConfig(
-            vocab_size=vocab_size, max_position_embeddings=max_positions, hidden_size=hidden,
-            num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=4 * hidden, word_embed_proj_dim=hidden,
-            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
-            tie_word_embeddings=True, **ids,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_positions,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=4 * hidden,
+            word_embed_proj_dim=hidden,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            layerdrop=0.0,
+            tie_word_embeddings=True,
+            **ids,
         )
     config_class = LlamaConfig if arch == "llama" else Qwen2Config
     return config_class(
-        vocab_size=vocab_size, max_position_embeddings=max_positions, hidden_size=hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        intermediate_size=_gated_ffn_size(hidden), attention_dropout=0.0, tie_word_embeddings=True, **ids,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        intermediate_size=_gated_ffn_size(hidden),
+        attention_dropout=0.0,
+        tie_word_embeddings=True,
+        **ids,
     )
 
 
@@ -207,7 +232,7 @@ def parse_tiny_spec(spec: str) -> dict | None:
     """
     if not spec.startswith(TINY_PRESET_PREFIX):
         return None
-    arch, has_options, options = spec[len(TINY_PRESET_PREFIX):].partition(":")
+    arch, has_options, options = spec[len(TINY_PRESET_PREFIX) :].partition(":")
     kwargs: dict = {"arch": arch}
     for item in options.split(",") if has_options else ():
         key, sep, value = item.partition("=")

@@ -7,9 +7,7 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def gae_advantages(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Advantages and returns by GAE (Schulman et al. 2016, arXiv 1506.02438, eq. 16).
 
     δ_t = r_t + γ·V_{t+1} − V_t,   A_t = Σ_l (γλ)^l δ_{t+l} = δ_t + γλ·A_{t+1},   G_t = A_t + V_t.

@@ -64,9 +64,7 @@ def _token_mean(per_token: Tensor, mask: Tensor, total_tokens: float | None, tot
     return masked_sum(per_token, mask) / total_tokens
 
 
-def _seq_mean_token_mean(
-    per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None
-) -> Tensor:
+def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None) -> Tensor:
     # Σ_b (Σ_t ℓ·m / Σ_t m) / N_seqs
     tokens_per_seq = mask.sum(dim=1)
     if (tokens_per_seq == 0).any():
@@ -79,9 +77,7 @@ def _seq_mean_token_mean(
     return (masked_sum(per_token, mask, dim=1) / tokens_per_seq).sum() / total_seqs
 
 
-def _seq_mean_token_sum(
-    per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None
-) -> Tensor:
+def _seq_mean_token_sum(per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None) -> Tensor:
     # Σ_{b,t} ℓ·m / N_seqs
     if total_seqs is None:
         total_seqs = per_token.shape[0]

@@ -42,6 +42,17 @@ def run_directory(output_dir: str, cfg, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+def run_stage(cfg, output_dir: str, need_data: bool, body: Callable[[Path, torch.device], dict]) -> dict:
+    """Validate the config, open the run directory, seed and set threads, then run `body(out, device)`."""
+    from chatrlhf.models.load import pick_device
+
+    cfg.validate(need_data=need_data)
+    with run_directory(output_dir, cfg, cfg.run.overwrite) as out:
+        seed_everything(cfg.run.seed)
+        set_threads(cfg.run.threads)
+        return body(out, pick_device(cfg.run.device))
+
+
 def prepare_run_dir(out: Path, cfg, overwrite: bool) -> Path:
     """Create the run directory, refuse one that holds another finished run, store the resolved config."""
     if (out / "model").exists() and not overwrite:
@@ -92,7 +103,9 @@ def convert(raws: Sequence[RawRecord], to: Callable[[RawRecord], T], skip_invali
     return records
 
 
-def train_eval_split(records: list[T], eval_records: list[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+def train_eval_split(
+    records: list[T], eval_records: list[T], eval_fraction: float, seed: int
+) -> tuple[list[T], list[T]]:
     """Given held-out records, use them; otherwise hold out `eval_fraction` of the records (seeded)."""
     if eval_records or eval_fraction == 0:
         return records, eval_records

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatrlhf.config import DataConfig, PipelineConfig, RLConfig, RewardConfig, SFTConfig
+from chatrlhf.config import DataConfig, PipelineConfig, RewardConfig, RLConfig, SFTConfig
 from chatrlhf.data import load_source, parse_split, split_for_stages, to_prompt
 from chatrlhf.data.collate import encode_prompt
 from chatrlhf.demo.task import materialize
@@ -86,8 +86,11 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     rm_dir = run_dir / "reward"
     reward = run_reward(
         RewardConfig(
-            model=cfg.reward_base or str(sft_dir / "model"), output_dir=str(rm_dir), data=stage_data_cfg,
-            train=cfg.reward, run=cfg.run,
+            model=cfg.reward_base or str(sft_dir / "model"),
+            output_dir=str(rm_dir),
+            data=stage_data_cfg,
+            train=cfg.reward,
+            run=cfg.run,
         ),
         raws=data["reward"],
     )
@@ -99,8 +102,12 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     rl_dir = run_dir / "rl"
     rl = run_rl(
         RLConfig(
-            actor=str(sft_dir / "model"), reward_model=str(rm_dir / "model"), output_dir=str(rl_dir),
-            data=stage_data_cfg, train=cfg.rl, run=cfg.run,
+            actor=str(sft_dir / "model"),
+            reward_model=str(rm_dir / "model"),
+            output_dir=str(rl_dir),
+            data=stage_data_cfg,
+            train=cfg.rl,
+            run=cfg.run,
         ),
         raws=rl_train,
         eval_raws=rl_eval,
@@ -114,7 +121,9 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
 
     summary = {
         "sft": {"eval/perplexity": sft.get("eval/perplexity"), "steps": sft["steps"]},
-        "reward_model": {k: reward.get(k) for k in ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")},
+        "reward_model": {
+            k: reward.get(k) for k in ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")
+        },
         "rl": {k: v for k, v in rl.items() if k.startswith("final/")},
         "comparison": report,
         "time_s": times,
@@ -142,8 +151,17 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, rl_eval_raws: list) -> dict:
     for name, path in (("sft", run_dir / "sft" / "model"), ("rlhf", run_dir / "rl" / "model")):
         model = load_causal_lm(str(path), tok, cfg.run.dtype, device).eval()
         results[name] = sample_and_score(
-            model, tok, rm, prompts, e.samples_per_prompt, cfg.rl.generation, e.batch_size, cfg.run.seed + 1,
-            judge, texts, extras,
+            model,
+            tok,
+            rm,
+            prompts,
+            e.samples_per_prompt,
+            cfg.rl.generation,
+            e.batch_size,
+            cfg.run.seed + 1,
+            judge,
+            texts,
+            extras,
         )
     report = compare(results["sft"], results["rlhf"])
     report["prompts"] = len(prompts)

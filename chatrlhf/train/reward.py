@@ -9,7 +9,6 @@ Reports held-out pairwise accuracy (r_c > r_r), mean chosen and rejected scores,
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 import torch
@@ -19,14 +18,18 @@ from chatrlhf.data import to_pair
 from chatrlhf.data.collate import encode_pair, pad
 from chatrlhf.engine.single import TrainEngine
 from chatrlhf.metrics import MetricsLogger
-from chatrlhf.models.load import ValueModel, load_tokenizer, load_value_model, pick_device, resolve_model, save_model_dir
+from chatrlhf.models.load import (
+    ValueModel,
+    load_tokenizer,
+    load_value_model,
+    resolve_model,
+    save_model_dir,
+)
 from chatrlhf.rlhf import last_token_index, pairwise_loss
 from chatrlhf.train.common import (
     Stopwatch,
     batches,
-    run_directory,
-    seed_everything,
-    set_threads,
+    run_stage,
     stage_records,
     write_json,
 )
@@ -67,17 +70,14 @@ def evaluate_pairs(model: ValueModel, pairs, batch_size: int, pad_id: int, devic
 
 def run_reward(cfg: RewardConfig, raws=None, eval_raws=None) -> dict:
     """Train; write `output_dir/model` (1-label sequence-classification model), metrics, config, summary."""
-    cfg.validate(need_data=raws is None)
-    with run_directory(cfg.output_dir, cfg, cfg.run.overwrite) as out:
-        return _run_reward(cfg, out, raws, eval_raws)
+    return run_stage(
+        cfg, cfg.output_dir, raws is None, lambda out, device: _run_reward(cfg, out, device, raws, eval_raws)
+    )
 
 
-def _run_reward(cfg, out: Path, raws, eval_raws) -> dict:
+def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
-    seed_everything(cfg.run.seed)
-    set_threads(cfg.run.threads)
     t = cfg.train
-    device = pick_device(cfg.run.device)
 
     # 1. data
     train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)

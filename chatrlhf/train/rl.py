@@ -39,7 +39,6 @@ from chatrlhf.models.load import (
     load_causal_lm,
     load_tokenizer,
     load_value_model,
-    pick_device,
     resolve_model,
     same_vocabulary,
     save_model_dir,
@@ -55,8 +54,14 @@ from chatrlhf.rlhf import (
     truncate_after_eos,
     value_loss,
 )
-from chatrlhf.train.common import Stopwatch, load_raw, run_directory, seed_everything, set_threads, stage_records
-from chatrlhf.train.common import convert, write_json
+from chatrlhf.train.common import (
+    Stopwatch,
+    convert,
+    load_raw,
+    run_stage,
+    stage_records,
+    write_json,
+)
 from chatrlhf.train.sft import shifted_lm_loss
 
 
@@ -206,18 +211,36 @@ def ppo_update(
                 idx = mb_idx[u0 : u0 + micro]
                 r, mask = rollout.select(idx), rollout.response_mask[idx]
                 pg, pstats = policy_loss(
-                    response_logprobs(actor.model, r), ev.old_logprobs[idx], adv.advantages[idx], mask, p.clip_eps,
-                    p.loss_aggregation, total_tokens=total_tokens, total_seqs=len(mb_idx),
+                    response_logprobs(actor.model, r),
+                    ev.old_logprobs[idx],
+                    adv.advantages[idx],
+                    mask,
+                    p.clip_eps,
+                    p.loss_aggregation,
+                    total_tokens=total_tokens,
+                    total_seqs=len(mb_idx),
                 )
                 vl, vstats = value_loss(
-                    response_values(critic.model, r), ev.values[idx], adv.returns[idx], mask, p.value_clip,
-                    p.loss_aggregation, total_tokens=total_tokens, total_seqs=len(mb_idx),
+                    response_values(critic.model, r),
+                    ev.values[idx],
+                    adv.returns[idx],
+                    mask,
+                    p.value_clip,
+                    p.loss_aggregation,
+                    total_tokens=total_tokens,
+                    total_seqs=len(mb_idx),
                 )
                 actor.backward(pg)
                 critic.backward(vl)
                 frac = float(mask.sum()) / total_tokens  # the micro-batch's share of the mini-batch's tokens
                 _acc(sums, {"loss/policy": pg.item(), "loss/value": vl.item()})
-                _acc(sums, {"policy/clipfrac": float(pstats.clipfrac) * frac, "policy/approx_kl": float(pstats.approx_kl) * frac})
+                _acc(
+                    sums,
+                    {
+                        "policy/clipfrac": float(pstats.clipfrac) * frac,
+                        "policy/approx_kl": float(pstats.approx_kl) * frac,
+                    },
+                )
                 _acc(sums, {"value/clipfrac": float(vstats.clipfrac) * frac})
             if ptx_batches is not None:
                 ids, attn, lmask = next(ptx_batches)
@@ -246,7 +269,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach().to(e.device, e.dtype), 1.0 - decay)
 
 
-def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrainConfig, eos_id: int) -> dict[str, float]:
+def rollout_metrics(
+    rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrainConfig, eos_id: int
+) -> dict[str, float]:
     """8. What the rollout looked like (docs/metrics.md)."""
     mask = rollout.response_mask
     lengths = mask.sum(1)
@@ -334,24 +359,22 @@ def ptx_stream(cfg: RLConfig, tok, out: Path, device):
         for epoch in itertools.count():
             order = np.random.default_rng(cfg.run.seed + 7919 + epoch).permutation(len(enc))
             for i in range(0, len(order), t.ptx_batch_size):
-                yield (x.to(device) for x in collate_sft([enc[j] for j in order[i : i + t.ptx_batch_size]], tok.pad_token_id))
+                yield (
+                    x.to(device)
+                    for x in collate_sft([enc[j] for j in order[i : i + t.ptx_batch_size]], tok.pad_token_id)
+                )
 
     return stream()
 
 
 def run_rl(cfg: RLConfig, raws=None, eval_raws=None) -> dict:
     """Run PPO; write `output_dir/model` (actor), `critic/`, optional `model_ema/`, metrics, config, summary."""
-    cfg.validate(need_data=raws is None)
-    with run_directory(cfg.output_dir, cfg, cfg.run.overwrite) as out:
-        return _run_rl(cfg, out, raws, eval_raws)
+    return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_rl(cfg, out, device, raws, eval_raws))
 
 
-def _run_rl(cfg, out: Path, raws, eval_raws) -> dict:
+def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
-    seed_everything(cfg.run.seed)
-    set_threads(cfg.run.threads)
     t = cfg.train
-    device = pick_device(cfg.run.device)
 
     m = build_models(cfg, out, device)
     tok = m.tok

@@ -17,14 +17,12 @@ from chatrlhf.data import to_sft
 from chatrlhf.data.collate import collate_sft, encode_sft, position_ids
 from chatrlhf.engine.single import TrainEngine
 from chatrlhf.metrics import MetricsLogger
-from chatrlhf.models.load import load_causal_lm, load_tokenizer, pick_device, resolve_model, save_model_dir
+from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, save_model_dir
 from chatrlhf.rlhf import lm_loss
 from chatrlhf.train.common import (
     Stopwatch,
     batches,
-    run_directory,
-    seed_everything,
-    set_threads,
+    run_stage,
     stage_records,
     write_json,
 )
@@ -53,17 +51,12 @@ def perplexity(model, encoded, batch_size: int, pad_id: int) -> float:
 
 def run_sft(cfg: SFTConfig, raws=None, eval_raws=None) -> dict:
     """Train; write `output_dir/model` (HF causal LM), metrics.jsonl, config.yaml, summary.json."""
-    cfg.validate(need_data=raws is None)
-    with run_directory(cfg.output_dir, cfg, cfg.run.overwrite) as out:
-        return _run_sft(cfg, out, raws, eval_raws)
+    return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_sft(cfg, out, device, raws, eval_raws))
 
 
-def _run_sft(cfg, out: Path, raws, eval_raws) -> dict:
+def _run_sft(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
-    seed_everything(cfg.run.seed)
-    set_threads(cfg.run.threads)
     t = cfg.train
-    device = pick_device(cfg.run.device)
 
     # 1. data: validate every record before anything trains
     train_recs, eval_recs = stage_records(cfg.data, to_sft, cfg.run.seed, out, "SFT", raws, eval_raws)

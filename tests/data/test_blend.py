@@ -19,18 +19,21 @@ def test_parse_split_normalises():
     assert parse_split((0.5, 0.25, 0.25)) == (0.5, 0.25, 0.25)
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("2,4", "expected three"),
-    ("1,1,1,1", "expected three"),
-    ([1, 2], "expected three"),
-    ("2,-1,4", "must be finite and >= 0"),
-    ("0,0,0", "at least one weight must be > 0"),
-    ("2,x,4", "expected numbers, found 'x'"),
-    ("2,,4", "expected numbers"),
-    ("1,nan,1", "must be finite"),
-    ([1, None, 1], "expected numbers, found None"),
-    ([True, 1, 1], "expected numbers"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("2,4", "expected three"),
+        ("1,1,1,1", "expected three"),
+        ([1, 2], "expected three"),
+        ("2,-1,4", "must be finite and >= 0"),
+        ("0,0,0", "at least one weight must be > 0"),
+        ("2,x,4", "expected numbers, found 'x'"),
+        ("2,,4", "expected numbers"),
+        ("1,nan,1", "must be finite"),
+        ([1, None, 1], "expected numbers, found None"),
+        ([True, 1, 1], "expected numbers"),
+    ],
+)
 def test_parse_split_errors(spec, fragment):
     with pytest.raises(ConfigError) as info:
         parse_split(spec)
@@ -41,17 +44,20 @@ def test_parse_split_errors(spec, fragment):
 # ---------------------------------------------------------------- split_for_stages
 
 
-@pytest.mark.parametrize("n, spec, sizes", [
-    (10, "2,4,4", (2, 4, 4)),
-    # cuts at round(7·0.2) = round(1.4) = 1 and round(7·0.6) = round(4.2) = 4
-    (7, "2,4,4", (1, 3, 3)),
-    # cuts at round(5·1/3) = round(1.67) = 2 and round(5·2/3) = round(3.33) = 3
-    (5, "1,1,1", (2, 1, 2)),
-    # half rounds up: round(5·0.5) = 3
-    (5, "1,0,1", (3, 0, 2)),
-    (4, "1,0,0", (4, 0, 0)),
-    (0, "2,4,4", (0, 0, 0)),
-])
+@pytest.mark.parametrize(
+    "n, spec, sizes",
+    [
+        (10, "2,4,4", (2, 4, 4)),
+        # cuts at round(7·0.2) = round(1.4) = 1 and round(7·0.6) = round(4.2) = 4
+        (7, "2,4,4", (1, 3, 3)),
+        # cuts at round(5·1/3) = round(1.67) = 2 and round(5·2/3) = round(3.33) = 3
+        (5, "1,1,1", (2, 1, 2)),
+        # half rounds up: round(5·0.5) = 3
+        (5, "1,0,1", (3, 0, 2)),
+        (4, "1,0,0", (4, 0, 0)),
+        (0, "2,4,4", (0, 0, 0)),
+    ],
+)
 def test_split_sizes(n, spec, sizes):
     parts = split_for_stages(list(range(n)), parse_split(spec), seed=0)
     assert tuple(len(p) for p in parts) == sizes
@@ -131,12 +137,15 @@ def test_blend_is_seeded():
     assert blend(parts, [2, 1], seed=4)[0] != blend(parts, [2, 1], seed=5)[0]
 
 
-@pytest.mark.parametrize("weights, fragment", [
-    ([1], "one weight per dataset (2), got 1"),
-    ([1, 0], "> 0"),
-    ([1, -2], "> 0"),
-    ([1, float("inf")], "finite"),
-])
+@pytest.mark.parametrize(
+    "weights, fragment",
+    [
+        ([1], "one weight per dataset (2), got 1"),
+        ([1, 0], "> 0"),
+        ([1, -2], "> 0"),
+        ([1, float("inf")], "finite"),
+    ],
+)
 def test_blend_weight_errors(weights, fragment):
     with pytest.raises(ConfigError) as info:
         blend([[1, 2], [3]], weights, seed=0)

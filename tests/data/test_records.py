@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from chatrlhf.data import (PairRecord, PromptRecord, RawRecord, SFTRecord, load_source, to_pair, to_prompt,
-                           to_sft, validate_all)
+from chatrlhf.data import (
+    PairRecord,
+    PromptRecord,
+    RawRecord,
+    SFTRecord,
+    load_source,
+    to_pair,
+    to_prompt,
+    to_sft,
+    validate_all,
+)
 from chatrlhf.errors import DataError
 
 SRC = "train.jsonl"
@@ -25,13 +34,15 @@ def error_of(convert, data: dict) -> DataError:
 
 
 def test_sft_prompt_response():
-    assert to_sft(raw({"prompt": "Hi", "response": "Hello", "id": 7})) == SFTRecord(
-        "Hi", "Hello", None, SRC, "line 3")
+    assert to_sft(raw({"prompt": "Hi", "response": "Hello", "id": 7})) == SFTRecord("Hi", "Hello", None, SRC, "line 3")
 
 
 def test_sft_messages():
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     record = to_sft(raw({"messages": messages}))
     assert record == SFTRecord(None, None, tuple(messages), SRC, "line 3")
 
@@ -50,8 +61,9 @@ def test_sft_null_messages_column_falls_back_to_prompt_response():
 def test_sft_missing_response():
     e = error_of(to_sft, {"prompt": "Q"})
     assert (e.source, e.where, e.field) == (SRC, "line 3", "response")
-    assert str(e) == ("train.jsonl:line 3: field 'response': missing (expected a string); "
-                      "the record's fields are: 'prompt'")
+    assert str(e) == (
+        "train.jsonl:line 3: field 'response': missing (expected a string); the record's fields are: 'prompt'"
+    )
 
 
 def test_sft_no_known_layout():
@@ -76,21 +88,33 @@ def test_sft_null_prompt():
     assert str(e) == "train.jsonl:line 3: field 'prompt': expected a string, found null"
 
 
-@pytest.mark.parametrize("messages, field, fragment", [
-    ([{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}],
-     "messages[1].role", "expected one of system, user, assistant, found string 'bot'"),
-    ([{"role": "user", "content": "Hi"}], "messages[0].role", "the last turn must be 'assistant'"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 5}],
-     "messages[1].content", "expected a string, found integer 5"),
-    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}],
-     "messages[1].content", "is only whitespace"),
-    ([{"role": "user"}, {"role": "assistant", "content": "A"}], "messages[0].content", "missing"),
-    ([{"content": "Hi"}, {"role": "assistant", "content": "A"}], "messages[0].role", "missing"),
-    ([{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}], "messages", "no 'user' turn"),
-    (["Hi", "Hello"], "messages[0]", "expected an object with 'role' and 'content', found string 'Hi'"),
-    ([], "messages", "is an empty list"),
-    ("Hi", "messages", "found string 'Hi'"),
-])
+@pytest.mark.parametrize(
+    "messages, field, fragment",
+    [
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}],
+            "messages[1].role",
+            "expected one of system, user, assistant, found string 'bot'",
+        ),
+        ([{"role": "user", "content": "Hi"}], "messages[0].role", "the last turn must be 'assistant'"),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 5}],
+            "messages[1].content",
+            "expected a string, found integer 5",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}],
+            "messages[1].content",
+            "is only whitespace",
+        ),
+        ([{"role": "user"}, {"role": "assistant", "content": "A"}], "messages[0].content", "missing"),
+        ([{"content": "Hi"}, {"role": "assistant", "content": "A"}], "messages[0].role", "missing"),
+        ([{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}], "messages", "no 'user' turn"),
+        (["Hi", "Hello"], "messages[0]", "expected an object with 'role' and 'content', found string 'Hi'"),
+        ([], "messages", "is an empty list"),
+        ("Hi", "messages", "found string 'Hi'"),
+    ],
+)
 def test_sft_bad_messages(messages, field, fragment):
     e = error_of(to_sft, {"messages": messages})
     assert (e.source, e.where, e.field) == (SRC, "line 3", field)
@@ -135,8 +159,11 @@ def test_prompt_keeps_other_fields_in_extra():
 
 
 def test_prompt_from_messages_drops_final_assistant_turn():
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                {"role": "assistant", "content": "A"}]
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+    ]
     record = to_prompt(raw({"messages": messages, "prompt": "U", "id": 1}))
     assert record.prompt is None
     assert record.messages == ({"role": "system", "content": "S"}, {"role": "user", "content": "U"})
@@ -144,16 +171,26 @@ def test_prompt_from_messages_drops_final_assistant_turn():
 
 
 def test_prompt_from_messages_ending_with_user():
-    messages = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
-                {"role": "user", "content": "U2"}]
+    messages = [
+        {"role": "user", "content": "U1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "U2"},
+    ]
     assert to_prompt(raw({"messages": messages})).messages == tuple(messages)
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "system", "content": "S"}],
-    [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}],
-    [{"role": "assistant", "content": "A"}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "S"}],
+        [
+            {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"},
+            {"role": "assistant", "content": "B"},
+        ],
+        [{"role": "assistant", "content": "A"}],
+    ],
+)
 def test_prompt_messages_must_end_with_user(messages):
     e = error_of(to_prompt, {"messages": messages})
     assert e.field == "messages"
@@ -210,8 +247,11 @@ def test_validate_all_skip_invalid(tmp_path):
     spec = bad_file(tmp_path)
     valid, errors = validate_all(load_source(spec), to_sft, skip_invalid=True)
     assert [(r.prompt, r.response, r.where) for r in valid] == [("a", "b", "line 1"), ("d", "e", "line 3")]
-    assert [(e.where, e.field) for e in errors] == [("line 2", "response"), ("line 4", "prompt"),
-                                                  ("line 5", "response")]
+    assert [(e.where, e.field) for e in errors] == [
+        ("line 2", "response"),
+        ("line 4", "prompt"),
+        ("line 5", "response"),
+    ]
 
 
 def test_validate_all_clean():

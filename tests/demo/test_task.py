@@ -10,8 +10,6 @@ import re
 
 import pytest
 
-from chatrlhf.errors import UserError
-
 from chatrlhf.demo.task import (
     LETTERS,
     PHRASINGS,
@@ -26,6 +24,7 @@ from chatrlhf.demo.task import (
     parse_prompt,
     write_jsonl,
 )
+from chatrlhf.errors import UserError
 
 B3 = "Write 3 words that start with b."
 

@@ -63,8 +63,9 @@ def test_chat_template():
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tiny_config(arch):
-    cfg = tiny_config(arch, 259, hidden=64, layers=3, heads=4, max_positions=128, pad_token_id=256, bos_token_id=257,
-                      eos_token_id=258)
+    cfg = tiny_config(
+        arch, 259, hidden=64, layers=3, heads=4, max_positions=128, pad_token_id=256, bos_token_id=257, eos_token_id=258
+    )
     assert cfg.vocab_size == 259
     assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (256, 257, 258)
     assert cfg.tie_word_embeddings is True
@@ -92,8 +93,10 @@ def test_build_load_forward_generate(model_dirs, arch):
     assert tok.decode(tok(TEXT)["input_ids"]) == TEXT
     # Every architecture keeps the byte ids for NFC text (qwen2 loads as Qwen2Tokenizer, which normalises NFC).
     assert tok(TRICKY)["input_ids"] == byte_tokenizer()(unicodedata.normalize("NFC", TRICKY))["input_ids"]
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) \
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
         == "User: hi\nAssistant:"
+    )
 
     prompts = ["Write 3 words that start with b.", "hi"]
     batch = tok(prompts, return_tensors="pt", padding=True)
@@ -120,6 +123,7 @@ def test_build_load_forward_generate(model_dirs, arch):
     new_alone = out_alone[0, alone_len:]
     assert torch.equal(out[1, prompt_len : prompt_len + len(new_alone)], new_alone)
 
+
 def test_build_is_seeded_and_atomic(tmp_path):
     a = build_tiny_model(tmp_path / "a", arch="gpt2", hidden=32, seed=0)
     b = build_tiny_model(tmp_path / "b", arch="gpt2", hidden=32, seed=0)
@@ -145,10 +149,22 @@ def test_parse_tiny_spec():
     assert parse_tiny_spec("tiny:llama") == {"arch": "llama"}
     assert parse_tiny_spec("tiny:gpt2") == {"arch": "gpt2"}
     assert parse_tiny_spec("tiny:llama:hidden=192,layers=4,heads=4") == {
-        "arch": "llama", "hidden": 192, "layers": 4, "heads": 4,
+        "arch": "llama",
+        "hidden": 192,
+        "layers": 4,
+        "heads": 4,
     }
     assert parse_tiny_spec("tiny:qwen2:seed=3") == {"arch": "qwen2", "seed": 3}
-    for bad in ["tiny:", "tiny:bert", "tiny:llama:", "tiny:llama:hidden", "tiny:llama:width=3", "tiny:llama:hidden=x",
-                "tiny:llama:hidden=64,hidden=64", "tiny:llama:hidden=100,heads=3", "tiny:llama:layers=0"]:
+    for bad in [
+        "tiny:",
+        "tiny:bert",
+        "tiny:llama:",
+        "tiny:llama:hidden",
+        "tiny:llama:width=3",
+        "tiny:llama:hidden=x",
+        "tiny:llama:hidden=64,hidden=64",
+        "tiny:llama:hidden=100,heads=3",
+        "tiny:llama:layers=0",
+    ]:
         with pytest.raises(ValueError):
             parse_tiny_spec(bad)

@@ -17,7 +17,7 @@ def _gae_by_sum(rewards, values, length, gamma, lam):
     r = [rewards[t] if t < length else 0.0 for t in range(num_steps)]
     delta = [r[t] + gamma * v[t + 1] - v[t] for t in range(num_steps)]
     advantages = [
-        sum((gamma * lam) ** l * delta[t + l] for l in range(length - t)) if t < length else 0.0
+        sum((gamma * lam) ** k * delta[t + k] for k in range(length - t)) if t < length else 0.0
         for t in range(num_steps)
     ]
     returns = [advantages[t] + v[t] if t < length else 0.0 for t in range(num_steps)]

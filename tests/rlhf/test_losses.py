@@ -38,9 +38,7 @@ def test_token_logprobs_matches_manual_loop():
     labels = torch.randint(0, 5, (2, 3), generator=gen)
     result = token_logprobs(logits, labels)
     assert result.dtype == torch.float32 and result.shape == (2, 3)
-    expected = [
-        [_log_softmax_at(logits[b, t].tolist(), labels[b, t].item()) for t in range(3)] for b in range(2)
-    ]
+    expected = [[_log_softmax_at(logits[b, t].tolist(), labels[b, t].item()) for t in range(3)] for b in range(2)]
     torch.testing.assert_close(result, torch.tensor(expected), atol=1e-6, rtol=0)
 
 
@@ -314,7 +312,7 @@ def test_value_loss_clipping():
     assert not stats.clipfrac.requires_grad and not stats.mean_value.requires_grad
 
     (grad,) = torch.autograd.grad(loss, values)
-    for row, (o, v, g, clipped) in enumerate(cases):
+    for row, (_old, v, g, clipped) in enumerate(cases):
         # Where the clipped error is selected the gradient is 0; otherwise ∂½(V−G)²/∂V / N = (V − G) / N.
         expected = 0.0 if clipped else (v - g) / len(cases)
         assert grad[row, 0].item() == pytest.approx(expected, abs=1e-12)
@@ -351,8 +349,7 @@ def test_lm_loss_is_masked_negative_log_likelihood():
     labels = torch.randint(0, 6, (2, 4), generator=gen)
     lengths = [4, 2]
     nll = [
-        [-_log_softmax_at(logits[b, t].tolist(), labels[b, t].item()) for t in range(n)]
-        for b, n in enumerate(lengths)
+        [-_log_softmax_at(logits[b, t].tolist(), labels[b, t].item()) for t in range(n)] for b, n in enumerate(lengths)
     ]
     loss = lm_loss(logits, labels, _mask(lengths, 4))
     assert loss.item() == pytest.approx(sum(map(sum, nll)) / sum(lengths), abs=1e-12)
