@@ -1,4 +1,4 @@
-"""`chatrlhf sft | reward | rl | pipeline`.
+"""`chatrlhf sft | reward | rl | dpo | pipeline`.
 
 Each stage takes its typed config (chatrlhf/config.py): defaults, then `--recipe FILE.yaml`, then flags such as
 `--train.optim.lr 1e-5` (run `chatrlhf STAGE --help` for every field). User errors print one message and exit 2;
@@ -12,12 +12,13 @@ import sys
 
 from chatrlhf.errors import UserError
 
-USAGE = """usage: chatrlhf {sft,reward,rl,pipeline} [--recipe FILE.yaml] [--FIELD VALUE ...]
+USAGE = """usage: chatrlhf {sft,reward,rl,dpo,pipeline} [--recipe FILE.yaml] [--FIELD VALUE ...]
 
   sft        step 1: supervised fine-tuning on prompt/response records
   reward     step 2: reward model on prompt/chosen/rejected pairs
   rl         step 3: RLHF with PPO (actor, critic, reference, reward model)
-  pipeline   steps 1-3 and an SFT-vs-RLHF evaluation in one run directory
+  dpo        DPO on prompt/chosen/rejected pairs: steps 2+3 in one, without a reward model
+  pipeline   steps 1-3 (or SFT then DPO: --method dpo), then SFT vs the result on held-out prompts
 
 `chatrlhf STAGE --help` lists every option with its default and meaning."""
 
@@ -28,6 +29,7 @@ STAGES = {
     "sft": ("SFTConfig", "chatrlhf.train.sft", "run_sft"),
     "reward": ("RewardConfig", "chatrlhf.train.reward", "run_reward"),
     "rl": ("RLConfig", "chatrlhf.train.rl", "run_rl"),
+    "dpo": ("DPOConfig", "chatrlhf.train.dpo", "run_dpo"),
     "pipeline": ("PipelineConfig", "chatrlhf.train.pipeline", "run_pipeline"),
 }
 

@@ -152,25 +152,46 @@ class PPOConfig:
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batch_size: int = 0
-    """Sequences per optimizer step within a rollout batch (0 = the whole rollout batch in one step)."""
+    """Sequences per optimizer step within an iteration's rollouts (0 = all of them in one step)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward (gradient accumulation up to mini_batch_size); 0 = mini_batch_size."""
     whiten_advantages: bool = False
     """Whiten advantages over the rollout batch (masked). DeepSpeed-Chat does not; OpenRLHF and TRL do."""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
-    """How per-token losses become one number (docs/algorithms.md)."""
+    """How per-token losses become one number (docs/algorithms.md); GRPO's paper uses seq_mean_token_mean."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator (Schulman, "Approximating KL Divergence"): k1 = log π − log π_ref (DeepSpeed-Chat), k2 =
+    ½(log-ratio)², k3 = exp(−log-ratio) − 1 + log-ratio (GRPO's, non-negative)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty acts: shaped into the reward (r_t −= β·KL_t; PPO, DeepSpeed-Chat) or added to the policy
+    loss as β·KL of the current policy (GRPO)."""
+    kl_target: float | None = None
+    """If set, β adapts to keep the per-response KL near this target (Ziegler et al. 2019); `kl_coef` is its start."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller, in samples."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token's policy loss by min(π_old / π_rollout, cap), where
+    π_rollout is the probability the rollout engine sampled with (it differs from the trainer's recomputation
+    through kernels, caches and precision). None disables it."""
 
 
 @dataclass
 class RLTrainConfig:
     """How step 3 (RLHF) runs."""
 
-    algo: Literal["ppo"] = "ppo"
-    """RL algorithm."""
+    algo: Literal["ppo", "grpo", "rloo", "reinforce_pp", "remax"] = "ppo"
+    """ppo (actor + critic, GAE); critic-free: grpo (group-normalised rewards), rloo (leave-one-out baseline),
+    reinforce_pp (REINFORCE++: KL-shaped returns, batch-normalised), remax (greedy response as the baseline)."""
+    group_size: int = 1
+    """Responses sampled per prompt. GRPO and RLOO need >= 2; REINFORCE++ uses it with `group_baseline`."""
+    grpo_scale_by_std: bool = True
+    """GRPO divides by the group's reward std; False gives Dr. GRPO (centring only)."""
+    group_baseline: bool = False
+    """REINFORCE++-baseline: subtract each prompt's mean score before KL shaping (needs group_size >= 2)."""
     iterations: int = 100
     """RL iterations: each samples `rollout_batch_size` prompts, generates, scores and updates."""
     rollout_batch_size: int = 16
-    """Prompts per iteration."""
+    """Prompts per iteration (each sampled `group_size` times)."""
     max_prompt_len: int = 256
     """Longest prompt in tokens; a longer prompt is an error naming it (DeepSpeed-Chat drops them silently)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -234,14 +255,20 @@ class RewardConfig:
 
 @dataclass
 class RLConfig:
-    """`chatrlhf rl`: RLHF with PPO (actor, critic, frozen reference, frozen reward model)."""
+    """`chatrlhf rl`: RLHF — PPO (actor, critic, frozen reference, reward) or a critic-free algorithm."""
 
     actor: str = ""
     """The policy to train: the SFT output directory (or any causal LM)."""
     reward_model: str = ""
-    """The trained reward model directory (a 1-label sequence-classification model)."""
+    """Reward model: a `chatrlhf reward` output, or any 1-label sequence-classification model (one with another
+    tokenizer scores re-tokenized text). Empty = rewards from `reward_functions` only."""
+    reward_functions: list[str] = field(default_factory=list)
+    """Python rewards `module:function(prompt, response, **fields) -> float` (fields = the record's extra fields)."""
+    reward_weights: list[float] | None = None
+    """Weights of [reward model, *reward_functions] in the summed reward; None = 1 each."""
     critic: str | None = None
-    """Critic initialisation; None = the reward model (as DeepSpeed-Chat does)."""
+    """PPO's critic initialisation; None = the reward model (as DeepSpeed-Chat does). Critic-free algorithms have
+    none."""
     reference: str | None = None
     """Frozen reference policy for the KL penalty; None = the actor's starting weights."""
     output_dir: str = "runs/rl"
@@ -255,11 +282,91 @@ class RLConfig:
 
     def validate(self, need_data: bool = True) -> None:
         _require(self.actor, "actor", "the SFT model directory")
-        _require(self.reward_model, "reward_model", "the reward model directory")
+        if not self.reward_model and not self.reward_functions:
+            raise ConfigError("no reward: set reward_model and/or reward_functions")
+        n_sources = int(bool(self.reward_model)) + len(self.reward_functions)
+        if self.reward_weights is not None and len(self.reward_weights) != n_sources:
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} values for {n_sources} reward sources "
+                "(reward_model, if set, then each of reward_functions)"
+            )
+        if self.train.algo == "ppo" and not (self.critic or self.reward_model):
+            raise ConfigError("train.algo=ppo needs a critic: set critic (or reward_model, which initialises it)")
+        if self.train.algo != "ppo" and self.critic:
+            raise ConfigError(f"critic is set but train.algo={self.train.algo} has no critic; unset critic")
         if need_data:
             _require(self.data.paths, "data.paths", "at least one prompt source")
         _validate_data(self.data)
         _validate_rl(self.train)
+
+
+@dataclass
+class DPOTrainConfig:
+    """How DPO trains: an offline alternative to steps 2+3, with no reward model and no sampling."""
+
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    batch_size: int = 4
+    """Pairs per micro-batch (each pair is two sequences, scored by the policy and by the reference)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_seq_len: int = 512
+    """Longest prompt+response in tokens; a longer record is an error naming it."""
+    beta: float = 0.1
+    """β: how strongly the policy is held to the reference (the implicit KL constraint); larger stays closer.
+    The DPO paper's and TRL's default 0.1. With loss_type ipo it is IPO's τ."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """`sigmoid`: DPO, −log σ(β·h); `ipo`: IPO, (h − 1/(2β))². h is the log-ratio margin (docs/algorithms.md)."""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO: the assumed rate of flipped preference labels, in [0, 0.5); sigmoid only."""
+    eval_every: int = 0
+    """Evaluate the held-out pairs every this many steps (0 = only at the end)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    """Optimizer. The DPO paper trains with lr 1e-6 (RMSprop, batch 64, 150 warm-up steps) and TRL's default is
+    1e-6; 5e-7 is common for 7B models. Small models trained from scratch want far more (recipes/demo-dpo.yaml)."""
+
+    def validate(self, prefix: str = "train") -> None:
+        _validate_loop(self, prefix)
+        _validate_optim(self.optim, f"{prefix}.optim")
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise ConfigError(f"{prefix}.loss_type must be sigmoid or ipo, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"{prefix}.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{prefix}.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ConfigError(
+                f"{prefix}.label_smoothing is {self.label_smoothing} but {prefix}.loss_type is {self.loss_type}: "
+                "label smoothing (conservative DPO) applies to the sigmoid loss only"
+            )
+
+
+@dataclass
+class DPOConfig:
+    """`chatrlhf dpo`: direct preference optimisation of a causal LM on preference pairs (no reward model)."""
+
+    model: str = ""
+    """The policy to train: usually the SFT output directory (or any causal LM)."""
+    reference: str | None = None
+    """Frozen reference policy π_ref; None = the model's starting weights (the DPO paper's π_SFT). It must use the
+    model's tokenizer."""
+    output_dir: str = "runs/dpo"
+    """Run directory: `model/` (the trained policy, a HF causal LM), metrics.jsonl, config.yaml, summary.json."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training pairs: {prompt, chosen, rejected}."""
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    """Training loop and the DPO loss."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, seed, logging."""
+
+    def validate(self, need_data: bool = True) -> None:
+        _require(self.model, "model", "the SFT model directory, or any causal LM")
+        if need_data:
+            _require(self.data.paths, "data.paths", "at least one pair source")
+        _validate_data(self.data)
+        self.train.validate("train")
 
 
 @dataclass
@@ -286,10 +393,11 @@ class PipelineDataConfig:
 
 @dataclass
 class EvalConfig:
-    """The final comparison of the SFT and RLHF policies on held-out prompts."""
+    """The final comparison of the SFT and the RLHF (or DPO) policies on held-out prompts."""
 
     prompts: list[str] = field(default_factory=list)
-    """Held-out prompt sources; empty = the RL stage's held-out prompts."""
+    """Held-out prompt sources; empty = the RL stage's held-out prompts (the DPO stage's held-out pairs' prompts
+    with method dpo)."""
     num_prompts: int = 256
     """Prompts to evaluate (the first N of the source)."""
     samples_per_prompt: int = 4
@@ -302,14 +410,17 @@ class EvalConfig:
 
 @dataclass
 class PipelineConfig:
-    """`chatrlhf pipeline`: SFT → reward model → RLHF → evaluation, in one run directory."""
+    """`chatrlhf pipeline`: SFT → reward model → RLHF (or SFT → DPO) → evaluation, in one run directory."""
 
     model: str = ""
     """Actor base model: a Hugging Face id, a local HF model directory, or a tiny random preset."""
     reward_base: str | None = None
     """Reward-model backbone; None = the SFT output (InstructGPT). DeepSpeed-Chat uses a separate smaller LM."""
     run_dir: str = "runs/pipeline"
-    """Everything goes here: `sft/`, `reward/`, `rl/`, `summary.json`, `config.yaml`."""
+    """Everything goes here: `sft/`, `reward/`, `rl/` (or `dpo/`), `summary.json`, `config.yaml`."""
+    method: Literal["rlhf", "dpo"] = "rlhf"
+    """rlhf: SFT → reward model → RL; dpo: SFT → DPO on the pairs of the reward and RL shares (steps 2+3
+    replaced; `data.reward_paths`, when set, instead of both shares)."""
     data: PipelineDataConfig = field(default_factory=PipelineDataConfig)
     """Data pool and per-stage split."""
     sft: SFTTrainConfig = field(default_factory=SFTTrainConfig)
@@ -317,7 +428,9 @@ class PipelineConfig:
     reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
     """Step 2 training."""
     rl: RLTrainConfig = field(default_factory=RLTrainConfig)
-    """Step 3 training."""
+    """Step 3 training. With method dpo only `max_prompt_len` and `generation` are used: by the final comparison."""
+    dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    """DPO training, in place of steps 2+3 (method dpo)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Final evaluation."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -326,7 +439,11 @@ class PipelineConfig:
     def validate(self) -> None:
         _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
         d = self.data
-        if not d.paths and not (d.sft_paths and d.reward_paths and d.rl_paths):
+        if self.method not in ("rlhf", "dpo"):
+            raise ConfigError(f"method must be rlhf or dpo, got {self.method!r}")
+        if self.method == "dpo":
+            self._validate_dpo()
+        elif not d.paths and not (d.sft_paths and d.reward_paths and d.rl_paths):
             raise ConfigError(
                 "data.paths is empty and not every stage has its own data (data.sft_paths, data.reward_paths, "
                 "data.rl_paths): give a pool to split, or all three per-stage sources"
@@ -341,6 +458,22 @@ class PipelineConfig:
         _validate_rl(self.rl, "rl")
         if self.eval.num_prompts < 1 or self.eval.samples_per_prompt < 1:
             raise ConfigError("eval.num_prompts and eval.samples_per_prompt must be >= 1")
+
+    def _validate_dpo(self) -> None:
+        d = self.data
+        if not d.paths and not (d.sft_paths and d.reward_paths):
+            raise ConfigError(
+                "data.paths is empty and not both DPO-pipeline stages have their own data (data.sft_paths, "
+                "data.reward_paths): give a pool to split, or both per-stage sources"
+            )
+        if d.rl_paths:
+            raise ConfigError(
+                "data.rl_paths is set but method is dpo: DPO trains on pairs (data.reward_paths, or the pool's "
+                "reward and RL shares), not on RL prompts; unset data.rl_paths or use method rlhf"
+            )
+        if self.reward_base:
+            raise ConfigError("reward_base is set but method is dpo, which trains no reward model; unset one of them")
+        self.dpo.validate("dpo")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,11 +528,13 @@ def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
         raise ConfigError(f"{prefix}.iterations and {prefix}.rollout_batch_size must be >= 1")
     if t.max_prompt_len < 1 or g.max_new_tokens < 1:
         raise ConfigError(f"{prefix}.max_prompt_len and {prefix}.generation.max_new_tokens must be >= 1")
-    mini = p.mini_batch_size or t.rollout_batch_size
+    samples = t.rollout_batch_size * t.group_size
+    mini = p.mini_batch_size or samples
     micro = p.micro_batch_size or mini
-    if t.rollout_batch_size % mini:
+    if samples % mini:
         raise ConfigError(
-            f"{prefix}.ppo.mini_batch_size ({mini}) must divide {prefix}.rollout_batch_size ({t.rollout_batch_size})"
+            f"{prefix}.ppo.mini_batch_size ({mini}) must divide the {samples} sequences of an iteration "
+            f"({prefix}.rollout_batch_size × {prefix}.group_size)"
         )
     if mini % micro:
         raise ConfigError(f"{prefix}.ppo.micro_batch_size ({micro}) must divide {prefix}.ppo.mini_batch_size ({mini})")
@@ -415,6 +550,20 @@ def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
         raise ConfigError(f"{prefix}.ptx_coef is {t.ptx_coef} but {prefix}.ptx_paths is empty: the PTX loss needs data")
     if t.ptx_paths and t.ptx_coef <= 0:
         raise ConfigError(f"{prefix}.ptx_paths is set but {prefix}.ptx_coef is {t.ptx_coef}: set a coefficient > 0")
+    if t.group_size < 1:
+        raise ConfigError(f"{prefix}.group_size must be >= 1")
+    if t.algo in ("grpo", "rloo") and t.group_size < 2:
+        raise ConfigError(f"{prefix}.algo={t.algo} compares samples of a prompt: set {prefix}.group_size >= 2")
+    if t.group_baseline and (t.algo != "reinforce_pp" or t.group_size < 2):
+        raise ConfigError(f"{prefix}.group_baseline needs {prefix}.algo=reinforce_pp and {prefix}.group_size >= 2")
+    if t.algo == "remax" and t.group_size != 1:
+        raise ConfigError(f"{prefix}.algo=remax uses one sample and one greedy response per prompt: group_size=1")
+    if p.whiten_advantages and t.algo != "ppo":
+        raise ConfigError(f"{prefix}.ppo.whiten_advantages applies to ppo only ({t.algo} has its own normalisation)")
+    if p.kl_target is not None and (p.kl_target <= 0 or p.kl_horizon <= 0):
+        raise ConfigError(f"{prefix}.ppo.kl_target and {prefix}.ppo.kl_horizon must be > 0")
+    if p.tis_cap is not None and p.tis_cap < 1.0:
+        raise ConfigError(f"{prefix}.ppo.tis_cap must be >= 1 (it caps an importance weight), got {p.tis_cap}")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"{prefix}.ema_decay must be in (0, 1), got {t.ema_decay}")
     for name in ("actor_optim", "critic_optim"):

@@ -80,20 +80,39 @@ def encode_sft(tok, rec, max_len: int, loss_on_prompt: bool) -> Encoded:
     return Encoded(ids, mask)
 
 
-def encode_pair(tok, rec, max_len: int) -> tuple[list[int], list[int]]:
-    """(prompt + chosen + EOS, prompt + rejected + EOS)."""
+def _pair_parts(tok, rec, max_len: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids + EOS, rejected ids + EOS); prompt + each response is checked against max_len."""
     context = _messages(rec.prompt, None)
     p_text = render_prompt(tok, rec.prompt)
     p_ids = prompt_ids(tok, p_text)
     out = []
     for name in ("chosen", "rejected"):
-        ids = p_ids + response_ids(tok, p_text, context, getattr(rec, name))
-        if len(ids) > max_len:
+        r_ids = response_ids(tok, p_text, context, getattr(rec, name))
+        if len(p_ids) + len(r_ids) > max_len:
             raise DataError(
-                rec.source, rec.where, name, f"prompt + {name} is {len(ids)} tokens, over max_seq_len={max_len}"
+                rec.source,
+                rec.where,
+                name,
+                f"prompt + {name} is {len(p_ids) + len(r_ids)} tokens, over max_seq_len={max_len}",
             )
-        out.append(ids)
-    return out[0], out[1]
+        out.append(r_ids)
+    return p_ids, out[0], out[1]
+
+
+def encode_pair(tok, rec, max_len: int) -> tuple[list[int], list[int]]:
+    """(prompt + chosen + EOS, prompt + rejected + EOS)."""
+    p_ids, chosen, rejected = _pair_parts(tok, rec, max_len)
+    return p_ids + chosen, p_ids + rejected
+
+
+def encode_pair_responses(tok, rec, max_len: int) -> tuple[Encoded, Encoded]:
+    """`encode_pair` with the responses marked: (chosen, rejected), each an `Encoded` whose loss_mask is 1 on the
+    response tokens (EOS included) and 0 on the prompt — the tokens a sequence log-prob log π(y|x) sums over."""
+    p_ids, chosen, rejected = _pair_parts(tok, rec, max_len)
+    prompt_mask = [0] * len(p_ids)
+    return Encoded(p_ids + chosen, prompt_mask + [1] * len(chosen)), Encoded(
+        p_ids + rejected, prompt_mask + [1] * len(rejected)
+    )
 
 
 def encode_prompt(tok, rec, max_len: int) -> list[int]:

@@ -13,6 +13,7 @@ Backend `hf` is Hugging Face `generate`.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -73,15 +74,34 @@ class HybridEngine:
             for m, training in modes.items():
                 m.training = training
 
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """Sample one response per left-padded prompt.
+    def generate(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, greedy: bool = False, return_logprobs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample (or, with `greedy`, decode greedily) one response per left-padded prompt.
 
         prompt_ids, prompt_mask: (B, P) long — left-padded prompts.
-        Returns (B, R) long: the generated tokens (R ≤ max_new_tokens), padded after EOS.
+        Returns:
+            tokens: (B, R) long — the generated tokens (R ≤ max_new_tokens), padded after EOS.
+            logprobs: (B, R) float or None — with `return_logprobs`, log-probability of each sampled token under
+                the distribution the sampler actually drew from (after temperature/top-k/top-p), as the
+                rollout engine computed it; for truncated importance sampling.
         """
         if not self._generating:
             raise RuntimeError("HybridEngine.generate() must be called inside `with engine.generation_mode():`")
+        config = self.hf_generation
+        if greedy:
+            config = copy.deepcopy(config)
+            config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
         out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.hf_generation
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            return_dict_in_generate=True,
+            output_scores=return_logprobs,
         )
-        return out[:, prompt_ids.shape[1] :]
+        tokens = out.sequences[:, prompt_ids.shape[1] :]
+        if not return_logprobs:
+            return tokens, None
+        scores = torch.stack(out.scores, dim=1).float()  # (B, R, V), processed by the sampler's warpers
+        logprobs = torch.log_softmax(scores, dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+        return tokens, logprobs

@@ -1,14 +1,14 @@
-"""Side-by-side evaluation of two policies (SFT vs RLHF) on the same held-out prompts.
+"""Side-by-side evaluation of two policies (SFT vs RLHF, or SFT vs DPO) on the same held-out prompts.
 
 For each prompt, each model samples `k` responses with the rollout sampling settings; every response is scored
-by the reward model and, if given, by a programmatic judge. Per-prompt means are compared pairwise:
-d_i = mean_judge(RLHF, prompt i) − mean_judge(SFT, prompt i); the report gives mean(d) with a 95% confidence
-interval mean ± t_{0.975, n−1}·sd(d)/√n. "RLHF beats SFT" means that interval lies above zero.
+by the reward model (where there is one: the DPO pipeline has none) and, if given, by a programmatic judge.
+Per-prompt means are compared pairwise: d_i = mean_judge(RLHF, prompt i) − mean_judge(SFT, prompt i); the report
+gives mean(d) with a 95% confidence interval mean ± t_{0.975, n−1}·sd(d)/√n. "RLHF beats SFT" means that
+interval lies above zero.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import statistics
 from dataclasses import dataclass
@@ -19,22 +19,7 @@ import torch
 from chatrlhf.config import GenerationConfig
 from chatrlhf.data.collate import pad
 from chatrlhf.engine.hybrid import sampling_config
-from chatrlhf.errors import UserError
-from chatrlhf.rlhf import truncate_after_eos
-
-
-def load_function(spec: str) -> Callable:
-    """`package.module:function` → the function."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise UserError(f"'{spec}': expected module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"'{spec}': cannot import: {e}") from None
-    if not callable(fn):
-        raise UserError(f"'{spec}': not a function")
-    return fn
+from chatrlhf.rlhf import last_token_index, truncate_after_eos
 
 
 def t_cdf(x: float, df: int) -> float:
@@ -87,7 +72,8 @@ def mean_ci(xs: list[float]) -> MeanCI:
 class PolicySamples:
     texts: list[list[str]]
     """[prompt][sample] decoded responses."""
-    rm_scores: list[list[float]]
+    rm_scores: list[list[float]] | None
+    """[prompt][sample] reward-model end scores; None without a reward model (the DPO pipeline)."""
     judge_scores: list[list[float]] | None
 
 
@@ -105,16 +91,14 @@ def sample_and_score(
     prompt_texts: list[str],
     extras: list[dict],
 ) -> PolicySamples:
-    """k sampled responses per prompt, scored by the reward model and the judge."""
-    from chatrlhf.train.rl import Rollout, end_scores  # the same end score the RL stage optimises
-
+    """k sampled responses per prompt, scored by the reward model and the judge (each optional: None skips it)."""
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
     model.generation_config = sampling_config(tok, gen)  # nothing of the checkpoint's own settings leaks in
     device = next(model.parameters()).device
     texts: list[list[str]] = [[] for _ in prompts]
-    rm: list[list[float]] = [[] for _ in prompts]
+    rm: list[list[float]] | None = [[] for _ in prompts] if reward_model is not None else None
     flat = [i for i in range(len(prompts)) for _ in range(k)]
     for b0 in range(0, len(flat), batch_size):
         idx = flat[b0 : b0 + batch_size]
@@ -122,11 +106,15 @@ def sample_and_score(
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=model.generation_config)
         out = out[:, ids.shape[1] :]
         response, rmask = truncate_after_eos(out, tok.eos_token_id, tok.pad_token_id)
-        scores = end_scores(reward_model, Rollout(ids, mask, response, rmask))
         for j, i in enumerate(idx):
             n = int(rmask[j].sum())
             texts[i].append(tok.decode(response[j, :n], skip_special_tokens=True).strip())
-            rm[i].append(float(scores[j]))
+        if rm is not None:
+            # the reward model's end score at the last real response token, as the RL stage scores it
+            seqs, attn = torch.cat([ids, response], 1), torch.cat([mask, rmask.long()], 1)
+            scores = reward_model.scores_at(seqs, attn, ids.shape[1] + last_token_index(rmask))
+            for j, i in enumerate(idx):
+                rm[i].append(float(scores[j]))
     model.train(was_training)
     judged = None
     if judge is not None:
@@ -135,9 +123,14 @@ def sample_and_score(
 
 
 def compare(base: PolicySamples, new: PolicySamples) -> dict:
-    """Per-model means with CIs and the paired difference (new − base), for the RM score and the judge."""
+    """Per-model means with CIs and the paired difference (new − base), for the RM score and the judge (each
+    where both samples have it)."""
     report: dict = {}
-    kinds = [("reward_model", "rm_scores")] + ([("judge", "judge_scores")] if base.judge_scores else [])
+    kinds = [
+        (name, attr)
+        for name, attr in (("reward_model", "rm_scores"), ("judge", "judge_scores"))
+        if getattr(base, attr) is not None and getattr(new, attr) is not None
+    ]
     for name, attr in kinds:
         b = [statistics.fmean(x) for x in getattr(base, attr)]
         n = [statistics.fmean(x) for x in getattr(new, attr)]

@@ -1,9 +1,10 @@
 """The math of RLHF as pure functions: tensors and floats in, tensors out.
 
 masks       response masks, EOS truncation, masked reductions and whitening
-kl          per-token KL estimators (k1, k2, k3) and the KL-penalized reward
-advantages  generalized advantage estimation
-losses      token log-probs, loss aggregation, PPO policy/value losses, pairwise RM loss, LM loss
+kl          per-token KL estimators (k1, k2, k3), the KL-penalized reward, the adaptive KL controller
+advantages  GAE (PPO) and critic-free advantages: GRPO, RLOO, REINFORCE++ returns, ReMax
+losses      token log-probs, loss aggregation, PPO policy/value losses, pairwise RM loss, LM loss,
+            DPO/IPO loss
 
 Response-side tensors are (B, T) over response positions only (position 0 is the first generated token), with
 a float mask that is 1 up to and including the first EOS and 0 after.
@@ -11,13 +12,22 @@ a float mask that is 1 up to and including the first EOS and 0 after.
 
 from __future__ import annotations
 
-from chatrlhf.rlhf.advantages import gae_advantages
-from chatrlhf.rlhf.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalized_rewards
+from chatrlhf.rlhf.advantages import (
+    discounted_returns,
+    gae_advantages,
+    grpo_advantages,
+    remax_advantages,
+    rloo_advantages,
+    sequence_to_tokens,
+)
+from chatrlhf.rlhf.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_k1, kl_k2, kl_k3, kl_penalized_rewards
 from chatrlhf.rlhf.losses import (
+    DPO_LOSS_TYPES,
     LOSS_AGGREGATIONS,
     PolicyLossStats,
     ValueLossStats,
     aggregate_loss,
+    dpo_loss,
     entropy_from_logits,
     lm_loss,
     pairwise_loss,
@@ -36,13 +46,21 @@ from chatrlhf.rlhf.masks import (
 )
 
 __all__ = [
+    "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "PolicyLossStats",
     "ValueLossStats",
     "aggregate_loss",
+    "dpo_loss",
     "entropy_from_logits",
     "gae_advantages",
+    "grpo_advantages",
+    "rloo_advantages",
+    "remax_advantages",
+    "discounted_returns",
+    "sequence_to_tokens",
+    "adaptive_kl_coef",
     "kl_k1",
     "kl_k2",
     "kl_k3",

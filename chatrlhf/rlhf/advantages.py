@@ -43,3 +43,81 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
     # G_t = A_t + V_t
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B,) → (B / n, n): samples of one prompt are contiguous."""
+    if scores.ndim != 1 or group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {group_size}")
+    return scores.view(-1, group_size)
+
+
+@torch.no_grad()
+def grpo_advantages(scores: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024, arXiv 2402.03300, §4.1.2, outcome supervision).
+
+    A_i = (r_i − mean_g(r)) / (std_g(r) + ε), std with Bessel's correction (n − 1) as in the paper's reference
+    implementations; with `scale_by_std=False` A_i = r_i − mean_g(r) (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783,
+    which removes the std division that over-weights near-unanimous groups). A group of identical rewards gets 0.
+
+    scores: (B,) float — sequence rewards, B = prompts × group_size, each prompt's samples contiguous.
+    Returns (B,) float — one advantage per sequence (broadcast over its tokens by the caller).
+    """
+    g = _groups(scores, group_size)
+    centered = g - g.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        if group_size < 2:
+            raise ValueError("GRPO's std needs group_size >= 2")
+        centered = centered / (g.std(dim=1, keepdim=True) + eps)
+    return centered.reshape(-1)
+
+
+@torch.no_grad()
+def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv 2402.14740, eq. 5).
+
+    A_i = r_i − 1/(n−1)·Σ_{j≠i} r_j: each sample's baseline is the mean reward of the OTHER samples of its prompt,
+    so it is independent of the sample's own action (unbiased).
+
+    scores: (B,) float, prompts × group_size contiguous. Returns (B,) float.
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs group_size >= 2")
+    g = _groups(scores, group_size)
+    # baseline_i = (Σ_j r_j − r_i) / (n − 1)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+@torch.no_grad()
+def remax_advantages(scores: Tensor, greedy_scores: Tensor) -> Tensor:
+    """ReMax (Li et al. 2023, arXiv 2310.10505, eq. 6): A_i = r(x, y_i) − r(x, ŷ), ŷ the greedy response.
+
+    scores: (B,) float — rewards of sampled responses; greedy_scores: (B,) float — the greedy response's reward
+    for the same prompt. Returns (B,) float.
+    """
+    if scores.shape != greedy_scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and greedy_scores {tuple(greedy_scores.shape)} differ")
+    return scores - greedy_scores
+
+
+@torch.no_grad()
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = Σ_{k≥t} γ^{k−t} r_k over the masked response (REINFORCE++, Hu 2025, arXiv 2501.03262, §3).
+
+    rewards: (B, T) float — per-token rewards (KL-shaped, the score at the last token); mask: (B, T) float.
+    Returns (B, T) float, 0 outside the mask.
+    """
+    rewards = rewards * mask
+    running = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        # G_t = r_t + γ·G_{t+1}
+        running = rewards[:, t] + gamma * running
+        out.append(running)
+    return torch.stack(out[::-1], dim=1) * mask
+
+
+def sequence_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
+    """(B,) sequence advantages → (B, T): every response token of a sequence gets its sequence's advantage."""
+    return advantages.unsqueeze(1) * mask

@@ -108,3 +108,17 @@ def kl_penalized_rewards(
     # r_{t_last} += clip(R, −c, c)
     rewards[rows, last] += scores.to(rewards.dtype)
     return rewards, kl
+
+
+def adaptive_kl_coef(kl_coef: float, observed_kl: float, target_kl: float, horizon: int, n_steps: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (arXiv 1909.08593, §2.2).
+
+    e = clip(KL / KL_target − 1, −0.2, 0.2);   β ← β·(1 + e·n / horizon)
+
+    where KL is the observed per-sequence KL of the last batch and n the number of samples in it. β grows while
+    the policy drifts past the target and shrinks while it stays below it.
+    """
+    if target_kl <= 0 or horizon <= 0:
+        raise ValueError("target_kl and horizon must be > 0")
+    error = min(max(observed_kl / target_kl - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

@@ -1,8 +1,8 @@
 """Token log-probabilities, loss aggregation, and the losses of the three RLHF stages.
 
-SFT: `lm_loss`. Reward model: `pairwise_loss`. PPO: `policy_loss` (actor) and `value_loss` (critic). Each
-per-token loss is reduced by `aggregate_loss`, the one place where token-mean vs sequence-mean and
-gradient-accumulation scaling are decided.
+SFT: `lm_loss`. Reward model: `pairwise_loss`. PPO: `policy_loss` (actor) and `value_loss` (critic). DPO and
+IPO: `dpo_loss`. Each per-token loss is reduced by `aggregate_loss`, the one place where token-mean vs
+sequence-mean and gradient-accumulation scaling are decided.
 """
 
 from __future__ import annotations
@@ -292,3 +292,85 @@ def lm_loss(
         () float — the loss.
     """
     return aggregate_loss(-token_logprobs(logits, labels), mask, mode, total_tokens, total_seqs)
+
+
+def _dpo_sigmoid(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    # −(1−ε)·log σ(β·h) − ε·log σ(−β·h), computed stably by logsigmoid
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def _ipo(h: Tensor, beta: float, label_smoothing: float) -> Tensor:
+    if label_smoothing != 0:
+        raise ValueError(f"label_smoothing={label_smoothing} applies to the sigmoid loss only, not to ipo")
+    # (h − 1/(2τ))², with β playing τ
+    return (h - 1 / (2 * beta)) ** 2
+
+
+_DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {"sigmoid": _dpo_sigmoid, "ipo": _ipo}
+
+DPO_LOSS_TYPES = tuple(_DPO_LOSSES)
+"""Names accepted by `dpo_loss(loss_type=...)`."""
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference optimisation losses over sequence log-probabilities.
+
+    With log π(y|x) = Σ_t log π(y_t | x, y_<t) summed over the response tokens (EOS included):
+
+        h = (log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x))
+
+      - "sigmoid" (DPO; Rafailov et al. 2023, arXiv 2305.18290, eq. 7):
+            ℓ = −log σ(β·h)
+        with `label_smoothing` ε > 0 the conservative DPO of the same authors (cDPO; labels flipped with
+        probability ε):
+            ℓ = −(1 − ε)·log σ(β·h) − ε·log σ(−β·h)
+      - "ipo" (IPO; Azar et al. 2023, arXiv 2310.12036, eq. 17, with β playing τ):
+            ℓ = (h − 1/(2β))²
+        minimal at h = 1/(2β): the log-likelihood-ratio margin is regressed to a finite target instead of being
+        pushed to infinity.
+
+    L = mean_b ℓ_b. The implicit rewards are r(x, y) = β·(log π_θ(y|x) − log π_ref(y|x)) (DPO §5), detached;
+    both are 0 while π_θ = π_ref, where the sigmoid loss is log 2.
+
+    Args:
+        policy_chosen_logps: (B,) float — log π_θ(y_c|x), the policy's sequence log-prob of the chosen response.
+        policy_rejected_logps: (B,) float — log π_θ(y_r|x) of the rejected response.
+        ref_chosen_logps: (B,) float — log π_ref(y_c|x) under the frozen reference.
+        ref_rejected_logps: (B,) float — log π_ref(y_r|x).
+        beta: β > 0, the strength of the implicit KL constraint (IPO's τ).
+        loss_type: one of `DPO_LOSS_TYPES`.
+        label_smoothing: ε in [0, 0.5), the assumed label-noise rate (sigmoid only).
+
+    Returns:
+        loss: () float — L.
+        chosen_rewards: (B,) float — β·(log π_θ(y_c|x) − log π_ref(y_c|x)), detached.
+        rejected_rewards: (B,) float — β·(log π_θ(y_r|x) − log π_ref(y_r|x)), detached.
+
+    Raises:
+        ValueError: unknown loss_type, β ≤ 0, ε outside [0, 0.5), ε > 0 with ipo, or mismatched shapes.
+    """
+    if loss_type not in _DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    shapes = {tuple(x.shape) for x in logps}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"the four log-prob tensors must share one (B,) shape, got {sorted(shapes)}")
+    chosen_logratio = policy_chosen_logps - ref_chosen_logps
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps
+    # h = (log π_θ(y_c) − log π_ref(y_c)) − (log π_θ(y_r) − log π_ref(y_r))
+    h = chosen_logratio - rejected_logratio
+    loss = _DPO_LOSSES[loss_type](h, beta, label_smoothing).mean()
+    # r(x, y) = β·(log π_θ(y|x) − log π_ref(y|x))
+    return loss, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()

@@ -1,24 +1,30 @@
 """`chatrlhf pipeline`: SFT → reward model → RLHF → side-by-side evaluation, in one run directory.
 
+With `method: dpo`, DPO replaces steps 2+3: SFT → DPO from the SFT model → the same evaluation, SFT vs DPO, scored
+by the judge only (there is no reward model).
+
 Data: one pool of pair records ({prompt, chosen, rejected}) is blended from `data.paths`, shuffled with the seed
 and split across the stages by `data.split` (DeepSpeed-Chat's 2,4,4: SFT trains on prompt+chosen, the reward
-model on the pairs, RL on the prompts); a stage with its own `data.<stage>_paths` uses those instead.
+model on the pairs, RL on the prompts); a stage with its own `data.<stage>_paths` uses those instead. DPO trains
+on the pairs of the reward and RL shares together, or on `data.reward_paths`.
 
-Output: `run_dir/{sft,reward,rl}/` (each with `model/`, metrics.jsonl, summary.json), `run_dir/config.yaml`, and
-`run_dir/summary.json` with the SFT-vs-RLHF comparison, also printed as a table.
+Output: `run_dir/{sft,reward,rl}/` (or `{sft,dpo}/`; each with `model/`, metrics.jsonl, summary.json),
+`run_dir/config.yaml`, and `run_dir/summary.json` with the comparison, also printed as a table.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from chatrlhf.config import DataConfig, PipelineConfig, RewardConfig, RLConfig, SFTConfig
+from chatrlhf.config import DataConfig, DPOConfig, PipelineConfig, RewardConfig, RLConfig, SFTConfig
 from chatrlhf.data import load_source, parse_split, split_for_stages, to_prompt
 from chatrlhf.data.collate import encode_prompt
 from chatrlhf.demo.task import materialize
 from chatrlhf.errors import UserError
-from chatrlhf.eval.compare import compare, load_function, sample_and_score
+from chatrlhf.eval.compare import compare, sample_and_score
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, pick_device
+from chatrlhf.models.rewards import load_function
 from chatrlhf.train.common import (
     Stopwatch,
     convert,
@@ -28,35 +34,58 @@ from chatrlhf.train.common import (
     train_eval_split,
     write_json,
 )
+from chatrlhf.train.dpo import run_dpo
 from chatrlhf.train.reward import run_reward
 from chatrlhf.train.rl import run_rl
 from chatrlhf.train.sft import run_sft
 
 STAGES = ("sft", "reward", "rl")
+"""The shares of the pool, in `data.split` order."""
+
+OWN_PATHS = {"sft": "sft_paths", "reward": "reward_paths", "rl": "rl_paths", "dpo": "reward_paths"}
+"""The `data` field that replaces each stage's share."""
 
 
 def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, list]:
-    """Raw records per stage: the stage's own sources, or its share of the split pool."""
+    """Raw records per stage: the stage's own sources, or its share of the split pool. With method dpo, the `dpo`
+    stage's share is the reward and RL shares together."""
     d = cfg.data
     fractions = parse_split(d.split)
     shares: dict[str, list] = {s: [] for s in STAGES}
     if d.paths:
         pool = load_raw(d.paths, d.weights, cfg.run.seed, workdir)
         shares = dict(zip(STAGES, split_for_stages(pool, fractions, cfg.run.seed)))
-    own = {"sft": d.sft_paths, "reward": d.reward_paths, "rl": d.rl_paths}
+    shares["dpo"] = shares["reward"] + shares["rl"]
     out = {}
-    for stage in STAGES:
-        if own[stage]:
-            out[stage] = load_raw(own[stage], None, cfg.run.seed, workdir)
+    for stage in STAGES if cfg.method == "rlhf" else ("sft", "dpo"):
+        own = getattr(d, OWN_PATHS[stage])
+        if own:
+            out[stage] = load_raw(own, None, cfg.run.seed, workdir)
         elif shares[stage]:
             out[stage] = shares[stage]
         else:
             raise UserError(
                 f"stage '{stage}' has no data: data.split={d.split!r} gives it no share of the "
-                f"{sum(len(v) for v in shares.values())} pooled records and data.{stage}_paths is empty"
+                f"{sum(len(shares[s]) for s in STAGES)} pooled records and data.{OWN_PATHS[stage]} is empty"
             )
         print(f"pipeline: {stage}: {len(out[stage])} records")
     return out
+
+
+@dataclass
+class Tuned:
+    """What the steps after SFT (reward model and RL, or DPO) hand to the comparison and the run summary."""
+
+    policy_dir: Path
+    """The trained policy's model directory, compared with the SFT model."""
+    reward_model_dir: Path | None
+    """The reward model that also scores the comparison; None with DPO."""
+    eval_raws: list
+    """Held-out records whose prompts the comparison samples (unless eval.prompts is set)."""
+    sections: dict
+    """The run summary's sections of these steps: `reward_model` and `rl`, or `dpo`."""
+    times: dict[str, float]
+    """Wall seconds per step."""
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -70,7 +99,7 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     data = stage_data(cfg, run_dir)
     d = cfg.data
     stage_data_cfg = DataConfig(eval_fraction=d.eval_fraction, skip_invalid=d.skip_invalid)
-    times = {}
+    times: dict[str, float] = {}
 
     # step 1: SFT
     sft_dir = run_dir / "sft"
@@ -80,6 +109,33 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
         raws=data["sft"],
     )
     times["sft"] = clock.elapsed()
+
+    # steps 2+3: reward model and RL, or DPO in their place
+    tuned = (dpo_step if cfg.method == "dpo" else rlhf_steps)(cfg, run_dir, data, stage_data_cfg)
+    times.update(tuned.times)
+
+    # evaluation: SFT vs the tuned policy on the same held-out prompts
+    clock = Stopwatch()
+    report = evaluate(cfg, run_dir, tuned.eval_raws, tuned.policy_dir, tuned.reward_model_dir)
+    times["eval"] = clock.elapsed()
+
+    summary = {
+        "method": cfg.method,
+        "sft": {"eval/perplexity": sft.get("eval/perplexity"), "steps": sft["steps"]},
+        **tuned.sections,
+        "comparison": report,
+        "time_s": times,
+    }
+    write_json(run_dir / "summary.json", summary)
+    print_table(summary)
+    return summary
+
+
+def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig) -> Tuned:
+    """Steps 2 and 3: the reward model, then RL from the SFT model."""
+    d = cfg.data
+    sft_dir = run_dir / "sft"
+    times = {}
 
     # step 2: reward model (InstructGPT initialises it from the SFT model unless another base is given)
     clock = Stopwatch()
@@ -114,30 +170,42 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     )
     times["rl"] = clock.elapsed()
 
-    # evaluation: SFT vs RLHF on the same held-out prompts
-    clock = Stopwatch()
-    report = evaluate(cfg, run_dir, rl_eval)
-    times["eval"] = clock.elapsed()
-
-    summary = {
-        "sft": {"eval/perplexity": sft.get("eval/perplexity"), "steps": sft["steps"]},
+    sections = {
         "reward_model": {
             k: reward.get(k) for k in ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")
         },
         "rl": {k: v for k, v in rl.items() if k.startswith("final/")},
-        "comparison": report,
-        "time_s": times,
     }
-    write_json(run_dir / "summary.json", summary)
-    print_table(summary)
-    return summary
+    return Tuned(rl_dir / "model", rm_dir / "model", rl_eval, sections, times)
 
 
-def evaluate(cfg: PipelineConfig, run_dir: Path, rl_eval_raws: list) -> dict:
-    """Sample k responses per held-out prompt from the SFT and the RLHF model; score with the RM and the judge."""
+def dpo_step(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig) -> Tuned:
+    """DPO from the SFT model in place of steps 2+3; the held-out pairs' prompts are kept for the comparison."""
+    clock = Stopwatch()
+    dpo_train, dpo_eval = train_eval_split(data["dpo"], [], cfg.data.eval_fraction, cfg.run.seed)
+    dpo_dir = run_dir / "dpo"
+    dpo = run_dpo(
+        DPOConfig(
+            model=str(run_dir / "sft" / "model"),
+            output_dir=str(dpo_dir),
+            data=stage_data_cfg,
+            train=cfg.dpo,
+            run=cfg.run,
+        ),
+        raws=dpo_train,
+        eval_raws=dpo_eval,
+    )
+    section = {"steps": dpo["steps"], **{k: v for k, v in dpo.items() if k.startswith("eval/")}}
+    return Tuned(dpo_dir / "model", None, dpo_eval, {"dpo": section}, {"dpo": clock.elapsed()})
+
+
+def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Path, rm_dir: Path | None) -> dict:
+    """Sample k responses per held-out prompt from the SFT model and the tuned policy at `policy_dir`; score them
+    with the reward model at `rm_dir` (if any) and the judge (if any). The report calls the tuned policy `rlhf`
+    whatever the method."""
     e = cfg.eval
     device = pick_device(cfg.run.device)
-    raws = [r for p in e.prompts for r in load_source(materialize(p, run_dir / "data"))] if e.prompts else rl_eval_raws
+    raws = [r for p in e.prompts for r in load_source(materialize(p, run_dir / "data"))] if e.prompts else eval_raws
     if not raws:
         raise UserError("no held-out prompts to evaluate: set eval.prompts or data.eval_fraction > 0")
     recs = convert(raws, to_prompt, cfg.data.skip_invalid, "evaluation prompt")[: e.num_prompts]
@@ -146,9 +214,9 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, rl_eval_raws: list) -> dict:
     texts = [r.prompt if r.prompt is not None else r.messages[-1]["content"] for r in recs]
     extras = [r.extra for r in recs]
     judge = load_function(e.judge) if e.judge else None
-    rm = load_value_model(str(run_dir / "reward" / "model"), tok, cfg.run.dtype, device).eval()
+    rm = load_value_model(str(rm_dir), tok, cfg.run.dtype, device).eval() if rm_dir is not None else None
     results = {}
-    for name, path in (("sft", run_dir / "sft" / "model"), ("rlhf", run_dir / "rl" / "model")):
+    for name, path in (("sft", run_dir / "sft" / "model"), ("rlhf", policy_dir)):
         model = load_causal_lm(str(path), tok, cfg.run.dtype, device).eval()
         results[name] = sample_and_score(
             model,
@@ -181,6 +249,7 @@ def _fmt(ci: dict, sign: str = "") -> str:
 
 def print_table(summary: dict) -> None:
     c = summary["comparison"]
+    tuned = "DPO" if summary["method"] == "dpo" else "RLHF"
     rows = []
     for name in ("judge", "reward_model"):
         if name in c:
@@ -188,13 +257,21 @@ def print_table(summary: dict) -> None:
             rows.append((f"{name} score", _fmt(r["sft"]), _fmt(r["rlhf"]), _fmt(r["rlhf_minus_sft"], "+")))
     print()
     print(f"held-out prompts: {c['prompts']} × {c['samples_per_prompt']} samples; mean [95% CI]")
-    print(f"{'':16} {'SFT':>28} {'RLHF':>28} {'RLHF − SFT (paired)':>28}")
+    print(f"{'':16} {'SFT':>28} {tuned:>28} {tuned + ' − SFT (paired)':>28}")
     for row in rows:
         print(f"{row[0]:16} {row[1]:>28} {row[2]:>28} {row[3]:>28}")
-    rm = summary["reward_model"]
+    if not rows:
+        print("(nothing scored the samples: set eval.judge; the DPO pipeline has no reward model)")
+    rm = summary.get("reward_model", {})
     if rm.get("eval/accuracy") is not None:
         print(f"reward model held-out accuracy {rm['eval/accuracy']:.3f}, score gap {rm['eval/score_gap']:.3f}")
-    kl = summary["rl"].get("final/kl/mean")
+    dpo = summary.get("dpo", {})
+    if dpo.get("eval/rewards/accuracy") is not None:
+        print(
+            f"DPO implicit reward held-out accuracy {dpo['eval/rewards/accuracy']:.3f}, "
+            f"margin {dpo['eval/rewards/margin']:.3f}"
+        )
+    kl = summary.get("rl", {}).get("final/kl/mean")
     if kl is not None:
         print(f"final KL(actor ‖ reference) per response {kl:.3f}")
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["time_s"].items()))

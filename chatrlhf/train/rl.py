@@ -1,13 +1,15 @@
-"""Step 3: RLHF with PPO — actor, critic, frozen reference and frozen reward model.
+"""Step 3: RLHF — PPO (actor, critic, frozen reference, reward) or a critic-free algorithm (GRPO, RLOO,
+REINFORCE++, ReMax), all on the same loop and the same hybrid engine.
 
 One iteration (DESIGN.md), each a named function below:
-  1. sample a batch of prompts (left-padded);
+  1. sample a batch of prompts (left-padded), each repeated `group_size` times;
   2. generation mode: sample responses, truncate after EOS, build the response mask;
-  3. score: the reward model's end score (the value at the last real response token);
-  4. log-probs of the actor (old) and the reference, values of the critic — one no-grad forward each;
-  5. per-token rewards r_t = −β·(log π_old − log π_ref), plus clip(score, ±c) at the last response token;
-  6. advantages by GAE (γ, λ), optionally whitened;
-  7. ppo_epochs × mini-batches: clipped policy loss (+ PTX loss) and clipped value loss, optimizer steps, EMA;
+  3. score: reward model end score and/or Python reward functions, weighted and summed;
+  4. log-probs of the actor (old) and the reference, values of the critic (PPO) — one no-grad forward each;
+  5–6. the algorithm's advantages (train/algorithms.py): KL-shaped rewards → GAE, or a group / leave-one-out /
+     greedy / batch baseline;
+  7. ppo_epochs × mini-batches: clipped policy loss (+ KL loss, + PTX loss) and, for PPO, the clipped value loss;
+     optimizer steps; EMA of the actor;
   8. log every metric (docs/metrics.md) and save.
 
 Dropout is off in the actor and critic throughout (eval mode; gradients still flow), so the first mini-batch
@@ -40,35 +42,40 @@ from chatrlhf.models.load import (
     load_tokenizer,
     load_value_model,
     resolve_model,
-    same_vocabulary,
     save_model_dir,
 )
+from chatrlhf.models.rewards import Scorer, Scores, ScoringBatch, build_scorer
 from chatrlhf.rlhf import (
-    gae_advantages,
-    kl_penalized_rewards,
+    KL_ESTIMATORS,
+    adaptive_kl_coef,
+    aggregate_loss,
     last_token_index,
     masked_mean,
-    masked_whiten,
     policy_loss,
     token_logprobs,
     truncate_after_eos,
     value_loss,
 )
-from chatrlhf.train.common import (
-    Stopwatch,
-    convert,
-    load_raw,
-    run_stage,
-    stage_records,
-    write_json,
-)
+from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, Algorithm
+from chatrlhf.train.common import Stopwatch, convert, load_raw, run_stage, stage_records, write_json
 from chatrlhf.train.sft import shifted_lm_loss
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """An RL prompt: its tokens, the text reward functions see, and the record's other fields."""
+
+    ids: list[int]
+    text: str
+    extra: dict
 
 
 @dataclass
 class Rollout:
-    """One batch of prompts and sampled responses. B = batch, P = prompt width, R = response width."""
+    """Sampled responses. B = sequences (prompts × group_size), P = prompt width, R = response width."""
 
+    prompts: list[Prompt]
+    """(B) the prompt of each sequence (repeated within a group)."""
     prompt_ids: torch.Tensor
     """(B, P) long — left-padded prompts."""
     prompt_mask: torch.Tensor
@@ -77,6 +84,8 @@ class Rollout:
     """(B, R) long — sampled tokens, pad after the first EOS."""
     response_mask: torch.Tensor
     """(B, R) float — 1 up to and including the first EOS."""
+    rollout_logprobs: torch.Tensor | None = None
+    """(B, R) log-probs the rollout engine sampled with (only for truncated importance sampling)."""
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -86,55 +95,70 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
 
+    @property
+    def last_index(self) -> torch.Tensor:
+        """(B,) position of the last real response token in `sequences`."""
+        return self.prompt_ids.shape[1] + last_token_index(self.response_mask)
+
     def select(self, idx: torch.Tensor) -> Rollout:
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response[idx], self.response_mask[idx])
+        """A sub-batch for training (tensors only; the texts stay with the full rollout)."""
+        return Rollout([], self.prompt_ids[idx], self.prompt_mask[idx], self.response[idx], self.response_mask[idx])
 
 
 @dataclass
 class Evaluated:
-    """No-grad forwards over a rollout, all (B, R) over response positions."""
+    """Scores and no-grad forwards over a rollout; (B, R) over response positions."""
 
+    scores: Scores
+    """(B,) summed reward and its parts."""
     old_logprobs: torch.Tensor
     """log π_old(a_t | s_t) — the actor that sampled."""
     ref_logprobs: torch.Tensor
     """log π_ref(a_t | s_t) — the frozen reference."""
-    values: torch.Tensor
-    """V_old(s_t) — the critic's value of the state before token t."""
-    scores: torch.Tensor
-    """(B,) the reward model's end score."""
-
-
-@dataclass
-class Advantages:
-    rewards: torch.Tensor
-    """(B, R) KL-shaped per-token rewards."""
-    kl: torch.Tensor
-    """(B, R) per-token KL estimate log π_old − log π_ref (masked)."""
-    advantages: torch.Tensor
-    """(B, R) GAE advantages (whitened if configured)."""
-    returns: torch.Tensor
-    """(B, R) value targets G_t = A_t + V_t (before whitening)."""
+    values: torch.Tensor | None
+    """V_old(s_t), the critic's value of the state before token t (PPO only)."""
+    greedy_scores: torch.Tensor | None
+    """(B,) reward of the greedy response (ReMax only)."""
 
 
 # ------------------------------------------------------------------------------------------------ the steps
 
 
-def prompt_stream(prompts: list[list[int]], batch_size: int, seed: int):
-    """1. Endless shuffled batches of encoded prompts: each pass is a new permutation, cut into full batches (the
-    last `len % batch_size` prompts of a pass wait for a later pass's shuffle)."""
+def prompt_stream(prompts: list[Prompt], batch_size: int, seed: int):
+    """1. Endless shuffled batches of prompts: each pass is a new permutation, cut into full batches (the last
+    `len % batch_size` prompts of a pass wait for a later pass's shuffle)."""
     for epoch in itertools.count():
         order = np.random.default_rng(seed + epoch).permutation(len(prompts))
         for i in range(0, len(order) - batch_size + 1, batch_size):
             yield [prompts[j] for j in order[i : i + batch_size]]
 
 
-def generate_rollout(actor: HybridEngine, batch: list[list[int]], pad_id: int, eos_id: int, device) -> Rollout:
-    """2. Sample one response per prompt in generation mode; everything after the first EOS becomes pad."""
-    prompt_ids, prompt_mask = (t.to(device) for t in pad(batch, pad_id, left=True))
+def generate_rollout(
+    actor: HybridEngine, batch: list[Prompt], group_size: int, tok, device, greedy: bool = False, tis: bool = False
+) -> Rollout:
+    """2. Sample `group_size` responses per prompt (consecutive) in generation mode; pad after the first EOS."""
+    expanded = [p for p in batch for _ in range(group_size)]
+    prompt_ids, prompt_mask = (x.to(device) for x in pad([p.ids for p in expanded], tok.pad_token_id, left=True))
     with actor.generation_mode():
-        response = actor.generate(prompt_ids, prompt_mask)
-    response, mask = truncate_after_eos(response, eos_id, pad_id)
-    return Rollout(prompt_ids, prompt_mask, response, mask)
+        response, rollout_logprobs = actor.generate(prompt_ids, prompt_mask, greedy=greedy, return_logprobs=tis)
+    response, mask = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
+    return Rollout(expanded, prompt_ids, prompt_mask, response, mask, rollout_logprobs)
+
+
+def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
+    """3. The summed reward of each response (decoded text for functions, tokens for a shared-vocabulary RM)."""
+    lengths = rollout.response_mask.sum(1).long().tolist()
+    texts = [tok.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(rollout.response, lengths)]
+    return scorer(
+        ScoringBatch(
+            sequences=rollout.sequences,
+            attention_mask=rollout.attention_mask,
+            last_index=rollout.last_index,
+            prompts=[p.text for p in rollout.prompts],
+            responses=texts,
+            extras=[p.extra for p in rollout.prompts],
+        )
+    )
 
 
 def response_logprobs(model, rollout: Rollout) -> torch.Tensor:
@@ -158,102 +182,91 @@ def response_values(critic: ValueModel, rollout: Rollout) -> torch.Tensor:
     return values[:, rollout.prompt_ids.shape[1] - 1 : -1]
 
 
-def end_scores(reward_model: ValueModel, rollout: Rollout) -> torch.Tensor:
-    """3. (B,) the reward model's value at the last real response token."""
-    last = rollout.prompt_ids.shape[1] + last_token_index(rollout.response_mask)
-    return reward_model.scores_at(rollout.sequences, rollout.attention_mask, last)
-
-
 @torch.no_grad()
-def evaluate_rollout(actor, reference, critic: ValueModel, reward_model: ValueModel, rollout: Rollout) -> Evaluated:
-    """3–4. One no-grad forward per model."""
+def evaluate_rollout(m: Models, rollout: Rollout, batch: list[Prompt], algo: Algorithm, t: RLTrainConfig) -> Evaluated:
+    """3–4. Rewards, then one no-grad forward per model (and ReMax's greedy baseline)."""
+    greedy_scores = None
+    if algo.needs_greedy:
+        greedy = generate_rollout(m.actor, batch, t.group_size, m.tok, rollout.response.device, greedy=True)
+        greedy_scores = score_rollout(m.scorer, greedy, m.tok).total
     return Evaluated(
-        old_logprobs=response_logprobs(actor, rollout),
-        ref_logprobs=response_logprobs(reference, rollout),
-        values=response_values(critic, rollout),
-        scores=end_scores(reward_model, rollout),
+        scores=score_rollout(m.scorer, rollout, m.tok),
+        old_logprobs=response_logprobs(m.actor_engine.model, rollout),
+        ref_logprobs=response_logprobs(m.reference, rollout),
+        values=response_values(m.critic_engine.model, rollout) if m.critic_engine else None,
+        greedy_scores=greedy_scores,
     )
 
 
-def compute_advantages(ev: Evaluated, mask: torch.Tensor, t: RLTrainConfig) -> Advantages:
-    """5–6. KL-shaped rewards, GAE, optional whitening."""
-    p = t.ppo
-    rewards, kl = kl_penalized_rewards(ev.scores, ev.old_logprobs, ev.ref_logprobs, mask, p.kl_coef, p.reward_clip)
-    advantages, returns = gae_advantages(rewards, ev.values, mask, p.gamma, p.lam)
-    if p.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
-    return Advantages(rewards, kl, advantages, returns)
+def tis_weights(rollout: Rollout, ev: Evaluated, cap: float | None) -> torch.Tensor | None:
+    """Truncated importance weights min(π_old / π_rollout, cap) per token (None when disabled)."""
+    if cap is None:
+        return None
+    return torch.exp(ev.old_logprobs - rollout.rollout_logprobs).clamp(max=cap) * rollout.response_mask
 
 
 def ppo_update(
-    actor: TrainEngine,
-    critic: TrainEngine,
-    rollout: Rollout,
-    ev: Evaluated,
-    adv: Advantages,
-    t: RLTrainConfig,
-    ptx_batches,
-    ema: torch.nn.Module | None,
+    m: Models, rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrainConfig, kl_coef: float, ptx_batches, ema
 ) -> dict[str, float]:
     """7. ppo_epochs × mini-batches; micro-batches accumulate with the mini-batch's token total."""
     p = t.ppo
     n = rollout.response.shape[0]
     mini = p.mini_batch_size or n
     micro = p.micro_batch_size or mini
+    weights = tis_weights(rollout, ev, p.tis_cap)
+    advantages = adv.advantages if weights is None else adv.advantages * weights
+    kl_in_loss = p.kl_in == "loss"
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(p.ppo_epochs):
         order = torch.randperm(n, device=rollout.response.device)
         for m0 in range(0, n, mini):
             mb_idx = order[m0 : m0 + mini]
-            total_tokens = float(rollout.response_mask[mb_idx].sum())
+            totals = {"total_tokens": float(rollout.response_mask[mb_idx].sum()), "total_seqs": len(mb_idx)}
             for u0 in range(0, len(mb_idx), micro):
                 idx = mb_idx[u0 : u0 + micro]
                 r, mask = rollout.select(idx), rollout.response_mask[idx]
-                pg, pstats = policy_loss(
-                    response_logprobs(actor.model, r),
-                    ev.old_logprobs[idx],
-                    adv.advantages[idx],
-                    mask,
-                    p.clip_eps,
-                    p.loss_aggregation,
-                    total_tokens=total_tokens,
-                    total_seqs=len(mb_idx),
+                frac = float(mask.sum()) / totals["total_tokens"]  # the micro-batch's share of the tokens
+                logp = response_logprobs(m.actor_engine.model, r)
+                pg, stats = policy_loss(
+                    logp, ev.old_logprobs[idx], advantages[idx], mask, p.clip_eps, p.loss_aggregation, **totals
                 )
-                vl, vstats = value_loss(
-                    response_values(critic.model, r),
-                    ev.values[idx],
-                    adv.returns[idx],
-                    mask,
-                    p.value_clip,
-                    p.loss_aggregation,
-                    total_tokens=total_tokens,
-                    total_seqs=len(mb_idx),
-                )
-                actor.backward(pg)
-                critic.backward(vl)
-                frac = float(mask.sum()) / total_tokens  # the micro-batch's share of the mini-batch's tokens
-                _acc(sums, {"loss/policy": pg.item(), "loss/value": vl.item()})
-                _acc(
-                    sums,
-                    {
-                        "policy/clipfrac": float(pstats.clipfrac) * frac,
-                        "policy/approx_kl": float(pstats.approx_kl) * frac,
-                    },
-                )
-                _acc(sums, {"value/clipfrac": float(vstats.clipfrac) * frac})
+                loss = pg
+                if kl_in_loss:
+                    kl = KL_ESTIMATORS[p.kl_estimator](logp, ev.ref_logprobs[idx])
+                    kl_loss = aggregate_loss(kl, mask, p.loss_aggregation, **totals)
+                    loss = loss + kl_coef * kl_loss
+                    _acc(sums, {"loss/kl": kl_loss.item()})
+                m.actor_engine.backward(loss)
+                _acc(sums, {"loss/policy": pg.item(), "policy/clipfrac": float(stats.clipfrac) * frac})
+                _acc(sums, {"policy/approx_kl": float(stats.approx_kl) * frac})
+                if m.critic_engine is not None:
+                    vl, vstats = value_loss(
+                        response_values(m.critic_engine.model, r), ev.values[idx], adv.returns[idx], mask,
+                        p.value_clip, p.loss_aggregation, **totals,
+                    )  # fmt: skip
+                    m.critic_engine.backward(vl)
+                    _acc(sums, {"loss/value": vl.item(), "value/clipfrac": float(vstats.clipfrac) * frac})
             if ptx_batches is not None:
                 ids, attn, lmask = next(ptx_batches)
-                ptx = shifted_lm_loss(actor.model, ids, attn, lmask)
-                actor.backward(t.ptx_coef * ptx)
+                ptx = shifted_lm_loss(m.actor_engine.model, ids, attn, lmask)
+                m.actor_engine.backward(t.ptx_coef * ptx)
                 _acc(sums, {"loss/ptx": ptx.item()})
-            a_stats, c_stats = actor.step(), critic.step()
-            _acc(sums, {"optim/actor_grad_norm": a_stats.grad_norm, "optim/critic_grad_norm": c_stats.grad_norm})
+            a_stats = m.actor_engine.step()
+            _acc(sums, {"optim/actor_grad_norm": a_stats.grad_norm})
+            if m.critic_engine is not None:
+                c_stats = m.critic_engine.step()
+                _acc(sums, {"optim/critic_grad_norm": c_stats.grad_norm})
             if ema is not None:
-                ema_update(ema, actor.model, t.ema_decay)
+                ema_update(ema, m.actor_engine.model, t.ema_decay)
             updates += 1
     metrics = {k: v / updates for k, v in sums.items()}
-    metrics["optim/actor_lr"], metrics["optim/critic_lr"] = a_stats.lr, c_stats.lr
+    metrics["optim/actor_lr"] = a_stats.lr
+    if m.critic_engine is not None:
+        metrics["optim/critic_lr"] = c_stats.lr
+    if weights is not None:
+        metrics["tis/weight_mean"] = float(masked_mean(weights, rollout.response_mask))
+        metrics["tis/capped_frac"] = float(masked_mean((weights >= p.tis_cap).float(), rollout.response_mask))
     return metrics
 
 
@@ -269,43 +282,36 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach().to(e.device, e.dtype), 1.0 - decay)
 
 
-def rollout_metrics(
-    rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrainConfig, eos_id: int
-) -> dict[str, float]:
+def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrainConfig, eos_id: int) -> dict:
     """8. What the rollout looked like (docs/metrics.md)."""
     mask = rollout.response_mask
-    lengths = mask.sum(1)
-    clipped = ev.scores.clamp(-t.ppo.reward_clip, t.ppo.reward_clip)
-    seq_kl = adv.kl.sum(1)
-    return {
-        "reward/score_mean": float(ev.scores.mean()),
-        "reward/score_std": float(ev.scores.std()) if len(ev.scores) > 1 else 0.0,
+    scores = ev.scores.total
+    clipped = scores.clamp(-t.ppo.reward_clip, t.ppo.reward_clip)
+    metrics = {
+        "reward/score_mean": float(scores.mean()),
+        "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "reward/clipped_mean": float(clipped.mean()),
         "reward/total_mean": float(adv.rewards.sum(1).mean()),
-        "kl/mean": float(seq_kl.mean()),
+        "kl/mean": float(adv.kl.sum(1).mean()),
         "kl/token_mean": float(masked_mean(adv.kl, mask)),
         "advantages/mean": float(masked_mean(adv.advantages, mask)),
-        "returns/mean": float(masked_mean(adv.returns, mask)),
-        "values/mean": float(masked_mean(ev.values, mask)),
-        "response/length_mean": float(lengths.mean()),
+        "response/length_mean": float(mask.sum(1).mean()),
         "response/truncated_frac": float(truncated(rollout, eos_id).float().mean()),
     }
+    for name, part in ev.scores.parts.items():
+        metrics[f"reward/{name}_mean"] = float(part.mean())
+    if ev.values is not None:
+        metrics["returns/mean"] = float(masked_mean(adv.returns, mask))
+        metrics["values/mean"] = float(masked_mean(ev.values, mask))
+    if ev.greedy_scores is not None:
+        metrics["reward/greedy_mean"] = float(ev.greedy_scores.mean())
+    return metrics
 
 
 def truncated(rollout: Rollout, eos_id: int) -> torch.Tensor:
     """(B,) True where the response has no EOS: it filled max_new_tokens and was cut."""
     last = last_token_index(rollout.response_mask)
     return rollout.response.gather(1, last.unsqueeze(1)).squeeze(1) != eos_id
-
-
-@torch.no_grad()
-def held_out_score(m: Models, prompts: list[list[int]], batch_size: int, device) -> float:
-    """Mean reward-model end score of one sampled response per held-out prompt."""
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        rollout = generate_rollout(m.actor, prompts[i : i + batch_size], m.tok.pad_token_id, m.tok.eos_token_id, device)
-        scores.append(end_scores(m.reward_model, rollout))
-    return float(torch.cat(scores).mean())
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -316,35 +322,33 @@ class Models:
     tok: object
     actor: HybridEngine
     actor_engine: TrainEngine
-    critic_engine: TrainEngine
+    critic_engine: TrainEngine | None
     reference: torch.nn.Module
-    reward_model: ValueModel
+    scorer: Scorer
 
 
-def build_models(cfg: RLConfig, out: Path, device) -> Models:
-    """Four models: the trained actor and critic, the frozen reference and reward model."""
+def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
+    """The trained actor (and critic for PPO), the frozen reference and the reward sources."""
     t = cfg.train
     actor_path = resolve_model(cfg.actor, out)
-    rm_path = resolve_model(cfg.reward_model, out)
     tok = load_tokenizer(actor_path)
-    rm_tok = load_tokenizer(rm_path)
-    if not same_vocabulary(tok, rm_tok):
-        raise UserError(
-            f"reward_model '{cfg.reward_model}' uses a different tokenizer than actor '{cfg.actor}'; "
-            "PPO scores the actor's tokens directly, so they must share a vocabulary"
-        )
     dtype = cfg.run.dtype
     actor = load_causal_lm(actor_path, tok, dtype, device).eval()
     reference = load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, device).eval()
-    critic = load_value_model(resolve_model(cfg.critic or cfg.reward_model, out), tok, dtype, device).eval()
-    reward_model = load_value_model(rm_path, tok, dtype, device).eval()
-    for frozen in (reference, reward_model):
-        frozen.requires_grad_(False)
-    steps = t.iterations * t.ppo.ppo_epochs * (t.rollout_batch_size // (t.ppo.mini_batch_size or t.rollout_batch_size))
+    reference.requires_grad_(False)
+    rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
+    scorer = build_scorer(rm, cfg.reward_functions, cfg.reward_weights, tok, dtype, device)
+    samples = t.rollout_batch_size * t.group_size
+    steps = t.iterations * t.ppo.ppo_epochs * (samples // (t.ppo.mini_batch_size or samples))
     actor_engine = TrainEngine(actor, t.actor_optim, steps, name="actor")
-    critic_engine = TrainEngine(critic, t.critic_optim, steps, name="critic")
-    hybrid = HybridEngine(actor_engine, tok, t.generation)
-    return Models(tok, hybrid, actor_engine, critic_engine, reference, reward_model)
+    critic_engine = None
+    if algo.uses_critic:
+        critic_path = resolve_model(cfg.critic or cfg.reward_model, out)
+        if load_tokenizer(critic_path).get_vocab() != tok.get_vocab():
+            raise UserError(f"critic '{critic_path}' must share the actor's tokenizer: it values the actor's tokens")
+        critic = load_value_model(critic_path, tok, dtype, device).eval()
+        critic_engine = TrainEngine(critic, t.critic_optim, steps, name="critic")
+    return Models(tok, HybridEngine(actor_engine, tok, t.generation), actor_engine, critic_engine, reference, scorer)
 
 
 def ptx_stream(cfg: RLConfig, tok, out: Path, device):
@@ -359,51 +363,79 @@ def ptx_stream(cfg: RLConfig, tok, out: Path, device):
         for epoch in itertools.count():
             order = np.random.default_rng(cfg.run.seed + 7919 + epoch).permutation(len(enc))
             for i in range(0, len(order), t.ptx_batch_size):
-                yield (
-                    x.to(device)
-                    for x in collate_sft([enc[j] for j in order[i : i + t.ptx_batch_size]], tok.pad_token_id)
-                )
+                batch = [enc[j] for j in order[i : i + t.ptx_batch_size]]
+                yield (x.to(device) for x in collate_sft(batch, tok.pad_token_id))
 
     return stream()
 
 
+def to_prompts(tok, recs, max_len: int) -> list[Prompt]:
+    """Encode prompt records; reward functions see the prompt text (the last user turn for conversations)."""
+    return [
+        Prompt(encode_prompt(tok, r, max_len), r.prompt if r.prompt is not None else r.messages[-1]["content"], r.extra)
+        for r in recs
+    ]
+
+
+@torch.no_grad()
+def held_out_score(m: Models, prompts: list[Prompt], batch_size: int, device) -> float:
+    """Mean summed reward of one sampled response per held-out prompt."""
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        rollout = generate_rollout(m.actor, prompts[i : i + batch_size], 1, m.tok, device)
+        scores.append(score_rollout(m.scorer, rollout, m.tok).total)
+    return float(torch.cat(scores).mean())
+
+
 def run_rl(cfg: RLConfig, raws=None, eval_raws=None) -> dict:
-    """Run PPO; write `output_dir/model` (actor), `critic/`, optional `model_ema/`, metrics, config, summary."""
+    """Run RL; write `output_dir/model` (actor), `critic/` (PPO), optional `model_ema/`, metrics, config, summary."""
     return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_rl(cfg, out, device, raws, eval_raws))
 
 
 def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
     t = cfg.train
+    algo = ALGORITHMS[t.algo]
 
-    m = build_models(cfg, out, device)
+    m = build_models(cfg, algo, out, device)
     tok = m.tok
     train_recs, eval_recs = stage_records(cfg.data, to_prompt, cfg.run.seed, out, "prompt", raws, eval_raws)
-    prompts = [encode_prompt(tok, r, t.max_prompt_len) for r in train_recs]
+    prompts = to_prompts(tok, train_recs, t.max_prompt_len)
     if len(prompts) < t.rollout_batch_size:
         raise UserError(f"only {len(prompts)} RL prompts, fewer than train.rollout_batch_size={t.rollout_batch_size}")
     ptx = ptx_stream(cfg, tok, out, device)
     ema = copy.deepcopy(m.actor_engine.model).requires_grad_(False) if t.ema else None
-    log = MetricsLogger(
-        out / "metrics.jsonl", "rl", t.iterations, cfg.run.progress, ("reward/score_mean", "kl/mean", "loss/policy")
+    keys = ("reward/score_mean", "kl/mean", "loss/policy")
+    log = MetricsLogger(out / "metrics.jsonl", "rl", t.iterations, cfg.run.progress, keys)
+    print(
+        f"rl ({t.algo}): {len(prompts)} prompts, {t.iterations} iterations × {t.rollout_batch_size} prompts × "
+        f"{t.group_size} samples → {out / 'model'}"
     )
-    print(f"rl: {len(prompts)} prompts, {t.iterations} iterations × {t.rollout_batch_size} rollouts → {out / 'model'}")
 
     stream = prompt_stream(prompts, t.rollout_batch_size, cfg.run.seed)
+    kl_coef = t.ppo.kl_coef
     history: list[dict[str, float]] = []
     for it in range(1, t.iterations + 1):
         t0 = time.time()
-        rollout = generate_rollout(m.actor, next(stream), tok.pad_token_id, tok.eos_token_id, device)  # 1–2
+        batch = next(stream)  # 1
+        rollout = generate_rollout(m.actor, batch, t.group_size, tok, device, tis=t.ppo.tis_cap is not None)  # 2
         t1 = time.time()
-        ev = evaluate_rollout(m.actor_engine.model, m.reference, m.critic_engine.model, m.reward_model, rollout)  # 3–4
-        adv = compute_advantages(ev, rollout.response_mask, t)  # 5–6
+        ev = evaluate_rollout(m, rollout, batch, algo, t)  # 3–4
+        reward_kl = kl_coef if t.ppo.kl_in == "reward" else 0.0
+        inputs = AdvantageInputs(
+            ev.scores.total, ev.old_logprobs, ev.ref_logprobs, rollout.response_mask, reward_kl, ev.values,
+            ev.greedy_scores,
+        )  # fmt: skip
+        adv = algo.advantages(inputs, t)  # 5–6
         t2 = time.time()
         metrics = rollout_metrics(rollout, ev, adv, t, tok.eos_token_id)
-        metrics.update(ppo_update(m.actor_engine, m.critic_engine, rollout, ev, adv, t, ptx, ema))  # 7
+        metrics.update(ppo_update(m, rollout, ev, adv, t, kl_coef, ptx, ema))  # 7
         t3 = time.time()
-        n_tokens = float(rollout.attention_mask.sum())
+        metrics["kl/coef"] = kl_coef
+        if t.ppo.kl_target is not None:
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl/mean"], t.ppo.kl_target, t.ppo.kl_horizon, len(batch))
         metrics.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2})
-        metrics["perf/tokens_per_s"] = n_tokens / (t3 - t0)
+        metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (t3 - t0)
         for k, v in metrics.items():
             if not math.isfinite(v):
                 raise FloatingPointError(f"rl: metric {k} is {v} at iteration {it}; stopping before saving")
@@ -413,14 +445,15 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     log.close()
 
     save_model_dir(m.actor_engine.model, tok, out / "model")
-    save_model_dir(m.critic_engine.model.model, tok, out / "critic")
+    if m.critic_engine is not None:
+        save_model_dir(m.critic_engine.model.model, tok, out / "critic")
     if ema is not None:
         save_model_dir(ema, tok, out / "model_ema")
     tail = history[-max(1, len(history) // 10) :]
     summary = {"stage": "rl", "algo": t.algo, "iterations": t.iterations, "prompts": len(prompts)}
     summary.update({f"final/{k}": sum(h[k] for h in tail) / len(tail) for k in tail[0]})
     if eval_recs:
-        held_out = [encode_prompt(tok, r, t.max_prompt_len) for r in eval_recs]
+        held_out = to_prompts(tok, eval_recs, t.max_prompt_len)
         summary["eval/prompts"] = len(held_out)
         summary["eval/score_mean"] = held_out_score(m, held_out, t.rollout_batch_size, device)
     summary["time/total_s"] = clock.elapsed()

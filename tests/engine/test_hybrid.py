@@ -53,7 +53,7 @@ def test_generation_mode_switches_and_restores(actor):
         assert not model.training and not any(m.training for m in model.modules())
         assert not torch.is_grad_enabled() and model.config.use_cache
         assert model.generation_config is hybrid.hf_generation, "the checkpoint's own sampling defaults are not used"
-        out = hybrid.generate(prompt, mask)
+        out, _ = hybrid.generate(prompt, mask)
         assert out.shape[0] == 2 and 1 <= out.shape[1] <= 6 and not out.requires_grad
     assert_same(before, state(model))
 

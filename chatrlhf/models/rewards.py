@@ -1,0 +1,190 @@
+"""Sequence rewards: a learned reward model and/or Python reward functions, weighted and summed.
+
+Three kinds of reward source, each with `score(batch) -> (B,) float tensor`:
+
+- `PolicyVocabRewardModel`: a 1-label sequence-classification model that shares the policy's tokenizer (what
+  `chatrlhf reward` trains); it scores the policy's own tokens at the last real response token.
+- `ForeignRewardModel`: any Hugging Face sequence-classification reward model with its own tokenizer (e.g. a
+  DeBERTa or a Llama-based RM); prompt and response text are re-tokenized for it — with its chat template when it
+  has one, else as a (prompt, response) text pair — and the model's own pooled logit is the score.
+- `FunctionReward`: `module:function(prompt, response, **fields) -> float`, called on the prompt text, the decoded
+  response and the RL record's extra fields (e.g. the demo judge `chatrlhf.demo.task:judge`).
+
+`Scorer` sums `weight × score` over the sources and keeps each part for logging.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from chatrlhf.errors import UserError
+from chatrlhf.models.load import DTYPES, ValueModel, load_tokenizer, load_value_model, same_vocabulary
+
+
+@dataclass
+class ScoringBatch:
+    """What a reward source may look at, for B sampled responses."""
+
+    sequences: torch.Tensor
+    """(B, L) long — prompt + response in the policy's tokens (left-padded prompt, right-padded response)."""
+    attention_mask: torch.Tensor
+    """(B, L) long."""
+    last_index: torch.Tensor
+    """(B,) long — position in `sequences` of the last real response token."""
+    prompts: list[str]
+    """The prompt of each sample as the user wrote it (the last user turn for `messages` records)."""
+    responses: list[str]
+    """The decoded response, special tokens removed."""
+    extras: list[dict] = field(default_factory=list)
+    """The RL record's other fields, passed to reward functions."""
+
+
+class RewardSource(Protocol):
+    name: str
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor: ...
+
+
+class PolicyVocabRewardModel:
+    def __init__(self, model: ValueModel, name: str = "reward_model"):
+        self.model, self.name = model, name
+
+    @torch.no_grad()
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        return self.model.scores_at(batch.sequences, batch.attention_mask, batch.last_index)
+
+
+class ForeignRewardModel:
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, max_length: int, name: str = "reward_model"):
+        self.model, self.tok, self.max_length, self.name = model, tokenizer, max_length, name
+
+    def _encode(self, prompts: list[str], responses: list[str]) -> dict:
+        if self.tok.chat_template:
+            texts = [
+                self.tok.apply_chat_template(
+                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+                )
+                for p, r in zip(prompts, responses)
+            ]
+            return self.tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        return self.tok(prompts, responses, padding=True, return_tensors="pt")
+
+    @torch.no_grad()
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        enc = self._encode(batch.prompts, batch.responses)
+        too_long = int((enc["attention_mask"].sum(1) > self.max_length).sum())
+        if too_long:
+            raise UserError(
+                f"{too_long} prompt+response pairs exceed the reward model's maximum length ({self.max_length} "
+                "tokens); lower train.generation.max_new_tokens or train.max_prompt_len"
+            )
+        device = next(self.model.parameters()).device
+        logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits
+        return logits[:, 0].float().to(batch.sequences.device)
+
+
+class FunctionReward:
+    def __init__(self, fn: Callable[..., float], name: str):
+        self.fn, self.name = fn, name
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        values = []
+        for i, (p, r) in enumerate(zip(batch.prompts, batch.responses)):
+            extra = batch.extras[i] if batch.extras else {}
+            v = float(self.fn(p, r, **extra))
+            if not math.isfinite(v):
+                raise FloatingPointError(f"reward function {self.name} returned {v} for prompt {p!r}")
+            values.append(v)
+        return torch.tensor(values, dtype=torch.float32, device=batch.sequences.device)
+
+
+def load_function(spec: str) -> Callable:
+    """`package.module:function` → the function."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise UserError(f"reward function '{spec}': expected module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"reward function '{spec}': cannot import: {e}") from None
+    if not callable(fn):
+        raise UserError(f"reward function '{spec}': not callable")
+    return fn
+
+
+def load_reward_model(path: str, policy_tok: PreTrainedTokenizerBase, dtype: str, device: torch.device):
+    """A reward model directory or hub id → the source that fits its tokenizer."""
+    rm_tok = load_tokenizer(path)
+    if same_vocabulary(policy_tok, rm_tok):
+        return PolicyVocabRewardModel(load_value_model(path, policy_tok, dtype, device).eval().requires_grad_(False))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise UserError(f"reward model '{path}': cannot load as a sequence-classification model: {e}") from None
+    if model.config.num_labels != 1:
+        raise UserError(f"reward model '{path}' has {model.config.num_labels} labels; a reward model has one")
+    if rm_tok.pad_token_id is not None:
+        model.config.pad_token_id = rm_tok.pad_token_id
+    max_length = min(rm_tok.model_max_length, getattr(model.config, "max_position_embeddings", 10**9))
+    return ForeignRewardModel(model.to(device).eval().requires_grad_(False), rm_tok, max_length)
+
+
+@dataclass
+class Scores:
+    total: torch.Tensor
+    """(B,) Σ_k w_k · score_k."""
+    parts: dict[str, torch.Tensor]
+    """Each source's raw (B,) score, by name."""
+
+
+class Scorer:
+    """Weighted sum of reward sources."""
+
+    def __init__(self, sources: list[RewardSource], weights: list[float]):
+        if not sources:
+            raise UserError("no reward source: give a reward model and/or reward functions")
+        if len(weights) != len(sources):
+            raise UserError(f"{len(weights)} reward weights for {len(sources)} reward sources")
+        self.sources, self.weights = sources, weights
+
+    def __call__(self, batch: ScoringBatch) -> Scores:
+        parts = {s.name: s.score(batch) for s in self.sources}
+        total = sum(w * parts[s.name] for s, w in zip(self.sources, self.weights))
+        return Scores(total=total, parts=parts)
+
+
+def build_scorer(
+    reward_model: str | None,
+    reward_functions: list[str],
+    weights: list[float] | None,
+    policy_tok: PreTrainedTokenizerBase,
+    dtype: str,
+    device: torch.device,
+) -> Scorer:
+    """Sources in a fixed order — the reward model first, then the functions — with weights in that order
+    (default 1 each)."""
+    sources: list[RewardSource] = []
+    if reward_model:
+        sources.append(load_reward_model(reward_model, policy_tok, dtype, device))
+    for spec in reward_functions:
+        sources.append(FunctionReward(load_function(spec), name=spec.rsplit(":", 1)[-1]))
+    return Scorer(sources, list(weights) if weights is not None else [1.0] * len(sources))
+
+
+__all__ = [
+    "ForeignRewardModel",
+    "FunctionReward",
+    "PolicyVocabRewardModel",
+    "Scorer",
+    "Scores",
+    "ScoringBatch",
+    "build_scorer",
+    "load_function",
+    "load_reward_model",
+]
