@@ -97,6 +97,12 @@ class FunctionReward:
         values = []
         for i, (p, r) in enumerate(zip(batch.prompts, batch.responses)):
             extra = batch.extras[i] if batch.extras else {}
+            clash = {"prompt", "response"} & extra.keys()
+            if clash:
+                raise UserError(
+                    f"reward function {self.name}: the record's field(s) {sorted(clash)} would shadow the "
+                    "prompt/response arguments; rename them in the data"
+                )
             v = float(self.fn(p, r, **extra))
             if not math.isfinite(v):
                 raise FloatingPointError(f"reward function {self.name} returned {v} for prompt {p!r}")
