@@ -416,6 +416,12 @@ class PipelineConfig:
     """Actor base model: a Hugging Face id, a local HF model directory, or a tiny random preset."""
     reward_base: str | None = None
     """Reward-model backbone; None = the SFT output (InstructGPT). DeepSpeed-Chat uses a separate smaller LM."""
+    train_reward_model: bool = True
+    """Step 2. False skips it: RL is then rewarded by `reward_functions` alone (e.g. a verifiable reward)."""
+    reward_functions: list[str] = field(default_factory=list)
+    """Python rewards `module:function(prompt, response, **fields) -> float` for RL, alone or with the reward model."""
+    reward_weights: list[float] | None = None
+    """Weights of [reward model (if trained), *reward_functions] in RL's summed reward; None = 1 each."""
     run_dir: str = "runs/pipeline"
     """Everything goes here: `sft/`, `reward/`, `rl/` (or `dpo/`), `summary.json`, `config.yaml`."""
     method: Literal["rlhf", "dpo"] = "rlhf"
@@ -443,10 +449,10 @@ class PipelineConfig:
             raise ConfigError(f"method must be rlhf or dpo, got {self.method!r}")
         if self.method == "dpo":
             self._validate_dpo()
-        elif not d.paths and not (d.sft_paths and d.reward_paths and d.rl_paths):
+        elif not d.paths and not (d.sft_paths and (d.reward_paths or not self.train_reward_model) and d.rl_paths):
             raise ConfigError(
                 "data.paths is empty and not every stage has its own data (data.sft_paths, data.reward_paths, "
-                "data.rl_paths): give a pool to split, or all three per-stage sources"
+                "data.rl_paths): give a pool to split, or per-stage sources"
             )
         if d.weights is not None and len(d.weights) != len(d.paths):
             raise ConfigError(f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} sources")
@@ -456,6 +462,8 @@ class PipelineConfig:
         _validate_loop(self.reward, "reward")
         _validate_optim(self.reward.optim, "reward.optim")
         _validate_rl(self.rl, "rl")
+        if self.method == "rlhf":
+            self._validate_rl_rewards()
         if self.eval.num_prompts < 1 or self.eval.samples_per_prompt < 1:
             raise ConfigError("eval.num_prompts and eval.samples_per_prompt must be >= 1")
 
@@ -474,6 +482,16 @@ class PipelineConfig:
         if self.reward_base:
             raise ConfigError("reward_base is set but method is dpo, which trains no reward model; unset one of them")
         self.dpo.validate("dpo")
+
+
+    def _validate_rl_rewards(self) -> None:
+        if not self.train_reward_model and not self.reward_functions:
+            raise ConfigError("train_reward_model is false and reward_functions is empty: RL would have no reward")
+        n_sources = int(self.train_reward_model) + len(self.reward_functions)
+        if self.reward_weights is not None and len(self.reward_weights) != n_sources:
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {n_sources} reward sources")
+        if self.rl.algo == "ppo" and not self.train_reward_model:
+            raise ConfigError("rl.algo=ppo initialises its critic from the reward model: keep train_reward_model")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -210,3 +210,20 @@ def test_pipeline_on_a_reduced_demo_budget(tmp_path):
     for stage in ("sft", "reward", "rl"):
         assert (run / stage / "model" / "config.json").is_file()
     assert (run / "data" / "demo-pairs-600-0.jsonl").is_file()
+
+
+def test_grpo_pipeline_rewarded_by_a_function(tmp_path):
+    """The GRPO demo recipe on a budget of seconds: no reward model is trained; the judge is the RL reward."""
+    run = tmp_path / "grpo"
+    ok(chatrlhf(
+        "pipeline", "--recipe", "recipes/demo-grpo.yaml", "--run_dir", str(run), "--data.paths", "demo:pairs:400:0",
+        "--model", "tiny:llama:hidden=32,layers=2,heads=4", "--sft.epochs", "1", "--rl.iterations", "2",
+        "--rl.rollout_batch_size", "4", "--rl.ppo.mini_batch_size", "8", "--rl.generation.max_new_tokens", "12",
+        "--eval.num_prompts", "6", "--eval.samples_per_prompt", "2", "--run.progress", "False",
+    ))  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert not (run / "reward").exists() and "reward_model" not in summary
+    assert set(summary["comparison"]) >= {"judge", "prompts"} and "reward_model" not in summary["comparison"]
+    assert set(summary["time_s"]) == {"sft", "rl", "eval"}
+    lines = [json.loads(x) for x in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/judge_mean" in m and "loss/value" not in m for m in lines)

@@ -57,7 +57,8 @@ def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, list]:
         shares = dict(zip(STAGES, split_for_stages(pool, fractions, cfg.run.seed)))
     shares["dpo"] = shares["reward"] + shares["rl"]
     out = {}
-    for stage in STAGES if cfg.method == "rlhf" else ("sft", "dpo"):
+    stages = ("sft", "dpo") if cfg.method == "dpo" else STAGES if cfg.train_reward_model else ("sft", "rl")
+    for stage in stages:
         own = getattr(d, OWN_PATHS[stage])
         if own:
             out[stage] = load_raw(own, None, cfg.run.seed, workdir)
@@ -131,18 +132,13 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     return summary
 
 
-def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig) -> Tuned:
-    """Steps 2 and 3: the reward model, then RL from the SFT model."""
-    d = cfg.data
-    sft_dir = run_dir / "sft"
-    times = {}
-
-    # step 2: reward model (InstructGPT initialises it from the SFT model unless another base is given)
+def train_reward_model(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig):
+    """Step 2 → (reward model run directory, its summary, wall seconds)."""
     clock = Stopwatch()
     rm_dir = run_dir / "reward"
     reward = run_reward(
         RewardConfig(
-            model=cfg.reward_base or str(sft_dir / "model"),
+            model=cfg.reward_base or str(run_dir / "sft" / "model"),
             output_dir=str(rm_dir),
             data=stage_data_cfg,
             train=cfg.reward,
@@ -150,7 +146,20 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
         ),
         raws=data["reward"],
     )
-    times["reward"] = clock.elapsed()
+    return rm_dir, reward, clock.elapsed()
+
+
+def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig) -> Tuned:
+    """Steps 2 and 3: the reward model, then RL from the SFT model."""
+    d = cfg.data
+    sft_dir = run_dir / "sft"
+    times = {}
+
+    # step 2: reward model (InstructGPT initialises it from the SFT model unless another base is given), unless the
+    # RL reward comes from Python reward functions alone
+    rm_dir, reward = None, {}
+    if cfg.train_reward_model:
+        rm_dir, reward, times["reward"] = train_reward_model(cfg, run_dir, data, stage_data_cfg)
 
     # step 3: RLHF; the held-out prompts are kept for the final comparison
     clock = Stopwatch()
@@ -159,7 +168,9 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
     rl = run_rl(
         RLConfig(
             actor=str(sft_dir / "model"),
-            reward_model=str(rm_dir / "model"),
+            reward_model=str(rm_dir / "model") if rm_dir else "",
+            reward_functions=cfg.reward_functions,
+            reward_weights=cfg.reward_weights,
             output_dir=str(rl_dir),
             data=stage_data_cfg,
             train=cfg.rl,
@@ -170,13 +181,11 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
     )
     times["rl"] = clock.elapsed()
 
-    sections = {
-        "reward_model": {
-            k: reward.get(k) for k in ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")
-        },
-        "rl": {k: v for k, v in rl.items() if k.startswith("final/")},
-    }
-    return Tuned(rl_dir / "model", rm_dir / "model", rl_eval, sections, times)
+    sections = {"rl": {k: v for k, v in rl.items() if k.startswith("final/")}}
+    if reward:
+        keys = ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")
+        sections["reward_model"] = {k: reward.get(k) for k in keys}
+    return Tuned(rl_dir / "model", rm_dir / "model" if rm_dir else None, rl_eval, sections, times)
 
 
 def dpo_step(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig) -> Tuned:
