@@ -483,7 +483,6 @@ class PipelineConfig:
             raise ConfigError("reward_base is set but method is dpo, which trains no reward model; unset one of them")
         self.dpo.validate("dpo")
 
-
     def _validate_rl_rewards(self) -> None:
         if not self.train_reward_model and not self.reward_functions:
             raise ConfigError("train_reward_model is false and reward_functions is empty: RL would have no reward")

@@ -50,3 +50,11 @@ def test_compare_pairs_prompts():
     assert d["ci95"][0] == pytest.approx(statistics.fmean(diffs) - half, abs=1e-3)
     assert report["judge"]["rlhf_better"] is (d["ci95"][0] > 0)
     assert report["reward_model"]["rlhf_minus_sft"]["mean"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+
+
+def test_compare_without_a_reward_model_reports_the_judge_only():
+    base = PolicySamples(texts=[["a"], ["b"]], rm_scores=None, judge_scores=[[0.0], [0.5]])
+    new = PolicySamples(texts=[["a"], ["b"]], rm_scores=None, judge_scores=[[1.0], [0.5]])
+    report = compare(base, new)
+    assert set(report) == {"judge"}
+    assert report["judge"]["rlhf_minus_sft"]["mean"] == pytest.approx(0.5)

@@ -9,6 +9,7 @@ from chatrlhf.data import RawRecord, to_pair, to_prompt, to_sft
 from chatrlhf.data.collate import (
     PLAIN_TEMPLATE,
     encode_pair,
+    encode_pair_responses,
     encode_prompt,
     encode_sft,
     pad,
@@ -61,6 +62,18 @@ def test_pair_and_prompt_encoding():
     prefix = list(b"User: p\nAssistant:")
     assert c == prefix + list(b" good") + [EOS_ID] and r == prefix + list(b" bad") + [EOS_ID]
     assert encode_prompt(tok, to_prompt(raw(prompt="p", extra=1)), max_len=64) == prefix
+
+
+def test_pair_responses_mark_the_response_tokens():
+    tok = byte_tokenizer()
+    rec = to_pair(raw(prompt="p", chosen="good", rejected="bad"))
+    chosen, rejected = encode_pair_responses(tok, rec, max_len=64)
+    assert (chosen.input_ids, rejected.input_ids) == encode_pair(tok, rec, max_len=64)
+    n_prompt = len(b"User: p\nAssistant:")
+    assert chosen.loss_mask == [0] * n_prompt + [1] * len(b" good") + [1]  # EOS included
+    assert rejected.loss_mask == [0] * n_prompt + [1] * len(b" bad") + [1]
+    with pytest.raises(DataError, match=r"field 'chosen'.*max_seq_len=20"):
+        encode_pair_responses(tok, to_pair(raw(prompt="p", chosen="a long answer", rejected="b")), max_len=20)
 
 
 def test_too_long_is_an_error_naming_the_record():

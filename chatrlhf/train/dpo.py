@@ -1,0 +1,210 @@
+"""DPO: direct preference optimisation of a causal LM on prompt/chosen/rejected pairs, an offline alternative to
+steps 2+3 (no reward model, no sampling).
+
+Loss (Rafailov et al. 2023, eq. 7; `rlhf/losses.py:dpo_loss`). With sequence log-probs log π(y|x) summed over
+the response tokens (EOS included) and a frozen reference π_ref (the model's starting weights unless `reference`
+is set):
+
+    h = (log π_θ(y_c|x) − log π_ref(y_c|x)) − (log π_θ(y_r|x) − log π_ref(y_r|x))
+    L = mean −log σ(β·h)            (or IPO's (h − 1/(2β))², or conservative DPO with label smoothing)
+
+One optimizer step:
+  1. take `grad_accum` micro-batches of pairs; each is chosen + rejected sequences, right-padded together;
+  2. the reference's sequence log-probs, no grad;
+  3. the policy's sequence log-probs, one forward over chosen + rejected;
+  4. `dpo_loss`, weighted by the micro-batch's share of the step's pairs, backward; then the optimizer step;
+  5. log the implicit rewards β·(log π_θ − log π_ref) of chosen and rejected, their margin and accuracy.
+
+Dropout is off in the policy throughout (eval mode; gradients still flow), as in the RL stage. DPO's implicit
+reward compares the policy's log-probs with the reference's, which are computed without dropout; a policy forward
+with dropout would compare a perturbed model with an unperturbed one, so h would not even be 0 at the first step,
+where π_θ = π_ref. TRL's DPO trainer also turns dropout off by default.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from chatrlhf.config import DPOConfig
+from chatrlhf.data import to_pair
+from chatrlhf.data.collate import Encoded, collate_sft, encode_pair_responses, position_ids
+from chatrlhf.engine.single import TrainEngine
+from chatrlhf.errors import UserError
+from chatrlhf.metrics import MetricsLogger
+from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary, save_model_dir
+from chatrlhf.rlhf import dpo_loss, masked_sum, token_logprobs
+from chatrlhf.train.common import Stopwatch, batches, run_stage, stage_records, write_json
+
+Pair = tuple[Encoded, Encoded]
+"""(chosen, rejected): prompt + response token ids, with loss_mask 1 on the response tokens."""
+
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""`dpo_loss` with β, the loss type and the label smoothing bound once."""
+
+
+def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens of each right-padded sequence.
+
+    Token t is scored by the logits at position t − 1. Only the positions from the batch's earliest response
+    token on are projected to the vocabulary (`logits_to_keep`); the prompt before it needs no logits.
+
+    Args:
+        model: a causal LM.
+        ids: (N, T) long — prompt + response, right-padded.
+        attn: (N, T) long — attention mask.
+        response_mask: (N, T) — 1 on the response tokens (EOS included), 0 on the prompt and the padding.
+
+    Returns:
+        (N,) float32 — the sequence log-probs.
+    """
+    first = int(response_mask.float().argmax(dim=1).min())  # the earliest response token of the batch
+    if first == 0:
+        raise ValueError("a response starts at position 0: no prompt token precedes it to predict it")
+    width = ids.shape[1] - first
+    logits = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=position_ids(attn),
+        use_cache=False,
+        logits_to_keep=width + 1,
+    ).logits[:, :-1]
+    # logits[:, j] sit at position first − 1 + j and predict token first + j
+    logp = token_logprobs(logits, ids[:, first:])
+    return masked_sum(logp, response_mask[:, first:].float(), dim=1)
+
+
+def pair_logprobs(model, batch: list[Pair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) chosen and (B,) rejected sequence log-probs of a batch of pairs, in one forward."""
+    ids, attn, mask = (x.to(device) for x in collate_sft([c for c, _ in batch] + [r for _, r in batch], pad_id))
+    logps = sequence_logprobs(model, ids, attn, mask)
+    return logps[: len(batch)], logps[len(batch) :]
+
+
+def pair_loss(
+    policy, reference, batch: list[Pair], loss_fn: LossFn, pad_id: int, device
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """2–4. The DPO loss of a micro-batch and the sums over its pairs of every logged quantity."""
+    with torch.no_grad():
+        ref_chosen, ref_rejected = pair_logprobs(reference, batch, pad_id, device)
+    chosen, rejected = pair_logprobs(policy, batch, pad_id, device)
+    loss, chosen_rewards, rejected_rewards = loss_fn(chosen, rejected, ref_chosen, ref_rejected)
+    sums = {
+        "rewards/chosen": float(chosen_rewards.sum()),
+        "rewards/rejected": float(rejected_rewards.sum()),
+        "rewards/margin": float((chosen_rewards - rejected_rewards).sum()),
+        "rewards/accuracy": float((chosen_rewards > rejected_rewards).sum()),  # ties count as wrong
+        "logps/chosen": float(chosen.detach().sum()),
+        "logps/rejected": float(rejected.detach().sum()),
+    }
+    return loss, sums
+
+
+def _add(total: dict[str, float], part: dict[str, float]) -> None:
+    for k, v in part.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    policy, reference, pairs: list[Pair], batch_size: int, loss_fn: LossFn, pad_id: int, device
+) -> dict[str, float]:
+    """Held-out `eval/loss` and `eval/<metric>` for every logged pair metric, averaged over the pairs."""
+    sums: dict[str, float] = {}
+    loss_sum = 0.0
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i : i + batch_size]
+        loss, part = pair_loss(policy, reference, batch, loss_fn, pad_id, device)
+        loss_sum += float(loss) * len(batch)
+        _add(sums, part)
+    return {"eval/loss": loss_sum / len(pairs), **{f"eval/{k}": v / len(pairs) for k, v in sums.items()}}
+
+
+def load_models(cfg: DPOConfig, path: str, tok, out: Path, device):
+    """The policy and its frozen reference (the policy's starting weights unless `reference` is set), in eval mode."""
+    policy = load_causal_lm(path, tok, cfg.run.dtype, device).eval()
+    ref_path = resolve_model(cfg.reference, out) if cfg.reference else path
+    if cfg.reference and not same_vocabulary(tok, load_tokenizer(ref_path)):
+        raise UserError(
+            f"reference '{cfg.reference}' has another vocabulary than model '{cfg.model}': DPO compares the two "
+            "models' log-probs of the same token ids, so they must share a tokenizer"
+        )
+    reference = load_causal_lm(ref_path, tok, cfg.run.dtype, device).eval().requires_grad_(False)
+    return policy, reference
+
+
+def run_dpo(cfg: DPOConfig, raws=None, eval_raws=None) -> dict:
+    """Train; write `output_dir/model` (HF causal LM), metrics.jsonl, config.yaml, summary.json."""
+    return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_dpo(cfg, out, device, raws, eval_raws))
+
+
+def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -> dict:
+    clock = Stopwatch()
+    t = cfg.train
+
+    # data: validate and encode every pair before anything trains
+    train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)
+    path = resolve_model(cfg.model, out)
+    tok = load_tokenizer(path)
+    train_pairs = [encode_pair_responses(tok, r, t.max_seq_len) for r in train_recs]
+    eval_pairs = [encode_pair_responses(tok, r, t.max_seq_len) for r in eval_recs]
+
+    # models, engine, and the loss variant, chosen once
+    policy, reference = load_models(cfg, path, tok, out, device)
+    loss_fn = functools.partial(dpo_loss, beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing)
+    steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum)
+    total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    engine = TrainEngine(policy, t.optim, total, name="dpo")
+    log = MetricsLogger(out / "metrics.jsonl", "dpo", total, cfg.run.progress, ("loss/train", "rewards/margin"))
+    print(f"dpo: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_pairs(policy, reference, eval_pairs, t.batch_size, loss_fn, tok.pad_token_id, device)
+
+    # train: each micro-batch's mean loss is weighted by its share of the step's pairs
+    step, metrics = 0, {}
+    for epoch in range(t.epochs):
+        micro = list(batches(train_pairs, t.batch_size, cfg.run.seed, epoch))
+        for start in range(0, len(micro), t.grad_accum):
+            group = micro[start : start + t.grad_accum]
+            n_pairs = sum(len(b) for b in group)
+            loss_sum, sums = 0.0, {}
+            for b in group:
+                loss, part = pair_loss(policy, reference, b, loss_fn, tok.pad_token_id, device)
+                loss = loss * (len(b) / n_pairs)
+                engine.backward(loss)
+                loss_sum += loss.item()
+                _add(sums, part)
+            stats = engine.step()
+            step += 1
+            metrics = {"loss/train": loss_sum, **{k: v / n_pairs for k, v in sums.items()}}
+            metrics.update({"optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr})
+            if eval_pairs and t.eval_every and step % t.eval_every == 0:
+                metrics.update(evaluate())
+            log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/loss" in metrics)
+            log.advance()
+            if step >= total:
+                break
+        if step >= total:
+            break
+
+    # evaluate, save, summarise
+    summary = {"stage": "dpo", "steps": step, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
+    summary["loss/train"] = metrics.get("loss/train")
+    if eval_pairs:
+        final = evaluate()
+        summary.update(final)
+        log.log(step, final)
+    log.close()
+    save_model_dir(policy, tok, out / "model")
+    summary["time/total_s"] = clock.elapsed()
+    write_json(out / "summary.json", summary)
+    print(
+        f"dpo: done in {summary['time/total_s']:.1f}s; held-out implicit-reward accuracy "
+        f"{summary.get('eval/rewards/accuracy')}, margin {summary.get('eval/rewards/margin')}"
+    )
+    return summary
