@@ -36,6 +36,8 @@ class RunConfig:
     """Write a metrics line (metrics.jsonl) every this many optimizer steps / RL iterations."""
     progress: bool = True
     """Show a progress bar with the key metrics."""
+    tensorboard: bool = False
+    """Also write every logged metric as TensorBoard events in `<run dir>/tensorboard/` (needs `tensorboard`)."""
     overwrite: bool = False
     """Allow writing into an output directory that already holds a finished run (its model is replaced)."""
 

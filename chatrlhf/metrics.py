@@ -1,4 +1,5 @@
-"""Metrics: one JSON line per logged step in `metrics.jsonl`, and a progress bar showing the key ones.
+"""Metrics: one JSON line per logged step in `metrics.jsonl`, a progress bar showing the key ones, and — with
+`run.tensorboard` — the same scalars as TensorBoard events in `<run dir>/tensorboard/`.
 
 Every key is documented in docs/metrics.md; keys are namespaced (`loss/policy`, `reward/mean`, `time/generate_s`).
 """
@@ -12,13 +13,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from chatrlhf.errors import UserError
+
 
 class MetricsLogger:
-    def __init__(self, path: Path, stage: str, total: int, show: bool, keys: tuple[str, ...]):
+    def __init__(
+        self, path: Path, stage: str, total: int, show: bool, keys: tuple[str, ...], tensorboard: bool = False
+    ):
         self.path = path
         self.stage = stage
         self.keys = keys
         self.start = time.time()
+        self.writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
         self.file = open(path, "a", encoding="utf-8")
         self.bar = tqdm(total=total, desc=stage, disable=not show, dynamic_ncols=True)
 
@@ -31,6 +37,10 @@ class MetricsLogger:
             line.update({k: _plain(v) for k, v in metrics.items()})
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
+            if self.writer is not None:
+                for k, v in metrics.items():
+                    self.writer.add_scalar(k, float(v), step)
+                self.writer.flush()
 
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)
@@ -38,6 +48,18 @@ class MetricsLogger:
     def close(self) -> None:
         self.bar.close()
         self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            "run.tensorboard is true but the tensorboard package is not installed: pip install 'chatrlhf[tensorboard]'"
+        ) from None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def _plain(v: float) -> float | None:

@@ -159,7 +159,14 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
     steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum)
     total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
     engine = TrainEngine(policy, t.optim, total, name="dpo")
-    log = MetricsLogger(out / "metrics.jsonl", "dpo", total, cfg.run.progress, ("loss/train", "rewards/margin"))
+    log = MetricsLogger(
+        out / "metrics.jsonl",
+        "dpo",
+        total,
+        cfg.run.progress,
+        ("loss/train", "rewards/margin"),
+        tensorboard=cfg.run.tensorboard,
+    )
     print(f"dpo: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
 
     def evaluate() -> dict[str, float]:

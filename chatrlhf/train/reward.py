@@ -92,7 +92,14 @@ def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum)
     total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
     engine = TrainEngine(model, t.optim, total, name="reward")
-    log = MetricsLogger(out / "metrics.jsonl", "reward", total, cfg.run.progress, ("loss/train", "train/accuracy"))
+    log = MetricsLogger(
+        out / "metrics.jsonl",
+        "reward",
+        total,
+        cfg.run.progress,
+        ("loss/train", "train/accuracy"),
+        tensorboard=cfg.run.tensorboard,
+    )
     print(f"reward: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
 
     # 3. train: each micro-batch's mean loss is weighted by its share of the step's pairs

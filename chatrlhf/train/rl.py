@@ -406,7 +406,9 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     ptx = ptx_stream(cfg, tok, out, device)
     ema = copy.deepcopy(m.actor_engine.model).requires_grad_(False) if t.ema else None
     keys = ("reward/score_mean", "kl/mean", "loss/policy")
-    log = MetricsLogger(out / "metrics.jsonl", "rl", t.iterations, cfg.run.progress, keys)
+    log = MetricsLogger(
+        out / "metrics.jsonl", "rl", t.iterations, cfg.run.progress, keys, tensorboard=cfg.run.tensorboard
+    )
     print(
         f"rl ({t.algo}): {len(prompts)} prompts, {t.iterations} iterations × {t.rollout_batch_size} prompts × "
         f"{t.group_size} samples → {out / 'model'}"

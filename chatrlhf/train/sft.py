@@ -72,7 +72,14 @@ def _run_sft(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
     total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
     engine = TrainEngine(model, t.optim, total, name="sft")
-    log = MetricsLogger(out / "metrics.jsonl", "sft", total, cfg.run.progress, ("loss/train", "eval/perplexity"))
+    log = MetricsLogger(
+        out / "metrics.jsonl",
+        "sft",
+        total,
+        cfg.run.progress,
+        ("loss/train", "eval/perplexity"),
+        tensorboard=cfg.run.tensorboard,
+    )
     print(f"sft: {len(train_enc)} train / {len(eval_enc)} eval records, {total} steps → {out / 'model'}")
 
     # 3. train: grad_accum micro-batches per step, each loss scaled by the step's total target tokens
