@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -133,6 +134,27 @@ def batches(items: Sequence[T], batch_size: int, seed: int, epoch: int) -> Itera
     order = np.random.default_rng(seed + epoch).permutation(len(items))
     for i in range(0, len(items), batch_size):
         yield [items[j] for j in order[i : i + batch_size]]
+
+
+def planned_steps(n_items: int, batch_size: int, grad_accum: int, epochs: int, max_steps: int) -> int:
+    """Optimizer steps of a supervised stage: all epochs, or `max_steps` if that is fewer (0 = no cap)."""
+    per_epoch = math.ceil(math.ceil(n_items / batch_size) / grad_accum)
+    return per_epoch * epochs if max_steps == 0 else min(max_steps, per_epoch * epochs)
+
+
+def step_groups(
+    items: Sequence[T], batch_size: int, grad_accum: int, epochs: int, total: int, seed: int
+) -> Iterator[tuple[int, list[list[T]]]]:
+    """(step number from 1, the step's `grad_accum` micro-batches), epoch after epoch — each epoch a new seeded
+    order — until `total` steps; an epoch's last step may have fewer micro-batches."""
+    step = 0
+    for epoch in range(epochs):
+        micro = list(batches(items, batch_size, seed, epoch))
+        for start in range(0, len(micro), grad_accum):
+            step += 1
+            yield step, micro[start : start + grad_accum]
+            if step >= total:
+                return
 
 
 @dataclass

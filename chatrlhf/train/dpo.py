@@ -24,7 +24,6 @@ where π_θ = π_ref. TRL's DPO trainer also turns dropout off by default.
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +37,7 @@ from chatrlhf.errors import UserError
 from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary, save_model_dir
 from chatrlhf.rlhf import dpo_loss, masked_sum, token_logprobs
-from chatrlhf.train.common import Stopwatch, batches, run_stage, stage_records, write_json
+from chatrlhf.train.common import Stopwatch, planned_steps, run_stage, stage_records, step_groups, write_json
 
 Pair = tuple[Encoded, Encoded]
 """(chosen, rejected): prompt + response token ids, with loss_mask 1 on the response tokens."""
@@ -156,8 +155,7 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
     # models, engine, and the loss variant, chosen once
     policy, reference = load_models(cfg, path, tok, out, device)
     loss_fn = functools.partial(dpo_loss, beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing)
-    steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum)
-    total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    total = planned_steps(len(train_pairs), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
     engine = TrainEngine(policy, t.optim, total, name="dpo")
     log = MetricsLogger(
         out / "metrics.jsonl",
@@ -174,30 +172,22 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
 
     # train: each micro-batch's mean loss is weighted by its share of the step's pairs
     step, metrics = 0, {}
-    for epoch in range(t.epochs):
-        micro = list(batches(train_pairs, t.batch_size, cfg.run.seed, epoch))
-        for start in range(0, len(micro), t.grad_accum):
-            group = micro[start : start + t.grad_accum]
-            n_pairs = sum(len(b) for b in group)
-            loss_sum, sums = 0.0, {}
-            for b in group:
-                loss, part = pair_loss(policy, reference, b, loss_fn, tok.pad_token_id, device)
-                loss = loss * (len(b) / n_pairs)
-                engine.backward(loss)
-                loss_sum += loss.item()
-                _add(sums, part)
-            stats = engine.step()
-            step += 1
-            metrics = {"loss/train": loss_sum, **{k: v / n_pairs for k, v in sums.items()}}
-            metrics.update({"optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr})
-            if eval_pairs and t.eval_every and step % t.eval_every == 0:
-                metrics.update(evaluate())
-            log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/loss" in metrics)
-            log.advance()
-            if step >= total:
-                break
-        if step >= total:
-            break
+    for step, group in step_groups(train_pairs, t.batch_size, t.grad_accum, t.epochs, total, cfg.run.seed):
+        n_pairs = sum(len(b) for b in group)
+        loss_sum, sums = 0.0, {}
+        for b in group:
+            loss, part = pair_loss(policy, reference, b, loss_fn, tok.pad_token_id, device)
+            loss = loss * (len(b) / n_pairs)
+            engine.backward(loss)
+            loss_sum += loss.item()
+            _add(sums, part)
+        stats = engine.step()
+        metrics = {"loss/train": loss_sum, **{k: v / n_pairs for k, v in sums.items()}}
+        metrics.update({"optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr})
+        if eval_pairs and t.eval_every and step % t.eval_every == 0:
+            metrics.update(evaluate())
+        log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/loss" in metrics)
+        log.advance()
 
     # evaluate, save, summarise
     summary = {"stage": "dpo", "steps": step, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}

@@ -8,7 +8,6 @@ Reports held-out pairwise accuracy (r_c > r_r), mean chosen and rejected scores,
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -28,9 +27,10 @@ from chatrlhf.models.load import (
 from chatrlhf.rlhf import last_token_index, pairwise_loss
 from chatrlhf.train.common import (
     Stopwatch,
-    batches,
+    planned_steps,
     run_stage,
     stage_records,
+    step_groups,
     write_json,
 )
 
@@ -89,8 +89,7 @@ def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     # 2. model and engine
     model = load_value_model(path, tok, cfg.run.dtype, device)
     model.train()
-    steps_per_epoch = math.ceil(math.ceil(len(train_pairs) / t.batch_size) / t.grad_accum)
-    total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    total = planned_steps(len(train_pairs), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
     engine = TrainEngine(model, t.optim, total, name="reward")
     log = MetricsLogger(
         out / "metrics.jsonl",
@@ -104,34 +103,26 @@ def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
 
     # 3. train: each micro-batch's mean loss is weighted by its share of the step's pairs
     step, metrics = 0, {}
-    for epoch in range(t.epochs):
-        micro = list(batches(train_pairs, t.batch_size, cfg.run.seed, epoch))
-        for start in range(0, len(micro), t.grad_accum):
-            group = micro[start : start + t.grad_accum]
-            n_pairs = sum(len(b) for b in group)
-            loss_sum, correct = 0.0, 0.0
-            for b in group:
-                c, r = pair_scores(model, b, tok.pad_token_id, device)
-                loss = pairwise_loss(c, r) * (len(b) / n_pairs)
-                engine.backward(loss)
-                loss_sum += loss.item()
-                correct += float((c > r).sum())
-            stats = engine.step()
-            step += 1
-            metrics = {
-                "loss/train": loss_sum,
-                "train/accuracy": correct / n_pairs,
-                "optim/grad_norm": stats.grad_norm,
-                "optim/lr": stats.lr,
-            }
-            if eval_pairs and t.eval_every and step % t.eval_every == 0:
-                metrics.update(evaluate_pairs(model, eval_pairs, t.batch_size, tok.pad_token_id, device))
-            log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/accuracy" in metrics)
-            log.advance()
-            if step >= total:
-                break
-        if step >= total:
-            break
+    for step, group in step_groups(train_pairs, t.batch_size, t.grad_accum, t.epochs, total, cfg.run.seed):
+        n_pairs = sum(len(b) for b in group)
+        loss_sum, correct = 0.0, 0.0
+        for b in group:
+            c, r = pair_scores(model, b, tok.pad_token_id, device)
+            loss = pairwise_loss(c, r) * (len(b) / n_pairs)
+            engine.backward(loss)
+            loss_sum += loss.item()
+            correct += float((c > r).sum())
+        stats = engine.step()
+        metrics = {
+            "loss/train": loss_sum,
+            "train/accuracy": correct / n_pairs,
+            "optim/grad_norm": stats.grad_norm,
+            "optim/lr": stats.lr,
+        }
+        if eval_pairs and t.eval_every and step % t.eval_every == 0:
+            metrics.update(evaluate_pairs(model, eval_pairs, t.batch_size, tok.pad_token_id, device))
+        log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/accuracy" in metrics)
+        log.advance()
 
     # 4. evaluate, save, summarise
     summary = {"stage": "reward", "steps": step, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}

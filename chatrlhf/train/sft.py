@@ -21,9 +21,10 @@ from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, 
 from chatrlhf.rlhf import lm_loss
 from chatrlhf.train.common import (
     Stopwatch,
-    batches,
+    planned_steps,
     run_stage,
     stage_records,
+    step_groups,
     write_json,
 )
 
@@ -68,9 +69,7 @@ def _run_sft(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     # 2. model and engine
     model = load_causal_lm(path, tok, cfg.run.dtype, device)
     model.train()
-    micro_per_epoch = math.ceil(len(train_enc) / t.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
-    total = steps_per_epoch * t.epochs if t.max_steps == 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    total = planned_steps(len(train_enc), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
     engine = TrainEngine(model, t.optim, total, name="sft")
     log = MetricsLogger(
         out / "metrics.jsonl",
@@ -85,32 +84,20 @@ def _run_sft(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     # 3. train: grad_accum micro-batches per step, each loss scaled by the step's total target tokens
     metrics: dict[str, float] = {}
     step = 0
-    for epoch in range(t.epochs):
-        group: list = []
-        micro = list(batches(train_enc, t.batch_size, cfg.run.seed, epoch))
-        for i, mb in enumerate(micro):
-            group.append(mb)
-            if len(group) < t.grad_accum and i < len(micro) - 1:
-                continue
-            step_tokens = sum(float(sum(e.loss_mask[1:])) for b in group for e in b)
-            loss_sum = 0.0
-            for b in group:
-                ids, attn, mask = (x.to(device) for x in collate_sft(b, tok.pad_token_id))
-                loss = shifted_lm_loss(model, ids, attn, mask, total_tokens=step_tokens)
-                engine.backward(loss)
-                loss_sum += loss.item()
-            group = []
-            stats = engine.step()
-            step += 1
-            metrics = {"loss/train": loss_sum, "optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr}
-            if eval_enc and t.eval_every and step % t.eval_every == 0:
-                metrics["eval/perplexity"] = perplexity(model, eval_enc, t.batch_size, tok.pad_token_id)
-            log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/perplexity" in metrics)
-            log.advance()
-            if step >= total:
-                break
-        if step >= total:
-            break
+    for step, group in step_groups(train_enc, t.batch_size, t.grad_accum, t.epochs, total, cfg.run.seed):
+        step_tokens = sum(float(sum(e.loss_mask[1:])) for b in group for e in b)
+        loss_sum = 0.0
+        for b in group:
+            ids, attn, mask = (x.to(device) for x in collate_sft(b, tok.pad_token_id))
+            loss = shifted_lm_loss(model, ids, attn, mask, total_tokens=step_tokens)
+            engine.backward(loss)
+            loss_sum += loss.item()
+        stats = engine.step()
+        metrics = {"loss/train": loss_sum, "optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr}
+        if eval_enc and t.eval_every and step % t.eval_every == 0:
+            metrics["eval/perplexity"] = perplexity(model, eval_enc, t.batch_size, tok.pad_token_id)
+        log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/perplexity" in metrics)
+        log.advance()
 
     # 4. evaluate, save, summarise
     summary = {"stage": "sft", "steps": step, "train_records": len(train_enc), "eval_records": len(eval_enc)}
