@@ -8,6 +8,7 @@ a numerical failure (NaN/inf) exits 3.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from chatrlhf.errors import UserError
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"chatrlhf: unknown command '{stage}'\n\n{USAGE}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")  # under a launcher, rank 0 speaks for all; errors still reach stderr
+    code = 0
     try:
         cfg = parse(stage, args)
         _quiet_libraries()
@@ -97,11 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         getattr(importlib.import_module(module), function)(cfg)
     except UserError as e:
         print(f"chatrlhf {stage}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except FloatingPointError as e:
         print(f"chatrlhf {stage}: numerical failure: {e}", file=sys.stderr)
-        return 3
-    return 0
+        code = 3
+    _finish_distributed(code)
+    return code
+
+
+def _finish_distributed(code: int) -> None:
+    """A distributed run ends through `distributed.finish` (it exits the process; see there why)."""
+    if "torch.distributed" in sys.modules:
+        from chatrlhf.engine.distributed import finish
+
+        finish(code)
 
 
 if __name__ == "__main__":

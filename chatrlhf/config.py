@@ -40,6 +40,58 @@ class RunConfig:
     """Also write every logged metric as TensorBoard events in `<run dir>/tensorboard/` (needs `tensorboard`)."""
     overwrite: bool = False
     """Allow writing into an output directory that already holds a finished run (its model is replaced)."""
+    max_bad_steps: int = 0
+    """Skip up to this many optimizer steps whose loss or gradient is NaN/inf (counted in `faults/skipped_steps`);
+    the next one stops the run. 0 = the first stops it."""
+
+
+@dataclass
+class EngineConfig:
+    """How the trained models are held and stepped: one process, or DeepSpeed ZeRO across processes."""
+
+    kind: Literal["single", "deepspeed"] = "single"
+    """`single`: plain PyTorch in one process (the default). `deepspeed`: DeepSpeed ZeRO; launch with
+    `torchrun --nproc_per_node N -m chatrlhf ...` or `deepspeed --num_gpus N -m chatrlhf ...` (docs/scale.md)."""
+    zero_stage: int = 2
+    """ZeRO stage 0–3: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU and step there (DeepSpeedCPUAdam); ZeRO stage >= 1."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses; ZeRO stage 3 only."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config merged over the one built from these settings (its values win), for anything not
+    exposed here (bucket sizes, stage-3 prefetch, ...)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, ~30% more compute)."""
+    offload_frozen: bool = False
+    """RL: keep the reference and reward models on the CPU and move each to the device only while it scores."""
+    gather_for_generation: bool = True
+    """ZeRO-3 rollouts: gather the actor's full weights once per rollout batch and generate on a whole copy.
+    False generates on the sharded model (`synced_gpus`), which gathers every layer for every token."""
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (PEFT) on the trained models instead of training every weight."""
+
+    rank: int = 0
+    """Adapter rank r; 0 = no LoRA (train all weights)."""
+    alpha: float = 16.0
+    """Scaling α; the update is (α / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt (e.g. q_proj v_proj, or all-linear); empty = PEFT's default for the architecture."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints in `<run dir>/checkpoints/step-N/` (docs/reliability.md)."""
+
+    every: int = 50
+    """Save a checkpoint every this many optimizer steps (RL: iterations) and at the end; 0 = only at the end."""
+    keep: int = 2
+    """Keep the newest this many checkpoints (older ones are deleted after a newer one is complete)."""
 
 
 @dataclass
@@ -218,7 +270,27 @@ class RLTrainConfig:
 
 
 @dataclass
-class SFTConfig:
+class StageOptions:
+    """Options every stage shares: engine, LoRA, checkpoints, resume, and the run settings."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Single process or DeepSpeed ZeRO; memory savers."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters on the trained model(s)."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable checkpoints."""
+    resume: str = "no"
+    """`no`; `auto` = continue from the newest complete checkpoint in the run directory (start fresh if there is
+    none); or a checkpoint directory."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, seed, logging."""
+
+    def validate_options(self) -> None:
+        _validate_options(self)
+
+
+@dataclass
+class SFTConfig(StageOptions):
     """`chatrlhf sft`: fine-tune a causal LM on prompt/response records."""
 
     model: str = ""
@@ -229,15 +301,13 @@ class SFTConfig:
     """Training records: {prompt, response}, {messages} or {prompt, chosen, rejected} (uses chosen)."""
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     """Training loop."""
-    run: RunConfig = field(default_factory=RunConfig)
-    """Device, seed, logging."""
 
     def validate(self, need_data: bool = True) -> None:
         _validate_supervised(self, need_data)
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(StageOptions):
     """`chatrlhf reward`: train a reward model (causal-LM backbone + scalar head) on preference pairs."""
 
     model: str = ""
@@ -248,15 +318,13 @@ class RewardConfig:
     """Training pairs: {prompt, chosen, rejected}."""
     train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
     """Training loop."""
-    run: RunConfig = field(default_factory=RunConfig)
-    """Device, seed, logging."""
 
     def validate(self, need_data: bool = True) -> None:
         _validate_supervised(self, need_data)
 
 
 @dataclass
-class RLConfig:
+class RLConfig(StageOptions):
     """`chatrlhf rl`: RLHF — PPO (actor, critic, frozen reference, reward) or a critic-free algorithm."""
 
     actor: str = ""
@@ -279,10 +347,9 @@ class RLConfig:
     """Prompts: any record with `prompt` (or `messages`); other fields are kept."""
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     """RL loop and PPO hyper-parameters."""
-    run: RunConfig = field(default_factory=RunConfig)
-    """Device, seed, logging."""
 
     def validate(self, need_data: bool = True) -> None:
+        _validate_types(self)
         _require(self.actor, "actor", "the SFT model directory")
         if not self.reward_model and not self.reward_functions:
             raise ConfigError("no reward: set reward_model and/or reward_functions")
@@ -346,7 +413,7 @@ class DPOTrainConfig:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StageOptions):
     """`chatrlhf dpo`: direct preference optimisation of a causal LM on preference pairs (no reward model)."""
 
     model: str = ""
@@ -360,10 +427,9 @@ class DPOConfig:
     """Training pairs: {prompt, chosen, rejected}."""
     train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
     """Training loop and the DPO loss."""
-    run: RunConfig = field(default_factory=RunConfig)
-    """Device, seed, logging."""
 
     def validate(self, need_data: bool = True) -> None:
+        _validate_types(self)
         _require(self.model, "model", "the SFT model directory, or any causal LM")
         if need_data:
             _require(self.data.paths, "data.paths", "at least one pair source")
@@ -411,7 +477,7 @@ class EvalConfig:
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(StageOptions):
     """`chatrlhf pipeline`: SFT → reward model → RLHF (or SFT → DPO) → evaluation, in one run directory."""
 
     model: str = ""
@@ -441,12 +507,15 @@ class PipelineConfig:
     """DPO training, in place of steps 2+3 (method dpo)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Final evaluation."""
-    run: RunConfig = field(default_factory=RunConfig)
-    """Device, seed, logging (shared by all stages)."""
 
     def validate(self) -> None:
+        from chatrlhf.data.blend import parse_split
+
+        _validate_types(self)
+        _validate_options(self)
         _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
         d = self.data
+        parse_split(d.split)
         if self.method not in ("rlhf", "dpo"):
             raise ConfigError(f"method must be rlhf or dpo, got {self.method!r}")
         if self.method == "dpo":
@@ -457,7 +526,10 @@ class PipelineConfig:
                 "data.rl_paths): give a pool to split, or per-stage sources"
             )
         if d.weights is not None and len(d.weights) != len(d.paths):
-            raise ConfigError(f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} sources")
+            raise ConfigError(
+                f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} source(s); "
+                "give one weight per path"
+            )
         _check_fraction(d.eval_fraction, "data.eval_fraction")
         _validate_loop(self.sft, "sft")
         _validate_optim(self.sft.optim, "sft.optim")
@@ -499,12 +571,130 @@ class PipelineConfig:
 # validation helpers
 
 
+def _validate_options(o: StageOptions) -> None:
+    e = o.engine
+    if not 0 <= e.zero_stage <= 3:
+        raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {e.zero_stage}")
+    if e.kind == "single" and (e.offload_optimizer or e.offload_params or e.deepspeed_config):
+        raise ConfigError(
+            "engine.offload_optimizer / engine.offload_params / engine.deepspeed_config need engine.kind=deepspeed"
+        )
+    if e.offload_params and e.zero_stage != 3:
+        raise ConfigError(f"engine.offload_params needs engine.zero_stage=3, got {e.zero_stage}")
+    if e.offload_optimizer and e.zero_stage == 0:
+        raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1 (stage 0 has no optimizer sharding)")
+    if o.lora.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0 = no LoRA), got {o.lora.rank}")
+    if o.lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be > 0, got {o.lora.alpha}")
+    if not 0.0 <= o.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {o.lora.dropout}")
+    if o.checkpoint.every < 0 or o.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    if o.run.max_bad_steps < 0:
+        raise ConfigError(f"run.max_bad_steps must be >= 0, got {o.run.max_bad_steps}")
+    if e.kind == "deepspeed" and o.run.max_bad_steps > 0:
+        raise ConfigError(
+            "run.max_bad_steps > 0 needs engine.kind=single: DeepSpeed cannot discard gradients already reduced "
+            "into ZeRO partitions, so a bad step stops a DeepSpeed run"
+        )
+    if e.kind == "deepspeed" and e.zero_stage == 3 and o.lora.rank > 0:
+        raise ConfigError("lora.rank > 0 with engine.zero_stage=3 is not supported; use ZeRO stage 0-2 with LoRA")
+
+
+def _validate_types(cfg: Any, prefix: str = "") -> None:
+    """Every field of the (nested) config `cfg` holds a value of its declared type. Flags are typed by the CLI
+    parser, but a recipe's values are whatever YAML made of them (`lr: 1e-5` is a string in YAML 1.1), and a
+    wrong type would otherwise surface as a TypeError deep inside a run."""
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint, name = getattr(cfg, f.name), hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(f"{name}: expected a mapping of {name}.* fields, found {_yaml_value(value)}")
+            _validate_types(value, f"{name}.")
+        elif not _has_type(value, hint):
+            advice = ""
+            if isinstance(value, str) and _has_type(1.0, hint) and _parses_as_float(value):
+                advice = " (YAML reads an exponent without a decimal point as a string: write 1.0e-5, not 1e-5)"
+            raise ConfigError(f"{name}: expected {_type_words(hint)}, found {_yaml_value(value)}{advice}")
+
+
+_TYPE_WORDS = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+    str: ("a string", "strings"),
+}
+"""How messages name a scalar annotation: (singular, plural)."""
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the annotation `hint` (ints fit floats; bools fit neither)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        items = args if origin is tuple else (args[0],) * len(value)
+        return len(items) == len(value) and all(_has_type(v, a) for v, a in zip(value, items))
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_words(hint: Any) -> str:
+    """The annotation `hint` in words, for "expected ..." in messages."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        words = [_type_words(a) for a in args if a is not type(None)]
+        return " or ".join(words) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_TYPE_WORDS[args[0]][1]}"
+    if origin is tuple:
+        return f"a list of {len(args)} {_TYPE_WORDS[args[0]][1]}"
+    return _TYPE_WORDS.get(hint, (getattr(hint, "__name__", str(hint)),))[0]
+
+
+def _yaml_value(value: Any) -> str:
+    """A value with its YAML type name, e.g. "string 'fast'", for "found ..." in messages."""
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "list", dict: "mapping"}
+    if value is None:
+        return "null"
+    preview = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return f"{names.get(type(value), type(value).__name__)} {preview}"
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _require(value: Any, name: str, what: str) -> None:
     if not value:
         raise ConfigError(f"{name} is required: give {what} (--{name} or in the recipe)")
 
 
 def _validate_supervised(cfg: SFTConfig | RewardConfig, need_data: bool) -> None:
+    _validate_types(cfg)
     _require(cfg.model, "model", "a model id, directory or tiny:ARCH preset")
     if need_data:
         _require(cfg.data.paths, "data.paths", "at least one data source")
@@ -520,7 +710,10 @@ def _check_fraction(value: float, name: str) -> None:
 
 def _validate_data(d: DataConfig) -> None:
     if d.weights is not None and len(d.weights) != len(d.paths):
-        raise ConfigError(f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} sources")
+        raise ConfigError(
+            f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} source(s); "
+            "give one weight per path"
+        )
     _check_fraction(d.eval_fraction, "data.eval_fraction")
 
 

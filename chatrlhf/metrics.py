@@ -17,22 +17,35 @@ from chatrlhf.errors import UserError
 
 
 class MetricsLogger:
+    """Writes on the main rank only (other ranks' calls do nothing). `start`: the step a resumed run continues
+    after (the progress bar starts there; metrics.jsonl was already cut back to it)."""
+
     def __init__(
-        self, path: Path, stage: str, total: int, show: bool, keys: tuple[str, ...], tensorboard: bool = False
+        self,
+        path: Path,
+        stage: str,
+        total: int,
+        show: bool,
+        keys: tuple[str, ...],
+        tensorboard: bool = False,
+        start: int = 0,
     ):
+        from chatrlhf.engine.distributed import is_main
+
         self.path = path
         self.stage = stage
         self.keys = keys
         self.start = time.time()
-        self.writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard else None
-        self.file = open(path, "a", encoding="utf-8")
-        self.bar = tqdm(total=total, desc=stage, disable=not show, dynamic_ncols=True)
+        self.enabled = is_main()
+        self.writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard and self.enabled else None
+        self.file = open(path, "a", encoding="utf-8") if self.enabled else None
+        self.bar = tqdm(total=total, initial=start, desc=stage, disable=not (show and self.enabled), dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float], write: bool = True) -> None:
         """Show the key metrics; append a line to metrics.jsonl when `write`."""
         shown = {k.split("/")[-1]: f"{metrics[k]:.4g}" for k in self.keys if k in metrics}
         self.bar.set_postfix(shown, refresh=False)
-        if write:
+        if write and self.enabled:
             line = {"stage": self.stage, "step": step, "time/elapsed_s": round(time.time() - self.start, 3)}
             line.update({k: _plain(v) for k, v in metrics.items()})
             self.file.write(json.dumps(line) + "\n")
@@ -47,7 +60,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 

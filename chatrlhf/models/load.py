@@ -48,6 +48,8 @@ def resolve_model(spec: str, workdir: Path) -> str:
     p = Path(spec).expanduser()
     looks_local = p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_local:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"model '{spec}': is a file; expected a Hugging Face model directory (with config.json)")
         if not p.is_dir():
             raise UserError(f"model '{spec}': no such directory")
         if not (p / "config.json").is_file():
@@ -148,13 +150,16 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
     return a.get_vocab() == b.get_vocab()
 
 
-def save_model_dir(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path) -> None:
-    """Write a complete HF model directory atomically: a temp dir beside `out`, fsync, then rename."""
+def save_model_dir(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path, state_dict: dict | None = None
+) -> None:
+    """Write a complete HF model directory atomically: a temp dir beside `out`, fsync, then rename. `state_dict`
+    (weights gathered from a sharded engine) replaces the model's own tensors when given."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -19,47 +19,88 @@ import torch
 from chatrlhf.config import DataConfig, save_config
 from chatrlhf.data import RawRecord, blend, load_source, validate_all
 from chatrlhf.demo.task import materialize
+from chatrlhf.engine import distributed as dist
+from chatrlhf.engine.checkpoint import (
+    due,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial,
+    resolve_resume,
+    save_checkpoint,
+    truncate_metrics,
+)
 from chatrlhf.errors import UserError
 
 T = TypeVar("T")
 
 
 @contextmanager
-def run_directory(output_dir: str, cfg, overwrite: bool) -> Iterator[Path]:
+def run_directory(output_dir: str, cfg, overwrite: bool, resume: str = "no") -> Iterator[Path]:
     """The stage's run directory for the duration of the stage.
 
     If the stage fails, temp directories of interrupted saves are removed, and so is the run directory itself
-    when this stage created it and it holds no finished model — a failed run leaves nothing half-written.
+    when this stage created it and it holds neither a finished model nor a checkpoint — a failed run leaves
+    nothing half-written, and never loses a complete checkpoint.
     """
     out = Path(output_dir)
     existed = out.exists()
-    prepare_run_dir(out, cfg, overwrite)
+    if dist.is_main():
+        prepare_run_dir(out, cfg, overwrite, resume)
+    _barrier()
     try:
         yield out
     except BaseException:
-        clean_failed_run(out)
-        if not existed and not any(out.glob("**/model/config.json")):
-            shutil.rmtree(out, ignore_errors=True)
+        if dist.is_main():
+            clean_failed_run(out)
+            if not existed and not any(out.glob("**/model/config.json")) and not any(out.glob("**/checkpoints/step-*")):
+                shutil.rmtree(out, ignore_errors=True)
         raise
 
 
 def run_stage(cfg, output_dir: str, need_data: bool, body: Callable[[Path, torch.device], dict]) -> dict:
-    """Validate the config, open the run directory, seed and set threads, then run `body(out, device)`."""
-    from chatrlhf.models.load import pick_device
-
+    """Validate the config, join the process group (DeepSpeed), open the run directory, seed and set threads, then
+    run `body(out, device)` — or, with `resume` and a finished run there, return its summary."""
     cfg.validate(need_data=need_data)
-    with run_directory(output_dir, cfg, cfg.run.overwrite) as out:
+    cfg.validate_options()
+    device = stage_device(cfg)
+    out = Path(output_dir)
+    if cfg.resume != "no" and (out / "summary.json").is_file() and (out / "model").is_dir():
+        print(f"{out}: finished earlier; nothing to resume")
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    with run_directory(output_dir, cfg, cfg.run.overwrite, cfg.resume) as out:
         seed_everything(cfg.run.seed)
         set_threads(cfg.run.threads)
-        return body(out, pick_device(cfg.run.device))
+        return body(out, device)
 
 
-def prepare_run_dir(out: Path, cfg, overwrite: bool) -> Path:
-    """Create the run directory, refuse one that holds another finished run, store the resolved config."""
+def stage_device(cfg) -> torch.device:
+    """The device this process trains on; under DeepSpeed, the process group is joined first and each rank takes
+    the GPU of its local rank."""
+    from chatrlhf.models.load import pick_device
+
+    device = pick_device(cfg.run.device)
+    if cfg.engine.kind != "deepspeed":
+        return device
+    dist.init(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
+    return device
+
+
+def prepare_run_dir(out: Path, cfg, overwrite: bool, resume: str = "no") -> Path:
+    """Create the run directory, refuse one that holds another run (a finished model, or checkpoints of an
+    unfinished one unless resuming), check it is writable, store the resolved config."""
     if (out / "model").exists() and not overwrite:
         raise UserError(
             f"output directory '{out}' already holds a finished run (model/); choose another directory or pass "
             "--run.overwrite"
+        )
+    has_checkpoints = bool(list_checkpoints(out))
+    if has_checkpoints and resume == "no" and not overwrite:
+        raise UserError(
+            f"output directory '{out}' holds checkpoints of an unfinished run; pass --resume auto to continue it, "
+            "or --run.overwrite to start over"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -68,9 +109,29 @@ def prepare_run_dir(out: Path, cfg, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output directory '{out}' is not writable: {e}") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise UserError(
+            f"output directory '{out}': only {free / 2**20:.0f} MiB free on its disk; need at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints and the model"
+        )
+    remove_partial(out)
+    if resume == "no":
+        if has_checkpoints:
+            shutil.rmtree(out / "checkpoints")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")
-    (out / "metrics.jsonl").unlink(missing_ok=True)
     return out
+
+
+MIN_FREE_BYTES = 64 * 2**20
+"""Refuse to start with less free disk than this in the output directory (a tiny model's checkpoint is a few MiB;
+a real one's size is checked again by each save, which fails with a clear error and leaves the last checkpoint)."""
+
+
+def _barrier() -> None:
+    if dist.is_distributed():
+        torch.distributed.barrier()
 
 
 def seed_everything(seed: int) -> None:
@@ -178,3 +239,60 @@ def clean_failed_run(out: Path) -> None:
     """Remove temp directories a crashed save left behind (a complete `model/` is never touched)."""
     for p in out.glob("**/.*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_state(cfg, out: Path, engines: list) -> dict | None:
+    """Restore `engines` and the RNGs from the checkpoint `cfg.resume` names (None: start fresh); metrics.jsonl is
+    cut back to that step. Returns the driver's state saved with it (`step`, ...)."""
+    path = resolve_resume(cfg.resume, out)
+    if path is None:
+        return None
+    trainer = load_checkpoint(path, engines)
+    truncate_metrics(out, trainer)
+    print(f"resuming from {path} (step {trainer['step']})")
+    return trainer
+
+
+def checkpoint_if_due(cfg, out: Path, step: int, total: int, engines: list, trainer: dict) -> None:
+    if due(step, cfg.checkpoint.every, total):
+        save_checkpoint(out, step, engines, trainer, cfg.checkpoint.keep)
+
+
+def prepare_for_training(model, cfg):
+    """Memory savers and adapters on a model about to be trained: gradient checkpointing, then LoRA."""
+    from chatrlhf.models.load import ValueModel
+
+    if cfg.engine.gradient_checkpointing:
+        hf = model.model if isinstance(model, ValueModel) else model
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.rank > 0:
+        from chatrlhf.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def save_trained(engine, tok, out: Path, name: str = "model") -> None:
+    """Write the engine's model as a Hugging Face directory `out/<name>` (LoRA: merged, plus `<name>_adapter/`);
+    under ZeRO-3 every rank takes part in gathering the weights, the main rank writes."""
+    from chatrlhf.models.load import ValueModel, save_model_dir
+
+    if engine.module is not None and _is_lora(engine.module):
+        if dist.is_main():
+            from chatrlhf.models.lora import save_trained as save_lora
+
+            save_lora(engine.module, tok, out, name)
+    else:
+        state = engine.full_state_dict()
+        if dist.is_main():
+            module = engine.module.model if isinstance(engine.module, ValueModel) else engine.module
+            if isinstance(engine.module, ValueModel):
+                state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            save_model_dir(module, tok, out / name, state_dict=state)
+    _barrier()
+
+
+def _is_lora(model) -> bool:
+    from chatrlhf.models.lora import is_lora
+
+    return is_lora(model)

@@ -15,14 +15,19 @@ import torch
 from chatrlhf.config import SFTConfig
 from chatrlhf.data import to_sft
 from chatrlhf.data.collate import collate_sft, encode_sft, position_ids
-from chatrlhf.engine.single import TrainEngine
+from chatrlhf.engine import distributed as dist
+from chatrlhf.engine.single import build_engine
 from chatrlhf.metrics import MetricsLogger
-from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, save_model_dir
+from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model
 from chatrlhf.rlhf import lm_loss
 from chatrlhf.train.common import (
     Stopwatch,
+    checkpoint_if_due,
     planned_steps,
+    prepare_for_training,
+    resume_state,
     run_stage,
+    save_trained,
     stage_records,
     step_groups,
     write_json,
@@ -66,48 +71,53 @@ def _run_sft(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     train_enc = [encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt) for r in train_recs]
     eval_enc = [encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt) for r in eval_recs]
 
-    # 2. model and engine
-    model = load_causal_lm(path, tok, cfg.run.dtype, device)
-    model.train()
-    total = planned_steps(len(train_enc), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
-    engine = TrainEngine(model, t.optim, total, name="sft")
+    # 2. model and engine (the global micro-batch is batch_size × ranks; each rank trains on its share)
+    model = prepare_for_training(load_causal_lm(path, tok, cfg.run.dtype, device).train(), cfg)
+    world = dist.world_size()
+    total = planned_steps(len(train_enc), t.batch_size * world, t.grad_accum, t.epochs, t.max_steps)
+    engine = build_engine(model, t.optim, total, "sft", cfg)
+    resumed = resume_state(cfg, out, [engine])
+    start = resumed["step"] if resumed else 0
     log = MetricsLogger(
-        out / "metrics.jsonl",
-        "sft",
-        total,
-        cfg.run.progress,
-        ("loss/train", "eval/perplexity"),
-        tensorboard=cfg.run.tensorboard,
-    )
-    print(f"sft: {len(train_enc)} train / {len(eval_enc)} eval records, {total} steps → {out / 'model'}")
+        out / "metrics.jsonl", "sft", total, cfg.run.progress, ("loss/train", "eval/perplexity"),
+        tensorboard=cfg.run.tensorboard, start=start,
+    )  # fmt: skip
+    print(f"sft: {len(train_enc)} train / {len(eval_enc)} eval records, {total} steps on {world} rank(s) → {out}/model")
 
     # 3. train: grad_accum micro-batches per step, each loss scaled by the step's total target tokens
-    metrics: dict[str, float] = {}
-    step = 0
-    for step, group in step_groups(train_enc, t.batch_size, t.grad_accum, t.epochs, total, cfg.run.seed):
+    metrics: dict[str, float] = resumed["metrics"] if resumed else {}
+    step = start
+    groups = step_groups(train_enc, t.batch_size * world, t.grad_accum, t.epochs, total, cfg.run.seed)
+    for step, group in groups:
+        if step <= start:
+            continue
         step_tokens = sum(float(sum(e.loss_mask[1:])) for b in group for e in b)
         loss_sum = 0.0
         for b in group:
-            ids, attn, mask = (x.to(device) for x in collate_sft(b, tok.pad_token_id))
-            loss = shifted_lm_loss(model, ids, attn, mask, total_tokens=step_tokens)
+            mine, weight = dist.shard(b)
+            ids, attn, mask = (x.to(device) for x in collate_sft(mine, tok.pad_token_id))
+            loss = shifted_lm_loss(engine.model, ids, attn, mask, total_tokens=step_tokens) * weight
             engine.backward(loss)
             loss_sum += loss.item()
         stats = engine.step()
-        metrics = {"loss/train": loss_sum, "optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr}
+        metrics = {"loss/train": dist.sum_across(loss_sum), "optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr}
+        metrics["faults/skipped_steps"] = float(engine.bad_steps)
         if eval_enc and t.eval_every and step % t.eval_every == 0:
-            metrics["eval/perplexity"] = perplexity(model, eval_enc, t.batch_size, tok.pad_token_id)
+            metrics["eval/perplexity"] = perplexity(engine.model, eval_enc, t.batch_size, tok.pad_token_id)
         log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/perplexity" in metrics)
         log.advance()
+        checkpoint_if_due(cfg, out, step, total, [engine], {"metrics": metrics})
 
     # 4. evaluate, save, summarise
     summary = {"stage": "sft", "steps": step, "train_records": len(train_enc), "eval_records": len(eval_enc)}
     summary["loss/train"] = metrics.get("loss/train")
     if eval_enc:
-        summary["eval/perplexity"] = perplexity(model, eval_enc, t.batch_size, tok.pad_token_id)
+        summary["eval/perplexity"] = perplexity(engine.model, eval_enc, t.batch_size, tok.pad_token_id)
         log.log(step, {"eval/perplexity": summary["eval/perplexity"]})
     log.close()
-    save_model_dir(model, tok, out / "model")
+    save_trained(engine, tok, out)
     summary["time/total_s"] = clock.elapsed()
-    write_json(out / "summary.json", summary)
+    if dist.is_main():
+        write_json(out / "summary.json", summary)
     print(f"sft: done in {summary['time/total_s']:.1f}s; held-out perplexity {summary.get('eval/perplexity')}")
     return summary

@@ -1,0 +1,137 @@
+"""The DeepSpeed engine: ZeRO stages 0–3, CPU offload, bf16/fp16, behind the same interface as `TrainEngine`.
+
+The driver still owns the loop: it calls `backward(loss)` per micro-batch and `step()` per optimizer step. DeepSpeed
+runs with `managed_gradient_accumulation: false`, so each `step()` is the accumulation boundary whatever the number
+of micro-batches before it (an epoch's last step may have fewer), and the losses we pass are already normalised by
+the step's global token or pair count (`scale_wrt_gas=False`). DeepSpeed averages gradients over the W data-parallel
+ranks; each rank's loss is its share of the global loss, so `backward` multiplies by W to make the average a sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from chatrlhf.config import EngineConfig, OptimConfig
+from chatrlhf.engine import distributed as dist
+from chatrlhf.engine.single import StepStats, param_groups
+from chatrlhf.errors import ConfigError
+
+
+def deepspeed_config(e: EngineConfig, optim: OptimConfig, dtype: str) -> dict:
+    """The DeepSpeed JSON config built from ours, with the user's `engine.deepspeed_config` merged over it."""
+    zero: dict = {"stage": e.zero_stage}
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if e.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # we feed micro-batches ourselves; DeepSpeed only needs a number
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if e.deepspeed_config:
+        path = Path(e.deepspeed_config)
+        try:
+            user = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"engine.deepspeed_config {path}: {err}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"engine.deepspeed_config {path}: expected a JSON object")
+        config = _merge(config, user)
+    return config
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedEngine:
+    """A model trained by DeepSpeed. `model` is the DeepSpeed engine (call it for training forwards: ZeRO-3 hooks
+    and backward bookkeeping live there); `module` is the underlying Hugging Face model."""
+
+    def __init__(
+        self, model: nn.Module, optim: OptimConfig, total_steps: int, name: str, engine: EngineConfig, dtype: str
+    ):
+        import deepspeed
+
+        self.name = name
+        self.cfg = optim
+        self.config = deepspeed_config(engine, optim, dtype)
+        groups = param_groups(model, optim.weight_decay)
+        betas = tuple(optim.betas)
+        if engine.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, eps=optim.eps, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+
+        def schedule(opt):
+            return get_scheduler(
+                optim.schedule, opt, num_warmup_steps=optim.warmup_steps, num_training_steps=max(total_steps, 1)
+            )
+
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.config
+        )
+        self.module = self.model.module
+        self.zero_stage = engine.zero_stage
+        self.steps = 0
+        self.bad_steps = 0  # always 0: a bad step stops a DeepSpeed run (config validation says why)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the average over ranks becomes the sum of the ranks' shares of the global loss
+        self.model.backward(loss * dist.world_size(), scale_wrt_gas=False)
+
+    def step(self) -> StepStats:
+        """Reduce, clip, step optimizer and schedule (DeepSpeed does all four); stop on a non-finite gradient."""
+        lr = self.scheduler.get_last_lr()[0]
+        skipped = self.model.skipped_steps
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else math.nan
+        if self.model.skipped_steps != skipped or not math.isfinite(grad_norm):
+            raise FloatingPointError(f"{self.name}: non-finite gradient norm ({grad_norm}) at step {self.steps + 1}")
+        self.steps += 1
+        return StepStats(grad_norm=grad_norm, lr=lr)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on the CPU on rank 0 (None elsewhere); under ZeRO-3 every rank must call it,
+        and parameters are gathered one at a time so no rank ever holds two copies of the model."""
+        if self.zero_stage < 3:
+            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if dist.is_main() else None
+        import deepspeed
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if dist.is_main():
+                    out[name] = p.detach().cpu().clone()
+        if not dist.is_main():
+            return None
+        for name, b in self.module.named_buffers():
+            out[name] = b.detach().cpu()
+        return out
+
+    def save_state(self, directory: Path) -> None:
+        """Optimizer, schedule and (sharded) weights into `directory/<name>/` (every rank writes its shard)."""
+        self.model.save_checkpoint(str(directory), tag=self.name, client_state={"steps": self.steps})
+
+    def load_state(self, directory: Path) -> None:
+        _, client = self.model.load_checkpoint(str(directory), tag=self.name)
+        self.steps = client["steps"]
