@@ -115,3 +115,15 @@ def gather_padded(t: torch.Tensor, pad_value: float | int) -> torch.Tensor:
     dist.all_gather(parts, padded)
     out = torch.cat([p[: int(s[0])] for p, s in zip(parts, shapes)])
     return out.to(t.device)
+
+
+def sum_dict_across(values: dict[str, float]) -> dict[str, float]:
+    """Sum each value over ranks, in one collective (every rank must pass the same keys)."""
+    if not is_distributed():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))

@@ -32,12 +32,24 @@ import torch
 from chatrlhf.config import DPOConfig
 from chatrlhf.data import to_pair
 from chatrlhf.data.collate import Encoded, collate_sft, encode_pair_responses, position_ids
-from chatrlhf.engine.single import TrainEngine
+from chatrlhf.engine import distributed as dist
+from chatrlhf.engine.single import build_engine
 from chatrlhf.errors import UserError
 from chatrlhf.metrics import MetricsLogger
-from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary, save_model_dir
+from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary
 from chatrlhf.rlhf import dpo_loss, masked_sum, token_logprobs
-from chatrlhf.train.common import Stopwatch, planned_steps, run_stage, stage_records, step_groups, write_json
+from chatrlhf.train.common import (
+    Stopwatch,
+    checkpoint_if_due,
+    planned_steps,
+    prepare_for_training,
+    resume_state,
+    run_stage,
+    save_trained,
+    stage_records,
+    step_groups,
+    write_json,
+)
 
 Pair = tuple[Encoded, Encoded]
 """(chosen, rejected): prompt + response token ids, with loss_mask 1 on the response tokens."""
@@ -155,39 +167,45 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
     # models, engine, and the loss variant, chosen once
     policy, reference = load_models(cfg, path, tok, out, device)
     loss_fn = functools.partial(dpo_loss, beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing)
-    total = planned_steps(len(train_pairs), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
-    engine = TrainEngine(policy, t.optim, total, name="dpo")
+    world = dist.world_size()
+    total = planned_steps(len(train_pairs), t.batch_size * world, t.grad_accum, t.epochs, t.max_steps)
+    engine = build_engine(prepare_for_training(policy, cfg), t.optim, total, "dpo", cfg)
+    policy = engine.model
+    resumed = resume_state(cfg, out, [engine])
+    start = resumed["step"] if resumed else 0
     log = MetricsLogger(
-        out / "metrics.jsonl",
-        "dpo",
-        total,
-        cfg.run.progress,
-        ("loss/train", "rewards/margin"),
-        tensorboard=cfg.run.tensorboard,
-    )
+        out / "metrics.jsonl", "dpo", total, cfg.run.progress, ("loss/train", "rewards/margin"),
+        tensorboard=cfg.run.tensorboard, start=start,
+    )  # fmt: skip
     print(f"dpo: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
 
     def evaluate() -> dict[str, float]:
         return evaluate_pairs(policy, reference, eval_pairs, t.batch_size, loss_fn, tok.pad_token_id, device)
 
-    # train: each micro-batch's mean loss is weighted by its share of the step's pairs
-    step, metrics = 0, {}
-    for step, group in step_groups(train_pairs, t.batch_size, t.grad_accum, t.epochs, total, cfg.run.seed):
+    # train: each micro-batch's mean loss is weighted by its share of the step's pairs (global micro-batch =
+    # batch_size × ranks, each rank scoring its share)
+    step, metrics = start, resumed["metrics"] if resumed else {}
+    for step, group in step_groups(train_pairs, t.batch_size * world, t.grad_accum, t.epochs, total, cfg.run.seed):
+        if step <= start:
+            continue
         n_pairs = sum(len(b) for b in group)
-        loss_sum, sums = 0.0, {}
+        sums = {"loss/train": 0.0}
         for b in group:
-            loss, part = pair_loss(policy, reference, b, loss_fn, tok.pad_token_id, device)
-            loss = loss * (len(b) / n_pairs)
+            mine, weight = dist.shard(b)
+            loss, part = pair_loss(policy, reference, mine, loss_fn, tok.pad_token_id, device)
+            loss = loss * (len(mine) / n_pairs * weight)
             engine.backward(loss)
-            loss_sum += loss.item()
-            _add(sums, part)
+            _add(sums, {"loss/train": loss.item(), **{k: v * weight for k, v in part.items()}})
         stats = engine.step()
-        metrics = {"loss/train": loss_sum, **{k: v / n_pairs for k, v in sums.items()}}
+        sums = dist.sum_dict_across(sums)
+        metrics = {"loss/train": sums.pop("loss/train"), **{k: v / n_pairs for k, v in sums.items()}}
         metrics.update({"optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr})
+        metrics["faults/skipped_steps"] = float(engine.bad_steps)
         if eval_pairs and t.eval_every and step % t.eval_every == 0:
             metrics.update(evaluate())
         log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/loss" in metrics)
         log.advance()
+        checkpoint_if_due(cfg, out, step, total, [engine], {"metrics": metrics})
 
     # evaluate, save, summarise
     summary = {"stage": "dpo", "steps": step, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
@@ -197,9 +215,10 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
         summary.update(final)
         log.log(step, final)
     log.close()
-    save_model_dir(policy, tok, out / "model")
+    save_trained(engine, tok, out)
     summary["time/total_s"] = clock.elapsed()
-    write_json(out / "summary.json", summary)
+    if dist.is_main():
+        write_json(out / "summary.json", summary)
     print(
         f"dpo: done in {summary['time/total_s']:.1f}s; held-out implicit-reward accuracy "
         f"{summary.get('eval/rewards/accuracy')}, margin {summary.get('eval/rewards/margin')}"

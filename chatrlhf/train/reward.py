@@ -14,21 +14,25 @@ import torch
 
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import to_pair
-from chatrlhf.data.collate import encode_pair, pad
-from chatrlhf.engine.single import TrainEngine
+from chatrlhf.data.collate import encode_pair, pad, position_ids
+from chatrlhf.engine import distributed as dist
+from chatrlhf.engine.single import build_engine
 from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import (
     ValueModel,
     load_tokenizer,
     load_value_model,
     resolve_model,
-    save_model_dir,
 )
 from chatrlhf.rlhf import last_token_index, pairwise_loss
 from chatrlhf.train.common import (
     Stopwatch,
+    checkpoint_if_due,
     planned_steps,
+    prepare_for_training,
+    resume_state,
     run_stage,
+    save_trained,
     stage_records,
     step_groups,
     write_json,
@@ -38,7 +42,9 @@ from chatrlhf.train.common import (
 def end_scores(model: ValueModel, seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
     """(N,) score of each right-padded sequence at its last real token."""
     ids, attn = (x.to(device) for x in pad(seqs, pad_id))
-    return model.scores_at(ids, attn, last_token_index(attn))
+    # through `model` itself (not `scores_at`): under DeepSpeed the engine's forward must see every training pass
+    values = model(ids, attn, position_ids(attn))
+    return values.gather(1, last_token_index(attn).unsqueeze(1)).squeeze(1)
 
 
 def pair_scores(model: ValueModel, batch, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,42 +93,48 @@ def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     eval_pairs = [encode_pair(tok, r, t.max_seq_len) for r in eval_recs]
 
     # 2. model and engine
-    model = load_value_model(path, tok, cfg.run.dtype, device)
-    model.train()
-    total = planned_steps(len(train_pairs), t.batch_size, t.grad_accum, t.epochs, t.max_steps)
-    engine = TrainEngine(model, t.optim, total, name="reward")
+    model = prepare_for_training(load_value_model(path, tok, cfg.run.dtype, device).train(), cfg)
+    world = dist.world_size()
+    total = planned_steps(len(train_pairs), t.batch_size * world, t.grad_accum, t.epochs, t.max_steps)
+    engine = build_engine(model, t.optim, total, "reward", cfg)
+    model = engine.model
+    resumed = resume_state(cfg, out, [engine])
+    start = resumed["step"] if resumed else 0
     log = MetricsLogger(
-        out / "metrics.jsonl",
-        "reward",
-        total,
-        cfg.run.progress,
-        ("loss/train", "train/accuracy"),
-        tensorboard=cfg.run.tensorboard,
-    )
+        out / "metrics.jsonl", "reward", total, cfg.run.progress, ("loss/train", "train/accuracy"),
+        tensorboard=cfg.run.tensorboard, start=start,
+    )  # fmt: skip
     print(f"reward: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
 
-    # 3. train: each micro-batch's mean loss is weighted by its share of the step's pairs
-    step, metrics = 0, {}
-    for step, group in step_groups(train_pairs, t.batch_size, t.grad_accum, t.epochs, total, cfg.run.seed):
+    # 3. train: each micro-batch's mean loss is weighted by its share of the step's pairs (global micro-batch =
+    # batch_size × ranks, each rank scoring its share)
+    step, metrics = start, resumed["metrics"] if resumed else {}
+    for step, group in step_groups(train_pairs, t.batch_size * world, t.grad_accum, t.epochs, total, cfg.run.seed):
+        if step <= start:
+            continue
         n_pairs = sum(len(b) for b in group)
         loss_sum, correct = 0.0, 0.0
         for b in group:
-            c, r = pair_scores(model, b, tok.pad_token_id, device)
-            loss = pairwise_loss(c, r) * (len(b) / n_pairs)
+            mine, weight = dist.shard(b)
+            c, r = pair_scores(model, mine, tok.pad_token_id, device)
+            loss = pairwise_loss(c, r) * (len(mine) / n_pairs * weight)
             engine.backward(loss)
             loss_sum += loss.item()
-            correct += float((c > r).sum())
+            correct += float((c > r).sum()) * weight
         stats = engine.step()
+        sums = dist.sum_dict_across({"loss": loss_sum, "correct": correct})
         metrics = {
-            "loss/train": loss_sum,
-            "train/accuracy": correct / n_pairs,
+            "loss/train": sums["loss"],
+            "train/accuracy": sums["correct"] / n_pairs,
             "optim/grad_norm": stats.grad_norm,
             "optim/lr": stats.lr,
+            "faults/skipped_steps": float(engine.bad_steps),
         }
         if eval_pairs and t.eval_every and step % t.eval_every == 0:
             metrics.update(evaluate_pairs(model, eval_pairs, t.batch_size, tok.pad_token_id, device))
         log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/accuracy" in metrics)
         log.advance()
+        checkpoint_if_due(cfg, out, step, total, [engine], {"metrics": metrics})
 
     # 4. evaluate, save, summarise
     summary = {"stage": "reward", "steps": step, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
@@ -132,9 +144,10 @@ def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
         summary.update(final)
         log.log(step, final)
     log.close()
-    save_model_dir(model.model, tok, out / "model")
+    save_trained(engine, tok, out)
     summary["time/total_s"] = clock.elapsed()
-    write_json(out / "summary.json", summary)
+    if dist.is_main():
+        write_json(out / "summary.json", summary)
     print(
         f"reward: done in {summary['time/total_s']:.1f}s; held-out accuracy {summary.get('eval/accuracy')}, "
         f"gap {summary.get('eval/score_gap')}"
