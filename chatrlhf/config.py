@@ -185,6 +185,9 @@ class GenerationConfig:
     """Nucleus sampling; below 1.0 the rollouts no longer come from π, which biases the policy gradient."""
     top_k: int = 0
     """Top-k sampling; 0 disables it."""
+    do_sample: bool = True
+    """Sample (the RL default). False decodes greedily: every run and every rank count gives the same responses,
+    for reproducibility checks; it gives GRPO/RLOO groups no variety to learn from."""
 
 
 @dataclass
@@ -576,9 +579,9 @@ def _validate_options(o: StageOptions) -> None:
     if not 0 <= e.zero_stage <= 3:
         raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3, got {e.zero_stage}")
     if e.kind == "single" and (e.offload_optimizer or e.offload_params or e.deepspeed_config):
-        raise ConfigError(
-            "engine.offload_optimizer / engine.offload_params / engine.deepspeed_config need engine.kind=deepspeed"
-        )
+        named = [f"engine.{k}" for k in ("offload_optimizer", "offload_params", "deepspeed_config") if getattr(e, k)]
+        verb = "needs" if len(named) == 1 else "need"
+        raise ConfigError(f"{' and '.join(named)} {verb} engine.kind=deepspeed, but engine.kind is single")
     if e.offload_params and e.zero_stage != 3:
         raise ConfigError(f"engine.offload_params needs engine.zero_stage=3, got {e.zero_stage}")
     if e.offload_optimizer and e.zero_stage == 0:
@@ -617,7 +620,7 @@ def _validate_types(cfg: Any, prefix: str = "") -> None:
             _validate_types(value, f"{name}.")
         elif not _has_type(value, hint):
             advice = ""
-            if isinstance(value, str) and _has_type(1.0, hint) and _parses_as_float(value):
+            if isinstance(value, str) and "e" in value.lower() and _has_type(1.0, hint) and _parses_as_float(value):
                 advice = " (YAML reads an exponent without a decimal point as a string: write 1.0e-5, not 1e-5)"
             raise ConfigError(f"{name}: expected {_type_words(hint)}, found {_yaml_value(value)}{advice}")
 

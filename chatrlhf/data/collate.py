@@ -11,15 +11,26 @@ left-padded (rollouts) or right-padded (training), so the same sequence gets the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TypeVar
 
 import torch
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from chatrlhf.errors import DataError
 
 PLAIN_TEMPLATE = "Human: {prompt}\n\nAssistant:"
+
+R = TypeVar("R")
+E = TypeVar("E")
+
+
+class TemplateMismatch(ValueError):
+    """The chat template renders a prompt differently once the answer follows it, so the answer's tokens cannot be
+    cut out of the rendered conversation."""
 
 
 def _messages(prompt: str | None, messages: Sequence[dict] | None) -> list[dict]:
@@ -42,7 +53,7 @@ def response_ids(tok: PreTrainedTokenizerBase, prompt_text: str, context: list[d
     if tok.chat_template:
         full = tok.apply_chat_template(context + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(prompt_text):
-            raise ValueError("the chat template renders the prompt differently with and without the answer")
+            raise TemplateMismatch("it renders the prompt differently with and without the answer")
         text = full[len(prompt_text) :]
     else:
         text = " " + response
@@ -53,6 +64,20 @@ def response_ids(tok: PreTrainedTokenizerBase, prompt_text: str, context: list[d
 
 def prompt_ids(tok: PreTrainedTokenizerBase, prompt_text: str) -> list[int]:
     return tok(prompt_text, add_special_tokens=True)["input_ids"]
+
+
+@contextmanager
+def _template_errors(rec) -> Iterator[None]:
+    """Chat-template failures become a `DataError` naming the record. Templates differ in what they accept (many
+    require strictly alternating user/assistant turns), so a record that passed validation may still be one that
+    this model's template refuses."""
+    try:
+        yield
+    except (TemplateError, TemplateMismatch) as e:
+        field = "messages" if getattr(rec, "messages", None) is not None else "prompt"
+        raise DataError(
+            rec.source, rec.where, field, f"the model's chat template cannot render this record: {e}"
+        ) from None
 
 
 @dataclass
@@ -70,12 +95,14 @@ def encode_sft(tok, rec, max_len: int, loss_on_prompt: bool) -> Encoded:
         context, answer = list(rec.messages[:-1]), rec.messages[-1]["content"]
     else:
         context, answer = _messages(rec.prompt, None), rec.response
-    p_text = render_prompt(tok, None, context)
-    p_ids = prompt_ids(tok, p_text)
-    r_ids = response_ids(tok, p_text, context, answer)
+    with _template_errors(rec):
+        p_text = render_prompt(tok, None, context)
+        p_ids = prompt_ids(tok, p_text)
+        r_ids = response_ids(tok, p_text, context, answer)
     ids = p_ids + r_ids
     if len(ids) > max_len:
-        raise DataError(rec.source, rec.where, None, f"record is {len(ids)} tokens, over max_seq_len={max_len}")
+        what = "the conversation" if rec.messages is not None else "prompt + response"
+        raise DataError(rec.source, rec.where, None, f"{what} is {len(ids)} tokens, over max_seq_len={max_len}")
     mask = [1] * len(ids) if loss_on_prompt else [0] * len(p_ids) + [1] * len(r_ids)
     return Encoded(ids, mask)
 
@@ -83,11 +110,13 @@ def encode_sft(tok, rec, max_len: int, loss_on_prompt: bool) -> Encoded:
 def _pair_parts(tok, rec, max_len: int) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, chosen ids + EOS, rejected ids + EOS); prompt + each response is checked against max_len."""
     context = _messages(rec.prompt, None)
-    p_text = render_prompt(tok, rec.prompt)
+    with _template_errors(rec):
+        p_text = render_prompt(tok, rec.prompt)
     p_ids = prompt_ids(tok, p_text)
     out = []
     for name in ("chosen", "rejected"):
-        r_ids = response_ids(tok, p_text, context, getattr(rec, name))
+        with _template_errors(rec):
+            r_ids = response_ids(tok, p_text, context, getattr(rec, name))
         if len(p_ids) + len(r_ids) > max_len:
             raise DataError(
                 rec.source,
@@ -116,10 +145,32 @@ def encode_pair_responses(tok, rec, max_len: int) -> tuple[Encoded, Encoded]:
 
 
 def encode_prompt(tok, rec, max_len: int) -> list[int]:
-    ids = prompt_ids(tok, render_prompt(tok, rec.prompt, rec.messages))
+    """The rendered prompt's ids, checked against max_len (an error, never a silent truncation)."""
+    with _template_errors(rec):
+        ids = prompt_ids(tok, render_prompt(tok, rec.prompt, rec.messages))
     if len(ids) > max_len:
         raise DataError(rec.source, rec.where, "prompt", f"prompt is {len(ids)} tokens, over max_prompt_len={max_len}")
     return ids
+
+
+def encode_all(records: Sequence[R], encode: Callable[[R], E]) -> list[E]:
+    """`encode` every record (e.g. `lambda r: encode_sft(tok, r, max_len, False)`); if any fail, raise the first
+    error with the number of the others, so that one run says how much of a dataset is over a length limit."""
+    encoded: list[E] = []
+    errors: list[DataError] = []
+    for rec in records:
+        try:
+            encoded.append(encode(rec))
+        except DataError as e:
+            errors.append(e)
+    if errors:
+        first, more = errors[0], len(errors) - 1
+        if not more:
+            raise first
+        raise DataError(
+            first.source, first.where, first.field, f"{first.problem} (and {more} more of the {len(records)} records)"
+        )
+    return encoded
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -127,9 +178,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to the longest sequence → (ids (B, T) long, attention_mask (B, T) long)."""
-    width = max(len(s) for s in seqs)
+def pad(
+    seqs: Sequence[Sequence[int]], value: int, left: bool = False, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to `width` (default: the longest sequence) → (ids (B, T) long, attention_mask (B, T) long)."""
+    longest = max(len(s) for s in seqs)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"pad width {width} is shorter than the longest sequence ({longest})")
     ids = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -72,14 +72,42 @@ def _resolve(spec: str) -> tuple[Path, str | None]:
     raise DataError(spec, None, None, "no such file or directory")
 
 
+WIDE_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+"""Byte-order marks of encodings other than UTF-8, longest first (UTF-32 LE starts with UTF-16 LE's mark)."""
+
+
 def _read_text(spec: str, path: Path) -> str:
-    """The file decoded as UTF-8 (a leading byte-order mark is dropped); bad bytes name their line."""
+    """The file decoded as UTF-8 (a leading byte-order mark is dropped); bad bytes name their line.
+
+    UTF-16/UTF-32 files are named as such: a wide encoding's mark, or the NUL bytes of ASCII text in a wide
+    encoding without one, would otherwise show up as a puzzling JSON or CSV error.
+    """
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(spec, None, None, f"cannot read: {e.strerror or e}") from None
+    for bom, encoding in WIDE_BOMS.items():
+        if raw.startswith(bom):
+            raise DataError(
+                spec, None, None, f"is {encoding} text (it starts with a {encoding} byte-order mark); save it as UTF-8"
+            )
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise DataError(
+            spec,
+            f"line {line}",
+            None,
+            "contains NUL bytes (0x00), so it is not UTF-8 text: a UTF-16 file without a byte-order mark, or a "
+            "binary file; save it as UTF-8",
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -135,3 +135,37 @@ class DeepSpeedEngine:
     def load_state(self, directory: Path) -> None:
         _, client = self.model.load_checkpoint(str(directory), tag=self.name)
         self.steps = client["steps"]
+
+
+class WholeCopy:
+    """A whole, unsharded copy of a ZeRO-3 model for generation: every parameter is gathered once per rollout
+    batch into a plain module (no ZeRO hooks, no collectives per layer per token, no `synced_gpus`), and the copy's
+    memory is freed again when the rollout is done. The copy is built once, on the meta device (no memory, no
+    initialisation); buffers (e.g. rotary tables) are not sharded by ZeRO and are copied from the model."""
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        self.module = module
+        self.device = device
+        with torch.device("meta"):
+            self.copy = AutoModelForCausalLM.from_config(module.config, dtype=module.dtype)
+        self.copy.eval().requires_grad_(False)
+
+    def __enter__(self) -> nn.Module:
+        import deepspeed
+
+        copy = self.copy.to_empty(device=self.device)
+        mine = dict(copy.named_parameters())
+        with torch.no_grad():
+            theirs = dict(self.module.named_buffers())
+            for name, b in copy.named_buffers():
+                b.copy_(theirs[name])
+            for name, p in self.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    mine[name].copy_(p)
+        copy.generation_config = self.module.generation_config
+        return copy
+
+    def __exit__(self, *exc) -> None:
+        self.copy.to("meta")

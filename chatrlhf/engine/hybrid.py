@@ -8,13 +8,16 @@ Switching is explicit and scoped (DESIGN.md):
 Inside the block the model is in eval mode with the KV cache on and autograd off; leaving it restores the
 training state exactly (train/eval flags of every module, grad mode, the cache flag, the model's generation
 config), also when generation raises.
-Backend `hf` is Hugging Face `generate`.
+Backend `hf` is Hugging Face `generate`. A LoRA actor generates on merged weights (unmerged again on leaving).
+Under ZeRO-3 the weights are gathered once per rollout batch into a whole copy (`engine.gather_for_generation`,
+the default); without it, generation runs on the sharded model with `synced_gpus`, so a rank whose responses end
+early keeps joining the other ranks' per-layer gathers instead of leaving them waiting forever.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 import torch
@@ -23,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from chatrlhf.config import GenerationConfig
 from chatrlhf.engine.single import TrainEngine
+from chatrlhf.models.lora import is_lora, merged
 
 
 def sampling_config(tokenizer: PreTrainedTokenizerBase, generation: GenerationConfig) -> HFGenerationConfig:
@@ -30,11 +34,12 @@ def sampling_config(tokenizer: PreTrainedTokenizerBase, generation: GenerationCo
     at its default from the model's `generation_config.json` (top_k=50, repetition_penalty, min_new_tokens, ...),
     so generation must also run with this object installed as the model's `generation_config`
     (`generation_mode` does that) — otherwise a checkpoint's settings would silently change the rollouts."""
+    sampling = {"temperature": generation.temperature, "top_p": generation.top_p, "top_k": generation.top_k}
+    if not generation.do_sample:
+        sampling = {"temperature": None, "top_p": None, "top_k": None}
     return HFGenerationConfig(
-        do_sample=True,
-        temperature=generation.temperature,
-        top_p=generation.top_p,
-        top_k=generation.top_k,
+        do_sample=generation.do_sample,
+        **sampling,
         max_new_tokens=generation.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -43,14 +48,28 @@ def sampling_config(tokenizer: PreTrainedTokenizerBase, generation: GenerationCo
 
 
 class HybridEngine:
-    """Wraps the actor's `TrainEngine` with a generation mode."""
+    """Wraps the actor's training engine with a generation mode."""
 
-    def __init__(self, engine: TrainEngine, tokenizer: PreTrainedTokenizerBase, generation: GenerationConfig):
+    def __init__(
+        self,
+        engine: TrainEngine,
+        tokenizer: PreTrainedTokenizerBase,
+        generation: GenerationConfig,
+        gather_for_generation: bool = True,
+    ):
         self.engine = engine
-        self.model = engine.model
+        self.model = engine.module
         self.tokenizer = tokenizer
         self.hf_generation = sampling_config(tokenizer, generation)
+        zero3 = getattr(engine, "zero_stage", 0) == 3
+        self.whole = None
+        if zero3 and gather_for_generation:
+            from chatrlhf.engine.deepspeed import WholeCopy
+
+            self.whole = WholeCopy(self.model, next(self.model.parameters()).device)
+        self.synced_gpus = zero3 and not gather_for_generation
         self._generating = False
+        self._generator = self.model
 
     @contextmanager
     def generation_mode(self) -> Iterator[HybridEngine]:
@@ -65,8 +84,13 @@ class HybridEngine:
         torch.set_grad_enabled(False)
         self._generating = True
         try:
-            yield self
+            with ExitStack() as stack:
+                if is_lora(model):
+                    stack.enter_context(merged(model))
+                self._generator = stack.enter_context(self.whole) if self.whole is not None else model
+                yield self
         finally:
+            self._generator = model
             self._generating = False
             torch.set_grad_enabled(grad_enabled)
             model.config.use_cache = use_cache
@@ -92,12 +116,13 @@ class HybridEngine:
         if greedy:
             config = copy.deepcopy(config)
             config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
-        out = self.model.generate(
+        out = self._generator.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             generation_config=config,
             return_dict_in_generate=True,
             output_scores=return_logprobs,
+            synced_gpus=self.synced_gpus,
         )
         tokens = out.sequences[:, prompt_ids.shape[1] :]
         if not return_logprobs:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -90,8 +91,10 @@ class ForeignRewardModel:
 
 
 class FunctionReward:
-    def __init__(self, fn: Callable[..., float], name: str):
+    def __init__(self, fn: Callable[..., float], name: str, spec: str | None = None):
         self.fn, self.name = fn, name
+        self.spec = spec or name
+        """`module:function` as the user wrote it, for error messages (`name` is the metric key)."""
 
     def score(self, batch: ScoringBatch) -> torch.Tensor:
         values = []
@@ -103,11 +106,24 @@ class FunctionReward:
                     f"reward function {self.name}: the record's field(s) {sorted(clash)} would shadow the "
                     "prompt/response arguments; rename them in the data"
                 )
-            v = float(self.fn(p, r, **extra))
-            if not math.isfinite(v):
-                raise FloatingPointError(f"reward function {self.name} returned {v} for prompt {p!r}")
-            values.append(v)
+            values.append(self._number(self.fn(p, r, **extra), p))
         return torch.tensor(values, dtype=torch.float32, device=batch.sequences.device)
+
+    def _number(self, value: object, prompt: str) -> float:
+        """A reward function's return value as a float: a real number (bool, int, float, numpy scalar) or a
+        one-element tensor. Strings are refused even when they parse ("0.5" is a bug in the function), and a NaN or
+        inf is a numerical failure (exit 3), as it is for every other tensor in a run."""
+        is_scalar_tensor = isinstance(value, torch.Tensor) and value.numel() == 1
+        if not (isinstance(value, numbers.Real) or is_scalar_tensor):
+            preview = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            found = "None" if value is None else f"{type(value).__name__} {preview}"
+            raise UserError(
+                f"reward function '{self.spec}' returned {found} for prompt {prompt!r}; expected a number (float)"
+            )
+        number = float(value)
+        if not math.isfinite(number):
+            raise FloatingPointError(f"reward function {self.name} returned {number} for prompt {prompt!r}")
+        return number
 
 
 def load_function(spec: str) -> Callable:
@@ -120,7 +136,10 @@ def load_function(spec: str) -> Callable:
     except (ImportError, AttributeError) as e:
         raise UserError(f"reward function '{spec}': cannot import: {e}") from None
     if not callable(fn):
-        raise UserError(f"reward function '{spec}': not callable")
+        raise UserError(
+            f"reward function '{spec}': '{name}' is not callable (found {type(fn).__name__}); expected a function "
+            "f(prompt, response, **fields) -> float"
+        )
     return fn
 
 
@@ -159,6 +178,10 @@ class Scorer:
             raise UserError(f"{len(weights)} reward weights for {len(sources)} reward sources")
         self.sources, self.weights = sources, weights
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The reward models among the sources (to move between devices)."""
+        return [s.model for s in self.sources if isinstance(getattr(s, "model", None), torch.nn.Module)]
+
     def __call__(self, batch: ScoringBatch) -> Scores:
         parts = {s.name: s.score(batch) for s in self.sources}
         total = sum(w * parts[s.name] for s, w in zip(self.sources, self.weights))
@@ -179,7 +202,7 @@ def build_scorer(
     if reward_model:
         sources.append(load_reward_model(reward_model, policy_tok, dtype, device))
     for spec in reward_functions:
-        sources.append(FunctionReward(load_function(spec), name=spec.rsplit(":", 1)[-1]))
+        sources.append(FunctionReward(load_function(spec), name=spec.rsplit(":", 1)[-1], spec=spec))
     return Scorer(sources, list(weights) if weights is not None else [1.0] * len(sources))
 
 

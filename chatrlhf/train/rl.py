@@ -23,6 +23,7 @@ import copy
 import itertools
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,9 @@ import torch
 from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_prompt, to_sft
 from chatrlhf.data.collate import collate_sft, encode_prompt, encode_sft, pad, position_ids
+from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.hybrid import HybridEngine
-from chatrlhf.engine.single import TrainEngine
+from chatrlhf.engine.single import TrainEngine, build_engine
 from chatrlhf.errors import UserError
 from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import (
@@ -57,7 +59,18 @@ from chatrlhf.rlhf import (
     value_loss,
 )
 from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, Algorithm
-from chatrlhf.train.common import Stopwatch, convert, load_raw, run_stage, stage_records, write_json
+from chatrlhf.train.common import (
+    Stopwatch,
+    checkpoint_if_due,
+    convert,
+    load_raw,
+    prepare_for_training,
+    resume_state,
+    run_stage,
+    save_trained,
+    stage_records,
+    write_json,
+)
 from chatrlhf.train.sft import shifted_lm_loss
 
 
@@ -134,11 +147,20 @@ def prompt_stream(prompts: list[Prompt], batch_size: int, seed: int):
 
 
 def generate_rollout(
-    actor: HybridEngine, batch: list[Prompt], group_size: int, tok, device, greedy: bool = False, tis: bool = False
+    actor: HybridEngine,
+    batch: list[Prompt],
+    group_size: int,
+    tok,
+    device,
+    greedy: bool = False,
+    tis: bool = False,
+    width: int | None = None,
 ) -> Rollout:
-    """2. Sample `group_size` responses per prompt (consecutive) in generation mode; pad after the first EOS."""
+    """2. Sample `group_size` responses per prompt (consecutive) in generation mode; pad after the first EOS.
+    Prompts are left-padded to `width` (the global batch's longest, so every rank's shard has the same width)."""
     expanded = [p for p in batch for _ in range(group_size)]
-    prompt_ids, prompt_mask = (x.to(device) for x in pad([p.ids for p in expanded], tok.pad_token_id, left=True))
+    ids = [p.ids for p in expanded]
+    prompt_ids, prompt_mask = (x.to(device) for x in pad(ids, tok.pad_token_id, left=True, width=width))
     with actor.generation_mode():
         response, rollout_logprobs = actor.generate(prompt_ids, prompt_mask, greedy=greedy, return_logprobs=tis)
     response, mask = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
@@ -186,15 +208,46 @@ def response_values(critic: ValueModel, rollout: Rollout) -> torch.Tensor:
 def evaluate_rollout(m: Models, rollout: Rollout, batch: list[Prompt], algo: Algorithm, t: RLTrainConfig) -> Evaluated:
     """3–4. Rewards, then one no-grad forward per model (and ReMax's greedy baseline)."""
     greedy_scores = None
+    device = rollout.response.device
     if algo.needs_greedy:
-        greedy = generate_rollout(m.actor, batch, t.group_size, m.tok, rollout.response.device, greedy=True)
-        greedy_scores = score_rollout(m.scorer, greedy, m.tok).total
+        width = rollout.prompt_ids.shape[1]
+        greedy = generate_rollout(m.actor, batch, t.group_size, m.tok, device, greedy=True, width=width)
+        with m.resident(m.scorer.modules()):
+            greedy_scores = score_rollout(m.scorer, greedy, m.tok).total
+    with m.resident(m.scorer.modules()):
+        scores = score_rollout(m.scorer, rollout, m.tok)
+    with m.resident([m.reference]):
+        ref_logprobs = response_logprobs(m.reference, rollout)
     return Evaluated(
-        scores=score_rollout(m.scorer, rollout, m.tok),
+        scores=scores,
         old_logprobs=response_logprobs(m.actor_engine.model, rollout),
-        ref_logprobs=response_logprobs(m.reference, rollout),
+        ref_logprobs=ref_logprobs,
         values=response_values(m.critic_engine.model, rollout) if m.critic_engine else None,
         greedy_scores=greedy_scores,
+    )
+
+
+def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group_size: int, pad_id: int):
+    """Every rank's shard of the rollout and its evaluation, concatenated in rank order: the advantages (whitening
+    included) are then computed over the whole batch, the same on every rank, as in one process."""
+    if dist.world_size() == 1:
+        return rollout, ev
+    g = dist.gather_padded
+    full = Rollout(
+        [p for p in prompts for _ in range(group_size)],
+        g(rollout.prompt_ids, pad_id),
+        g(rollout.prompt_mask, 0),
+        g(rollout.response, pad_id),
+        g(rollout.response_mask, 0.0),
+        g(rollout.rollout_logprobs, 0.0) if rollout.rollout_logprobs is not None else None,
+    )
+    scores = Scores(total=g(ev.scores.total, 0.0), parts={k: g(v, 0.0) for k, v in ev.scores.parts.items()})
+    return full, Evaluated(
+        scores=scores,
+        old_logprobs=g(ev.old_logprobs, 0.0),
+        ref_logprobs=g(ev.ref_logprobs, 0.0),
+        values=g(ev.values, 0.0) if ev.values is not None else None,
+        greedy_scores=g(ev.greedy_scores, 0.0) if ev.greedy_scores is not None else None,
     )
 
 
@@ -206,25 +259,39 @@ def tis_weights(rollout: Rollout, ev: Evaluated, cap: float | None) -> torch.Ten
 
 
 def ppo_update(
-    m: Models, rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrainConfig, kl_coef: float, ptx_batches, ema
+    m: Models,
+    rollout: Rollout,
+    ev: Evaluated,
+    adv: Advantages,
+    t: RLTrainConfig,
+    kl_coef: float,
+    ptx_batches,
+    ema,
+    order_seed: int,
 ) -> dict[str, float]:
-    """7. ppo_epochs × mini-batches; micro-batches accumulate with the mini-batch's token total."""
+    """7. ppo_epochs × mini-batches; micro-batches accumulate with the mini-batch's token total. With W ranks each
+    rank trains on its contiguous 1/W of every mini-batch (micro_batch_size is per rank); the shuffles come from a
+    generator seeded by `order_seed`, the same on every rank."""
     p = t.ppo
     n = rollout.response.shape[0]
+    world = dist.world_size()
     mini = p.mini_batch_size or n
-    micro = p.micro_batch_size or mini
+    micro = p.micro_batch_size or mini // world
+    shuffle = torch.Generator().manual_seed(order_seed)
     weights = tis_weights(rollout, ev, p.tis_cap)
     advantages = adv.advantages if weights is None else adv.advantages * weights
     kl_in_loss = p.kl_in == "loss"
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(p.ppo_epochs):
-        order = torch.randperm(n, device=rollout.response.device)
+        order = torch.randperm(n, generator=shuffle).to(rollout.response.device)
         for m0 in range(0, n, mini):
             mb_idx = order[m0 : m0 + mini]
             totals = {"total_tokens": float(rollout.response_mask[mb_idx].sum()), "total_seqs": len(mb_idx)}
-            for u0 in range(0, len(mb_idx), micro):
-                idx = mb_idx[u0 : u0 + micro]
+            mine, _ = dist.shard(mb_idx)
+            mine = torch.stack(mine)
+            for u0 in range(0, len(mine), micro):
+                idx = mine[u0 : u0 + micro]
                 r, mask = rollout.select(idx), rollout.response_mask[idx]
                 frac = float(mask.sum()) / totals["total_tokens"]  # the micro-batch's share of the tokens
                 logp = response_logprobs(m.actor_engine.model, r)
@@ -249,7 +316,7 @@ def ppo_update(
                     _acc(sums, {"loss/value": vl.item(), "value/clipfrac": float(vstats.clipfrac) * frac})
             if ptx_batches is not None:
                 ids, attn, lmask = next(ptx_batches)
-                ptx = shifted_lm_loss(m.actor_engine.model, ids, attn, lmask)
+                ptx = shifted_lm_loss(m.actor_engine.model, ids, attn, lmask) / world  # the mean of the ranks' means
                 m.actor_engine.backward(t.ptx_coef * ptx)
                 _acc(sums, {"loss/ptx": ptx.item()})
             a_stats = m.actor_engine.step()
@@ -258,10 +325,11 @@ def ppo_update(
                 c_stats = m.critic_engine.step()
                 _acc(sums, {"optim/critic_grad_norm": c_stats.grad_norm})
             if ema is not None:
-                ema_update(ema, m.actor_engine.model, t.ema_decay)
+                ema_update(ema, m.actor_engine.module, t.ema_decay)
             updates += 1
-    metrics = {k: v / updates for k, v in sums.items()}
+    metrics = {k: v / updates for k, v in dist.sum_dict_across(sums).items()}
     metrics["optim/actor_lr"] = a_stats.lr
+    metrics["faults/skipped_steps"] = float(m.actor_engine.bad_steps)
     if m.critic_engine is not None:
         metrics["optim/critic_lr"] = c_stats.lr
     if weights is not None:
@@ -308,6 +376,13 @@ def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrain
     return metrics
 
 
+def all_empty(rollout: Rollout, eos_id: int) -> bool:
+    """Whether every response of the batch is empty: EOS as its first token. Such a batch is not trained on (its
+    only lesson, "do not stop at once", is what the KL and the reward already teach); it is counted in
+    `faults/skipped_rollouts` and the next iteration draws new prompts — an earlier batch is never reused."""
+    return bool(((rollout.response_mask.sum(1) == 1) & (rollout.response[:, 0] == eos_id)).all())
+
+
 def truncated(rollout: Rollout, eos_id: int) -> torch.Tensor:
     """(B,) True where the response has no EOS: it filled max_new_tokens and was cut."""
     last = last_token_index(rollout.response_mask)
@@ -325,30 +400,83 @@ class Models:
     critic_engine: TrainEngine | None
     reference: torch.nn.Module
     scorer: Scorer
+    device: torch.device
+    offload_frozen: bool = False
+
+    @contextmanager
+    def resident(self, modules: list[torch.nn.Module]):
+        """With `engine.offload_frozen`, the frozen `modules` are on the device only for the block (CPU otherwise)."""
+        if not self.offload_frozen:
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
+
+def trainable(model: torch.nn.Module, cfg: RLConfig) -> torch.nn.Module:
+    """Actor and critic train with dropout off (so the first update's ratio is 1, as with DeepSpeed-Chat): in eval
+    mode, or — with gradient checkpointing, which transformers applies only in train mode — in train mode with every
+    dropout layer at p = 0."""
+    model = prepare_for_training(model.eval(), cfg)
+    if cfg.engine.gradient_checkpointing:
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return model
 
 
 def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
-    """The trained actor (and critic for PPO), the frozen reference and the reward sources."""
+    """The trained actor (and critic for PPO), the frozen reference and the reward sources (on the CPU between
+    uses with `engine.offload_frozen`)."""
     t = cfg.train
     actor_path = resolve_model(cfg.actor, out)
     tok = load_tokenizer(actor_path)
     dtype = cfg.run.dtype
-    actor = load_causal_lm(actor_path, tok, dtype, device).eval()
-    reference = load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, device).eval()
+    frozen_device = torch.device("cpu") if cfg.engine.offload_frozen else device
+    actor = trainable(load_causal_lm(actor_path, tok, dtype, device), cfg)
+    reference = load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, frozen_device).eval()
     reference.requires_grad_(False)
     rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
-    scorer = build_scorer(rm, cfg.reward_functions, cfg.reward_weights, tok, dtype, device)
-    samples = t.rollout_batch_size * t.group_size
-    steps = t.iterations * t.ppo.ppo_epochs * (samples // (t.ppo.mini_batch_size or samples))
-    actor_engine = TrainEngine(actor, t.actor_optim, steps, name="actor")
+    scorer = build_scorer(rm, cfg.reward_functions, cfg.reward_weights, tok, dtype, frozen_device)
+    steps = t.iterations * t.ppo.ppo_epochs * updates_per_epoch(t)
+    actor_engine = build_engine(actor, t.actor_optim, steps, "actor", cfg)
     critic_engine = None
     if algo.uses_critic:
         critic_path = resolve_model(cfg.critic or cfg.reward_model, out)
         if load_tokenizer(critic_path).get_vocab() != tok.get_vocab():
             raise UserError(f"critic '{critic_path}' must share the actor's tokenizer: it values the actor's tokens")
-        critic = load_value_model(critic_path, tok, dtype, device).eval()
-        critic_engine = TrainEngine(critic, t.critic_optim, steps, name="critic")
-    return Models(tok, HybridEngine(actor_engine, tok, t.generation), actor_engine, critic_engine, reference, scorer)
+        critic = trainable(load_value_model(critic_path, tok, dtype, device), cfg)
+        critic_engine = build_engine(critic, t.critic_optim, steps, "critic", cfg)
+    actor_gen = HybridEngine(actor_engine, tok, t.generation, cfg.engine.gather_for_generation)
+    return Models(
+        tok, actor_gen, actor_engine, critic_engine, reference, scorer, device, cfg.engine.offload_frozen
+    )  # fmt: skip
+
+
+def updates_per_epoch(t: RLTrainConfig) -> int:
+    samples = t.rollout_batch_size * t.group_size
+    return samples // (t.ppo.mini_batch_size or samples)
+
+
+def check_ranks(t: RLTrainConfig, world: int) -> None:
+    """Every rank must run the same number of forwards (ZeRO-3 gathers in each): equal shares of every batch."""
+    if world == 1:
+        return
+    samples = t.rollout_batch_size * t.group_size
+    mini = t.ppo.mini_batch_size or samples
+    micro = t.ppo.micro_batch_size or mini // world
+    if t.rollout_batch_size % world or mini % world or (mini // world) % micro:
+        raise UserError(
+            f"with {world} ranks, train.rollout_batch_size ({t.rollout_batch_size}) and train.ppo.mini_batch_size "
+            f"({mini}) must be multiples of {world}, and train.ppo.micro_batch_size ({micro}, per rank) must divide "
+            f"the {mini // world} sequences of each rank's mini-batch share"
+        )
 
 
 def ptx_stream(cfg: RLConfig, tok, out: Path, device):
@@ -362,9 +490,9 @@ def ptx_stream(cfg: RLConfig, tok, out: Path, device):
     def stream():
         for epoch in itertools.count():
             order = np.random.default_rng(cfg.run.seed + 7919 + epoch).permutation(len(enc))
-            for i in range(0, len(order), t.ptx_batch_size):
-                batch = [enc[j] for j in order[i : i + t.ptx_batch_size]]
-                yield (x.to(device) for x in collate_sft(batch, tok.pad_token_id))
+            for i in range(0, len(order), t.ptx_batch_size * dist.world_size()):
+                mine, _ = dist.shard([enc[j] for j in order[i : i + t.ptx_batch_size * dist.world_size()]])
+                yield (x.to(device) for x in collate_sft(mine, tok.pad_token_id))
 
     return stream()
 
@@ -383,7 +511,8 @@ def held_out_score(m: Models, prompts: list[Prompt], batch_size: int, device) ->
     scores = []
     for i in range(0, len(prompts), batch_size):
         rollout = generate_rollout(m.actor, prompts[i : i + batch_size], 1, m.tok, device)
-        scores.append(score_rollout(m.scorer, rollout, m.tok).total)
+        with m.resident(m.scorer.modules()):
+            scores.append(score_rollout(m.scorer, rollout, m.tok).total)
     return float(torch.cat(scores).mean())
 
 
@@ -396,6 +525,8 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
     t = cfg.train
     algo = ALGORITHMS[t.algo]
+    world = dist.world_size()
+    check_ranks(t, world)
 
     m = build_models(cfg, algo, out, device)
     tok = m.tok
@@ -404,25 +535,41 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     if len(prompts) < t.rollout_batch_size:
         raise UserError(f"only {len(prompts)} RL prompts, fewer than train.rollout_batch_size={t.rollout_batch_size}")
     ptx = ptx_stream(cfg, tok, out, device)
-    ema = copy.deepcopy(m.actor_engine.model).requires_grad_(False) if t.ema else None
+    ema = copy.deepcopy(m.actor_engine.module).requires_grad_(False) if t.ema else None
+    engines = [e for e in (m.actor_engine, m.critic_engine) if e is not None]
+    torch.manual_seed(cfg.run.seed + dist.rank())  # each rank samples its own responses
+    resumed = resume_state(cfg, out, engines)
+    start = resumed["step"] if resumed else 0
     keys = ("reward/score_mean", "kl/mean", "loss/policy")
     log = MetricsLogger(
-        out / "metrics.jsonl", "rl", t.iterations, cfg.run.progress, keys, tensorboard=cfg.run.tensorboard
+        out / "metrics.jsonl", "rl", t.iterations, cfg.run.progress, keys, tensorboard=cfg.run.tensorboard, start=start
     )
     print(
         f"rl ({t.algo}): {len(prompts)} prompts, {t.iterations} iterations × {t.rollout_batch_size} prompts × "
-        f"{t.group_size} samples → {out / 'model'}"
+        f"{t.group_size} samples on {world} rank(s) → {out / 'model'}"
     )
 
     stream = prompt_stream(prompts, t.rollout_batch_size, cfg.run.seed)
     kl_coef = t.ppo.kl_coef
     history: list[dict[str, float]] = []
-    for it in range(1, t.iterations + 1):
+    skipped_rollouts = 0
+    if resumed:
+        kl_coef, history, skipped_rollouts = resumed["kl_coef"], resumed["history"], resumed["skipped_rollouts"]
+        if ema is not None:
+            ema.load_state_dict(resumed["ema"])
+        for _ in range(start):
+            next(stream)
+        for _ in range(start * t.ppo.ppo_epochs * updates_per_epoch(t) if ptx is not None else 0):
+            next(ptx)
+    for it in range(start + 1, t.iterations + 1):
         t0 = time.time()
-        batch = next(stream)  # 1
-        rollout = generate_rollout(m.actor, batch, t.group_size, tok, device, tis=t.ppo.tis_cap is not None)  # 2
-        t1 = time.time()
-        ev = evaluate_rollout(m, rollout, batch, algo, t)  # 3–4
+        batch = next(stream)  # 1 (each rank samples for its share of the prompts)
+        mine, _ = dist.shard(batch)
+        width = max(len(p.ids) for p in batch)
+        rollout = generate_rollout(m.actor, mine, t.group_size, tok, device, tis=t.ppo.tis_cap is not None, width=width)
+        t1 = time.time()  # 2
+        ev = evaluate_rollout(m, rollout, mine, algo, t)  # 3–4
+        rollout, ev = gather_rollout(rollout, ev, batch, t.group_size, tok.pad_token_id)
         reward_kl = kl_coef if t.ppo.kl_in == "reward" else 0.0
         inputs = AdvantageInputs(
             ev.scores.total, ev.old_logprobs, ev.ref_logprobs, rollout.response_mask, reward_kl, ev.values,
@@ -431,8 +578,13 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
         adv = algo.advantages(inputs, t)  # 5–6
         t2 = time.time()
         metrics = rollout_metrics(rollout, ev, adv, t, tok.eos_token_id)
-        metrics.update(ppo_update(m, rollout, ev, adv, t, kl_coef, ptx, ema))  # 7
+        if all_empty(rollout, tok.eos_token_id):
+            skipped_rollouts += 1
+            print(f"warning: rl: iteration {it}: every response is empty (EOS first); no update from this batch")
+        else:
+            metrics.update(ppo_update(m, rollout, ev, adv, t, kl_coef, ptx, ema, cfg.run.seed * 100003 + it))  # 7
         t3 = time.time()
+        metrics["faults/skipped_rollouts"] = float(skipped_rollouts)
         metrics["kl/coef"] = kl_coef
         if t.ppo.kl_target is not None:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl/mean"], t.ppo.kl_target, t.ppo.kl_horizon, len(batch))
@@ -444,22 +596,27 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
         history.append(metrics)
         log.log(it, metrics, write=it % cfg.run.log_every == 0 or it == t.iterations)  # 8
         log.advance()
+        state = {"kl_coef": kl_coef, "history": history, "skipped_rollouts": skipped_rollouts}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        checkpoint_if_due(cfg, out, it, t.iterations, engines, state)
     log.close()
 
-    save_model_dir(m.actor_engine.model, tok, out / "model")
+    save_trained(m.actor_engine, tok, out)
     if m.critic_engine is not None:
-        save_model_dir(m.critic_engine.model.model, tok, out / "critic")
-    if ema is not None:
+        save_trained(m.critic_engine, tok, out, "critic")
+    if ema is not None and dist.is_main():
         save_model_dir(ema, tok, out / "model_ema")
     tail = history[-max(1, len(history) // 10) :]
     summary = {"stage": "rl", "algo": t.algo, "iterations": t.iterations, "prompts": len(prompts)}
-    summary.update({f"final/{k}": sum(h[k] for h in tail) / len(tail) for k in tail[0]})
+    summary.update({f"final/{k}": sum(h[k] for h in tail if k in h) / len(tail) for k in tail[0]})
     if eval_recs:
         held_out = to_prompts(tok, eval_recs, t.max_prompt_len)
         summary["eval/prompts"] = len(held_out)
         summary["eval/score_mean"] = held_out_score(m, held_out, t.rollout_batch_size, device)
     summary["time/total_s"] = clock.elapsed()
-    write_json(out / "summary.json", summary)
+    if dist.is_main():
+        write_json(out / "summary.json", summary)
     print(
         f"rl: done in {summary['time/total_s']:.1f}s; final reward {summary['final/reward/score_mean']:.3f}, "
         f"KL {summary['final/kl/mean']:.3f}"

@@ -1,0 +1,217 @@
+"""LoRA adapters (PEFT) on the trained models: train r·(d_in + d_out) numbers per adapted matrix instead of all of it.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3) freezes each adapted weight W
+(d_out × d_in) and learns a low-rank update beside it:
+
+    h = W·x + (α / r)·B·A·x        A: (r, d_in), B: (d_out, r), B = 0 at init, so the model starts unchanged
+
+The adapters are injected into the model in place (`peft.inject_adapter_in_model`): the model keeps its own class,
+so a causal LM is still a transformers `PreTrainedModel` (forward, `generate`, `config`, `generation_config`,
+`get_input_embeddings` all work as before) and a `ValueModel` keeps its `backbone` and `head` references. For a
+ValueModel the backbone is adapted and the scalar head stays fully trainable.
+
+For rollouts, `merged(model)` folds B·A into W so generation runs at the speed of the plain model, and puts the
+exact original weights back afterwards. `save_trained` writes the merged model as a plain HF directory plus the
+adapter alone in PEFT's format.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from chatrlhf.config import LoRAConfig
+from chatrlhf.models.load import ValueModel, save_model_dir
+
+ADAPTER = "default"
+"""PEFT's adapter name; we only ever have one adapter."""
+ALL_LINEAR = "all-linear"
+"""PEFT's shorthand target: every linear (and Conv1D) layer except the output layer / classification head."""
+PEFT_PREFIX = "base_model.model."
+"""Key prefix of the weights in a PEFT adapter file (what `PeftModel.save_pretrained` writes)."""
+
+
+def _hf_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model that carries the adapters: the model itself, or a ValueModel's `.model`."""
+    return model.model if isinstance(model, ValueModel) else model
+
+
+def _head_name(value_model: ValueModel) -> str:
+    """Attribute name of the scalar head inside `value_model.model` (`score` for most architectures)."""
+    return next(name for name, child in value_model.model.named_children() if child is value_model.head)
+
+
+def _lora_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def is_lora(model: nn.Module) -> bool:
+    """True when the model (or a ValueModel's backbone) carries LoRA adapters."""
+    return bool(_lora_layers(model))
+
+
+def _target_modules(names: list[str]) -> list[str] | str | None:
+    """LoRAConfig.target_modules → PEFT's `target_modules`: None = PEFT's default for the architecture."""
+    if not names:
+        return None
+    if ALL_LINEAR in names:
+        if len(names) > 1:
+            raise ValueError(f"lora.target_modules: '{ALL_LINEAR}' cannot be combined with other names, got {names}")
+        return ALL_LINEAR
+    return list(names)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Inject LoRA adapters into a causal LM or a ValueModel, in place, and freeze everything but the adapters
+    (and a ValueModel's head). Returns the same model object; with `cfg.rank == 0` it is returned untouched.
+
+    Adapter weights of a bfloat16/float16 model are kept in float32, as `peft.get_peft_model` does by default:
+    the frozen base stays in low precision, the few trained numbers do not lose updates to rounding.
+    """
+    if cfg.rank == 0:
+        return model
+    hf_model = _hf_model(model)
+    if is_lora(hf_model):
+        raise ValueError(f"{type(hf_model).__name__} already has LoRA adapters; apply_lora was called twice")
+    head = _head_name(model) if isinstance(model, ValueModel) else None
+    peft_config = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=_target_modules(cfg.target_modules),
+        # The value head is trained in full, never adapted (also under all-linear).
+        exclude_modules=[head] if head else None,
+        task_type="SEQ_CLS" if head else "CAUSAL_LM",
+    )
+    # Freezes every non-adapter parameter (PEFT's `_mark_only_adapters_as_trainable`).
+    inject_adapter_in_model(peft_config, hf_model, adapter_name=ADAPTER)
+    cast_adapter_dtype(hf_model, adapter_name=ADAPTER, autocast_adapter_dtype=True)
+    if not is_lora(hf_model):
+        raise ValueError(f"lora.target_modules={cfg.target_modules}: no layer of {type(hf_model).__name__} matched")
+    if isinstance(model, ValueModel):
+        model.head.requires_grad_(True)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(
+        f"lora: rank {cfg.rank}, alpha {cfg.alpha:g} on {len(_lora_layers(hf_model))} layers of "
+        f"{type(hf_model).__name__}; trainable {trainable:,} / {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+    return model
+
+
+@contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Fold the adapters into the base weights, W ← W + (α/r)·B·A, for the duration of the block (generation).
+
+    On exit (also on an exception) the adapters are unmerged and the base weights are overwritten with a copy
+    taken before merging: subtracting B·A again is not exact in floating point, and in bfloat16 the rounding
+    error of every merge/unmerge cycle would accumulate in the frozen weights over a run. The copy is kept on
+    the CPU. Inside the block the adapters are bypassed, so no gradient reaches them: generate only.
+    A model without LoRA is yielded unchanged.
+    """
+    layers = _lora_layers(model)
+    originals: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                for p in layer.get_base_layer().parameters():
+                    if p.numel() == 0:
+                        raise RuntimeError(
+                            "merged(): a base weight is empty (sharded by DeepSpeed ZeRO-3?); gather the full "
+                            "weights before merging"
+                        )
+                    originals.append((p, p.detach().to("cpu", copy=True)))
+                layer.merge(adapter_names=[ADAPTER])
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                if layer.merged:
+                    layer.unmerge()
+            for p, original in originals:
+                p.copy_(original)
+
+
+@contextmanager
+def _plain_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put each LoRA layer's base layer back in its place, so the model has exactly the module tree
+    (and state-dict keys) of the plain model; the LoRA layers (and their parameter objects, which the optimizer
+    holds) are restored on exit."""
+    swapped = []
+    try:
+        for name, layer in list(model.named_modules()):
+            if isinstance(layer, BaseTunerLayer):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, child, layer.get_base_layer())
+                swapped.append((parent, child, layer))
+        yield model
+    finally:
+        for parent, child, layer in reversed(swapped):
+            setattr(parent, child, layer)
+
+
+def _adapter_files(model: nn.Module) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter config and weights as `PeftModel.save_pretrained` writes them (keys `base_model.model.*`)."""
+    hf_model = _hf_model(model)
+    config = copy.deepcopy(hf_model.peft_config[ADAPTER])
+    config.base_model_name_or_path = hf_model.config.name_or_path
+    config.inference_mode = True
+    state = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(hf_model, adapter_name=ADAPTER).items()}
+    if isinstance(model, ValueModel):
+        # PEFT stores a fully trained module (`modules_to_save`) under its plain name: base_model.model.score.weight.
+        head = _head_name(model)
+        config.modules_to_save = [head]
+        state.update({f"{PEFT_PREFIX}{head}.{k}": v for k, v in model.head.state_dict().items()})
+    return config, {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _save_adapter_dir(model: nn.Module, tok: PreTrainedTokenizerBase, out: Path) -> None:
+    """Write adapter_config.json, adapter_model.safetensors and the tokenizer atomically, as `save_model_dir`
+    writes a model: a temp dir beside `out`, fsync, then rename."""
+    config, state = _adapter_files(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    config.save_pretrained(str(tmp))
+    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_trained(model: nn.Module, tok: PreTrainedTokenizerBase, out_dir: Path, name: str = "model") -> None:
+    """Save a trained causal LM or ValueModel under `out_dir`.
+
+    Without LoRA: `out_dir/<name>/`, the full model. With LoRA, two directories, each written atomically:
+      - `out_dir/<name>_adapter/`: the adapter (and a ValueModel's head) in PEFT's format, plus the tokenizer;
+      - `out_dir/<name>/`: the merged weights W + (α/r)·B·A as a plain HF model directory.
+    The live model keeps its unmerged adapters and its exact base weights.
+    """
+    hf_model = _hf_model(model)
+    if not is_lora(hf_model):
+        save_model_dir(hf_model, tok, out_dir / name)
+        return
+    _save_adapter_dir(model, tok, out_dir / f"{name}_adapter")
+    with merged(hf_model), _plain_modules(hf_model):
+        save_model_dir(hf_model, tok, out_dir / name)
