@@ -156,12 +156,16 @@ class WholeCopy:
         import deepspeed
 
         copy = self.copy.to_empty(device=self.device)
+        copy.tie_weights()  # to_empty gives tied parameters separate storage; tie them again
         mine = dict(copy.named_parameters())
+        theirs = dict(self.module.named_parameters())
+        if mine.keys() != theirs.keys():
+            raise RuntimeError(f"whole copy of {type(self.module).__name__} has other parameters than the model")
         with torch.no_grad():
-            theirs = dict(self.module.named_buffers())
+            buffers = dict(self.module.named_buffers())
             for name, b in copy.named_buffers():
-                b.copy_(theirs[name])
-            for name, p in self.module.named_parameters():
+                b.copy_(buffers[name])
+            for name, p in theirs.items():
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                     mine[name].copy_(p)
         copy.generation_config = self.module.generation_config

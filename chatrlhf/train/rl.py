@@ -220,9 +220,9 @@ def evaluate_rollout(m: Models, rollout: Rollout, batch: list[Prompt], algo: Alg
         ref_logprobs = response_logprobs(m.reference, rollout)
     return Evaluated(
         scores=scores,
-        old_logprobs=response_logprobs(m.actor_engine.model, rollout),
+        old_logprobs=response_logprobs(m.actor_engine.module, rollout),
         ref_logprobs=ref_logprobs,
-        values=response_values(m.critic_engine.model, rollout) if m.critic_engine else None,
+        values=response_values(m.critic_engine.module, rollout) if m.critic_engine else None,
         greedy_scores=greedy_scores,
     )
 
@@ -281,7 +281,8 @@ def ppo_update(
     weights = tis_weights(rollout, ev, p.tis_cap)
     advantages = adv.advantages if weights is None else adv.advantages * weights
     kl_in_loss = p.kl_in == "loss"
-    sums: dict[str, float] = {}
+    sums: dict[str, float] = {}  # this rank's shares of the losses and fractions: summed over ranks below
+    norms: dict[str, float] = {}  # gradient norms: global already, the same on every rank
     updates = 0
     for _ in range(p.ppo_epochs):
         order = torch.randperm(n, generator=shuffle).to(rollout.response.device)
@@ -320,14 +321,14 @@ def ppo_update(
                 m.actor_engine.backward(t.ptx_coef * ptx)
                 _acc(sums, {"loss/ptx": ptx.item()})
             a_stats = m.actor_engine.step()
-            _acc(sums, {"optim/actor_grad_norm": a_stats.grad_norm})
+            _acc(norms, {"optim/actor_grad_norm": a_stats.grad_norm})
             if m.critic_engine is not None:
                 c_stats = m.critic_engine.step()
-                _acc(sums, {"optim/critic_grad_norm": c_stats.grad_norm})
+                _acc(norms, {"optim/critic_grad_norm": c_stats.grad_norm})
             if ema is not None:
                 ema_update(ema, m.actor_engine.module, t.ema_decay)
             updates += 1
-    metrics = {k: v / updates for k, v in dist.sum_dict_across(sums).items()}
+    metrics = {k: v / updates for k, v in {**dist.sum_dict_across(sums), **norms}.items()}
     metrics["optim/actor_lr"] = a_stats.lr
     metrics["faults/skipped_steps"] = float(m.actor_engine.bad_steps)
     if m.critic_engine is not None:
