@@ -601,6 +601,9 @@ def _validate_options(o: StageOptions) -> None:
             "run.max_bad_steps > 0 needs engine.kind=single: DeepSpeed cannot discard gradients already reduced "
             "into ZeRO partitions, so a bad step stops a DeepSpeed run"
         )
+    train = getattr(o, "train", None) or getattr(o, "rl", None)
+    if e.kind == "deepspeed" and e.zero_stage == 3 and getattr(train, "ema", False):
+        raise ConfigError("ema with engine.zero_stage=3 is not supported (the EMA copy would need the whole actor)")
     if e.kind == "deepspeed" and e.zero_stage == 3 and o.lora.rank > 0:
         raise ConfigError("lora.rank > 0 with engine.zero_stage=3 is not supported; use ZeRO stage 0-2 with LoRA")
 

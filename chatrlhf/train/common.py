@@ -116,7 +116,7 @@ def prepare_run_dir(out: Path, cfg, overwrite: bool, resume: str = "no") -> Path
             f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints and the model"
         )
     remove_partial(out)
-    if resume == "no":
+    if resume == "no" or (resume == "auto" and not has_checkpoints):  # a fresh start
         if has_checkpoints:
             shutil.rmtree(out / "checkpoints")
         (out / "metrics.jsonl").unlink(missing_ok=True)

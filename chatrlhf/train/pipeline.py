@@ -21,6 +21,7 @@ from chatrlhf.config import DataConfig, DPOConfig, PipelineConfig, RewardConfig,
 from chatrlhf.data import load_source, parse_split, split_for_stages, to_prompt
 from chatrlhf.data.collate import encode_prompt
 from chatrlhf.demo.task import materialize
+from chatrlhf.engine import distributed as dist
 from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import compare, sample_and_score
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, pick_device
@@ -31,6 +32,7 @@ from chatrlhf.train.common import (
     load_raw,
     run_directory,
     seed_everything,
+    stage_device,
     train_eval_split,
     write_json,
 )
@@ -73,6 +75,11 @@ def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, list]:
     return out
 
 
+def options(cfg: PipelineConfig) -> dict:
+    """What every stage takes from the pipeline's config as is: engine, LoRA, checkpoints, resume, run settings."""
+    return {"engine": cfg.engine, "lora": cfg.lora, "checkpoint": cfg.checkpoint, "resume": cfg.resume, "run": cfg.run}
+
+
 @dataclass
 class Tuned:
     """What the steps after SFT (reward model and RL, or DPO) hand to the comparison and the run summary."""
@@ -90,8 +97,11 @@ class Tuned:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run the steps in `run_dir`; with `resume auto` finished steps are skipped and an interrupted one continues
+    from its newest checkpoint."""
     cfg.validate()
-    with run_directory(cfg.run_dir, cfg, cfg.run.overwrite) as run_dir:
+    stage_device(cfg)  # join the process group first when the stages run on DeepSpeed
+    with run_directory(cfg.run_dir, cfg, cfg.run.overwrite, cfg.resume) as run_dir:
         return _run_pipeline(cfg, run_dir)
 
 
@@ -106,7 +116,7 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     sft_dir = run_dir / "sft"
     clock = Stopwatch()
     sft = run_sft(
-        SFTConfig(model=cfg.model, output_dir=str(sft_dir), data=stage_data_cfg, train=cfg.sft, run=cfg.run),
+        SFTConfig(model=cfg.model, output_dir=str(sft_dir), data=stage_data_cfg, train=cfg.sft, **options(cfg)),
         raws=data["sft"],
     )
     times["sft"] = clock.elapsed()
@@ -115,7 +125,9 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     tuned = (dpo_step if cfg.method == "dpo" else rlhf_steps)(cfg, run_dir, data, stage_data_cfg)
     times.update(tuned.times)
 
-    # evaluation: SFT vs the tuned policy on the same held-out prompts
+    # evaluation: SFT vs the tuned policy on the same held-out prompts, by the main process
+    if not dist.is_main():
+        return {}
     clock = Stopwatch()
     report = evaluate(cfg, run_dir, tuned.eval_raws, tuned.policy_dir, tuned.reward_model_dir)
     times["eval"] = clock.elapsed()
@@ -142,7 +154,7 @@ def train_reward_model(cfg: PipelineConfig, run_dir: Path, data: dict[str, list]
             output_dir=str(rm_dir),
             data=stage_data_cfg,
             train=cfg.reward,
-            run=cfg.run,
+            **options(cfg),
         ),
         raws=data["reward"],
     )
@@ -174,7 +186,7 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
             output_dir=str(rl_dir),
             data=stage_data_cfg,
             train=cfg.rl,
-            run=cfg.run,
+            **options(cfg),
         ),
         raws=rl_train,
         eval_raws=rl_eval,
@@ -199,7 +211,7 @@ def dpo_step(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_da
             output_dir=str(dpo_dir),
             data=stage_data_cfg,
             train=cfg.dpo,
-            run=cfg.run,
+            **options(cfg),
         ),
         raws=dpo_train,
         eval_raws=dpo_eval,
