@@ -32,30 +32,26 @@ import torch
 
 from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_prompt, to_sft
-from chatrlhf.data.collate import collate_sft, encode_prompt, encode_sft, pad, position_ids
+from chatrlhf.data.collate import collate_sft, encode_sft
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.single import TrainEngine, build_engine
 from chatrlhf.errors import UserError
 from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import (
-    ValueModel,
     load_causal_lm,
     load_tokenizer,
     load_value_model,
     resolve_model,
     save_model_dir,
 )
-from chatrlhf.models.rewards import Scorer, Scores, ScoringBatch, build_scorer
+from chatrlhf.models.rewards import Scorer, build_scorer
 from chatrlhf.rlhf import (
     KL_ESTIMATORS,
     adaptive_kl_coef,
     aggregate_loss,
-    last_token_index,
     masked_mean,
     policy_loss,
-    token_logprobs,
-    truncate_after_eos,
     value_loss,
 )
 from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, Algorithm
@@ -71,137 +67,21 @@ from chatrlhf.train.common import (
     stage_records,
     write_json,
 )
+from chatrlhf.train.rollout import (
+    Evaluated,
+    Prompt,
+    Rollout,
+    all_empty,
+    gather_rollout,
+    generate_rollout,
+    prompt_stream,
+    response_logprobs,
+    response_values,
+    score_rollout,
+    to_prompts,
+    truncated,
+)
 from chatrlhf.train.sft import shifted_lm_loss
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """An RL prompt: its tokens, the text reward functions see, and the record's other fields."""
-
-    ids: list[int]
-    text: str
-    extra: dict
-
-
-@dataclass
-class Rollout:
-    """Sampled responses. B = sequences (prompts × group_size), P = prompt width, R = response width."""
-
-    prompts: list[Prompt]
-    """(B) the prompt of each sequence (repeated within a group)."""
-    prompt_ids: torch.Tensor
-    """(B, P) long — left-padded prompts."""
-    prompt_mask: torch.Tensor
-    """(B, P) long — 1 for real prompt tokens."""
-    response: torch.Tensor
-    """(B, R) long — sampled tokens, pad after the first EOS."""
-    response_mask: torch.Tensor
-    """(B, R) float — 1 up to and including the first EOS."""
-    rollout_logprobs: torch.Tensor | None = None
-    """(B, R) log-probs the rollout engine sampled with (only for truncated importance sampling)."""
-
-    @property
-    def sequences(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.response], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
-
-    @property
-    def last_index(self) -> torch.Tensor:
-        """(B,) position of the last real response token in `sequences`."""
-        return self.prompt_ids.shape[1] + last_token_index(self.response_mask)
-
-    def select(self, idx: torch.Tensor) -> Rollout:
-        """A sub-batch for training (tensors only; the texts stay with the full rollout)."""
-        return Rollout([], self.prompt_ids[idx], self.prompt_mask[idx], self.response[idx], self.response_mask[idx])
-
-
-@dataclass
-class Evaluated:
-    """Scores and no-grad forwards over a rollout; (B, R) over response positions."""
-
-    scores: Scores
-    """(B,) summed reward and its parts."""
-    old_logprobs: torch.Tensor
-    """log π_old(a_t | s_t) — the actor that sampled."""
-    ref_logprobs: torch.Tensor
-    """log π_ref(a_t | s_t) — the frozen reference."""
-    values: torch.Tensor | None
-    """V_old(s_t), the critic's value of the state before token t (PPO only)."""
-    greedy_scores: torch.Tensor | None
-    """(B,) reward of the greedy response (ReMax only)."""
-
-
-# ------------------------------------------------------------------------------------------------ the steps
-
-
-def prompt_stream(prompts: list[Prompt], batch_size: int, seed: int):
-    """1. Endless shuffled batches of prompts: each pass is a new permutation, cut into full batches (the last
-    `len % batch_size` prompts of a pass wait for a later pass's shuffle)."""
-    for epoch in itertools.count():
-        order = np.random.default_rng(seed + epoch).permutation(len(prompts))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [prompts[j] for j in order[i : i + batch_size]]
-
-
-def generate_rollout(
-    actor: HybridEngine,
-    batch: list[Prompt],
-    group_size: int,
-    tok,
-    device,
-    greedy: bool = False,
-    tis: bool = False,
-    width: int | None = None,
-) -> Rollout:
-    """2. Sample `group_size` responses per prompt (consecutive) in generation mode; pad after the first EOS.
-    Prompts are left-padded to `width` (the global batch's longest, so every rank's shard has the same width)."""
-    expanded = [p for p in batch for _ in range(group_size)]
-    ids = [p.ids for p in expanded]
-    prompt_ids, prompt_mask = (x.to(device) for x in pad(ids, tok.pad_token_id, left=True, width=width))
-    with actor.generation_mode():
-        response, rollout_logprobs = actor.generate(prompt_ids, prompt_mask, greedy=greedy, return_logprobs=tis)
-    response, mask = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
-    return Rollout(expanded, prompt_ids, prompt_mask, response, mask, rollout_logprobs)
-
-
-def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
-    """3. The summed reward of each response (decoded text for functions, tokens for a shared-vocabulary RM)."""
-    lengths = rollout.response_mask.sum(1).long().tolist()
-    texts = [tok.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(rollout.response, lengths)]
-    return scorer(
-        ScoringBatch(
-            sequences=rollout.sequences,
-            attention_mask=rollout.attention_mask,
-            last_index=rollout.last_index,
-            prompts=[p.text for p in rollout.prompts],
-            responses=texts,
-            extras=[p.extra for p in rollout.prompts],
-        )
-    )
-
-
-def response_logprobs(model, rollout: Rollout) -> torch.Tensor:
-    """(B, R) log π(a_t | s_t) of the response tokens; logits are computed for response positions only."""
-    attn = rollout.attention_mask
-    width = rollout.response.shape[1]
-    logits = model(
-        input_ids=rollout.sequences,
-        attention_mask=attn,
-        position_ids=position_ids(attn),
-        use_cache=False,
-        logits_to_keep=width + 1,
-    ).logits[:, :-1]
-    return token_logprobs(logits, rollout.response)
-
-
-def response_values(critic: ValueModel, rollout: Rollout) -> torch.Tensor:
-    """(B, R) V(s_t): the value at the token before each response token."""
-    attn = rollout.attention_mask
-    values = critic(rollout.sequences, attn, position_ids(attn))
-    return values[:, rollout.prompt_ids.shape[1] - 1 : -1]
 
 
 @torch.no_grad()
@@ -224,30 +104,6 @@ def evaluate_rollout(m: Models, rollout: Rollout, batch: list[Prompt], algo: Alg
         ref_logprobs=ref_logprobs,
         values=response_values(m.critic_engine.module, rollout) if m.critic_engine else None,
         greedy_scores=greedy_scores,
-    )
-
-
-def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group_size: int, pad_id: int):
-    """Every rank's shard of the rollout and its evaluation, concatenated in rank order: the advantages (whitening
-    included) are then computed over the whole batch, the same on every rank, as in one process."""
-    if dist.world_size() == 1:
-        return rollout, ev
-    g = dist.gather_padded
-    full = Rollout(
-        [p for p in prompts for _ in range(group_size)],
-        g(rollout.prompt_ids, pad_id),
-        g(rollout.prompt_mask, 0),
-        g(rollout.response, pad_id),
-        g(rollout.response_mask, 0.0),
-        g(rollout.rollout_logprobs, 0.0) if rollout.rollout_logprobs is not None else None,
-    )
-    scores = Scores(total=g(ev.scores.total, 0.0), parts={k: g(v, 0.0) for k, v in ev.scores.parts.items()})
-    return full, Evaluated(
-        scores=scores,
-        old_logprobs=g(ev.old_logprobs, 0.0),
-        ref_logprobs=g(ev.ref_logprobs, 0.0),
-        values=g(ev.values, 0.0) if ev.values is not None else None,
-        greedy_scores=g(ev.greedy_scores, 0.0) if ev.greedy_scores is not None else None,
     )
 
 
@@ -377,19 +233,6 @@ def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrain
     return metrics
 
 
-def all_empty(rollout: Rollout, eos_id: int) -> bool:
-    """Whether every response of the batch is empty: EOS as its first token. Such a batch is not trained on (its
-    only lesson, "do not stop at once", is what the KL and the reward already teach); it is counted in
-    `faults/skipped_rollouts` and the next iteration draws new prompts — an earlier batch is never reused."""
-    return bool(((rollout.response_mask.sum(1) == 1) & (rollout.response[:, 0] == eos_id)).all())
-
-
-def truncated(rollout: Rollout, eos_id: int) -> torch.Tensor:
-    """(B,) True where the response has no EOS: it filled max_new_tokens and was cut."""
-    last = last_token_index(rollout.response_mask)
-    return rollout.response.gather(1, last.unsqueeze(1)).squeeze(1) != eos_id
-
-
 # ------------------------------------------------------------------------------------------------ the driver
 
 
@@ -496,14 +339,6 @@ def ptx_stream(cfg: RLConfig, tok, out: Path, device):
                 yield (x.to(device) for x in collate_sft(mine, tok.pad_token_id))
 
     return stream()
-
-
-def to_prompts(tok, recs, max_len: int) -> list[Prompt]:
-    """Encode prompt records; reward functions see the prompt text (the last user turn for conversations)."""
-    return [
-        Prompt(encode_prompt(tok, r, max_len), r.prompt if r.prompt is not None else r.messages[-1]["content"], r.extra)
-        for r in recs
-    ]
 
 
 @torch.no_grad()
