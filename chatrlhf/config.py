@@ -825,7 +825,9 @@ def load_recipe(cls: type[C], path: str | Path) -> C:
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {p}: invalid YAML: {e}") from None
     try:
-        return from_dict(cls, data)
+        cfg = from_dict(cls, data)
+        _validate_types(cfg)
+        return cfg
     except TypeError as e:
         raise ConfigError(f"recipe {p}: {e}") from None
     except ConfigError as e:

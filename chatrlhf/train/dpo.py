@@ -31,7 +31,7 @@ import torch
 
 from chatrlhf.config import DPOConfig
 from chatrlhf.data import to_pair
-from chatrlhf.data.collate import Encoded, collate_sft, encode_pair_responses, position_ids
+from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_responses, position_ids
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.single import build_engine
 from chatrlhf.errors import UserError
@@ -161,8 +161,8 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
     train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)
     path = resolve_model(cfg.model, out)
     tok = load_tokenizer(path)
-    train_pairs = [encode_pair_responses(tok, r, t.max_seq_len) for r in train_recs]
-    eval_pairs = [encode_pair_responses(tok, r, t.max_seq_len) for r in eval_recs]
+    train_pairs = encode_all(train_recs, lambda r: encode_pair_responses(tok, r, t.max_seq_len))
+    eval_pairs = encode_all(eval_recs, lambda r: encode_pair_responses(tok, r, t.max_seq_len))
 
     # models, engine, and the loss variant, chosen once
     policy, reference = load_models(cfg, path, tok, out, device)

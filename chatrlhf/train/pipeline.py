@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chatrlhf.config import DataConfig, DPOConfig, PipelineConfig, RewardConfig, RLConfig, SFTConfig
 from chatrlhf.data import load_source, parse_split, split_for_stages, to_prompt
-from chatrlhf.data.collate import encode_prompt
+from chatrlhf.data.collate import encode_all, encode_prompt
 from chatrlhf.demo.task import materialize
 from chatrlhf.engine import distributed as dist
 from chatrlhf.errors import UserError
@@ -231,7 +231,7 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Pa
         raise UserError("no held-out prompts to evaluate: set eval.prompts or data.eval_fraction > 0")
     recs = convert(raws, to_prompt, cfg.data.skip_invalid, "evaluation prompt")[: e.num_prompts]
     tok = load_tokenizer(str(run_dir / "sft" / "model"))
-    prompts = [encode_prompt(tok, r, cfg.rl.max_prompt_len) for r in recs]
+    prompts = encode_all(recs, lambda r: encode_prompt(tok, r, cfg.rl.max_prompt_len))
     texts = [r.prompt if r.prompt is not None else r.messages[-1]["content"] for r in recs]
     extras = [r.extra for r in recs]
     judge = load_function(e.judge) if e.judge else None

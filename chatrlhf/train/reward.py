@@ -14,7 +14,7 @@ import torch
 
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import to_pair
-from chatrlhf.data.collate import encode_pair, pad, position_ids
+from chatrlhf.data.collate import encode_all, encode_pair, pad, position_ids
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.single import build_engine
 from chatrlhf.metrics import MetricsLogger
@@ -89,8 +89,8 @@ def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)
     path = resolve_model(cfg.model, out)
     tok = load_tokenizer(path)
-    train_pairs = [encode_pair(tok, r, t.max_seq_len) for r in train_recs]
-    eval_pairs = [encode_pair(tok, r, t.max_seq_len) for r in eval_recs]
+    train_pairs = encode_all(train_recs, lambda r: encode_pair(tok, r, t.max_seq_len))
+    eval_pairs = encode_all(eval_recs, lambda r: encode_pair(tok, r, t.max_seq_len))
 
     # 2. model and engine
     model = prepare_for_training(load_value_model(path, tok, cfg.run.dtype, device).train(), cfg)

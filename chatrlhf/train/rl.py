@@ -32,7 +32,7 @@ import torch
 
 from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_prompt, to_sft
-from chatrlhf.data.collate import collate_sft, encode_sft
+from chatrlhf.data.collate import collate_sft, encode_all, encode_sft
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.single import TrainEngine, build_engine
@@ -329,7 +329,7 @@ def ptx_stream(cfg: RLConfig, tok, out: Path, device):
     if not t.ptx_paths:
         return None
     recs = convert(load_raw(t.ptx_paths, None, cfg.run.seed, out), to_sft, cfg.data.skip_invalid, "PTX")
-    enc = [encode_sft(tok, r, t.max_prompt_len + t.generation.max_new_tokens, False) for r in recs]
+    enc = encode_all(recs, lambda r: encode_sft(tok, r, t.max_prompt_len + t.generation.max_new_tokens, False))
 
     def stream():
         for epoch in itertools.count():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from chatrlhf.data.collate import encode_prompt, pad, position_ids
+from chatrlhf.data.collate import encode_all, encode_prompt, pad, position_ids
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.models.load import ValueModel
@@ -189,7 +189,7 @@ def truncated(rollout: Rollout, eos_id: int) -> torch.Tensor:
 
 def to_prompts(tok, recs, max_len: int) -> list[Prompt]:
     """Encode prompt records; reward functions see the prompt text (the last user turn for conversations)."""
+    ids = encode_all(recs, lambda r: encode_prompt(tok, r, max_len))
     return [
-        Prompt(encode_prompt(tok, r, max_len), r.prompt if r.prompt is not None else r.messages[-1]["content"], r.extra)
-        for r in recs
+        Prompt(i, r.prompt if r.prompt is not None else r.messages[-1]["content"], r.extra) for i, r in zip(ids, recs)
     ]

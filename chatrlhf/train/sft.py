@@ -14,7 +14,7 @@ import torch
 
 from chatrlhf.config import SFTConfig
 from chatrlhf.data import to_sft
-from chatrlhf.data.collate import collate_sft, encode_sft, position_ids
+from chatrlhf.data.collate import collate_sft, encode_all, encode_sft, position_ids
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.single import build_engine
 from chatrlhf.metrics import MetricsLogger
@@ -68,8 +68,8 @@ def _run_sft(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     train_recs, eval_recs = stage_records(cfg.data, to_sft, cfg.run.seed, out, "SFT", raws, eval_raws)
     path = resolve_model(cfg.model, out)
     tok = load_tokenizer(path)
-    train_enc = [encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt) for r in train_recs]
-    eval_enc = [encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt) for r in eval_recs]
+    train_enc = encode_all(train_recs, lambda r: encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt))
+    eval_enc = encode_all(eval_recs, lambda r: encode_sft(tok, r, t.max_seq_len, t.loss_on_prompt))
 
     # 2. model and engine (the global micro-batch is batch_size × ranks; each rank trains on its share)
     model = prepare_for_training(load_causal_lm(path, tok, cfg.run.dtype, device).train(), cfg)
