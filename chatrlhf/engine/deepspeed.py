@@ -130,7 +130,7 @@ class DeepSpeedEngine:
 
     def save_state(self, directory: Path) -> None:
         """Optimizer, schedule and (sharded) weights into `directory/<name>/` (every rank writes its shard)."""
-        self.model.save_checkpoint(str(directory), tag=self.name, client_state={"steps": self.steps})
+        self.model.save_checkpoint(str(directory), tag=self.name, client_state={"steps": self.steps}, save_latest=False)
 
     def load_state(self, directory: Path) -> None:
         _, client = self.model.load_checkpoint(str(directory), tag=self.name)

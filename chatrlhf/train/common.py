@@ -264,7 +264,11 @@ def prepare_for_training(model, cfg):
 
     if cfg.engine.gradient_checkpointing:
         hf = model.model if isinstance(model, ValueModel) else model
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.lora.rank > 0:
         from chatrlhf.models.lora import apply_lora
 
