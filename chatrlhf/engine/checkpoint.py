@@ -7,11 +7,15 @@ that step, so a resumed run rewrites the lines after it exactly as the uninterru
 
 Writing is atomic: everything goes into a hidden temp directory, is fsynced, and is renamed to `step-N` last; a
 crash mid-write leaves a `.step-N.tmp` that is never read and is removed on the next start. Only after a new
-checkpoint is complete are the oldest beyond `keep` deleted.
+checkpoint is complete are the oldest beyond `keep` deleted, and a checkpoint is deleted (or replaced) by first
+renaming it to a hidden `.….tmp` name, so a crash mid-delete never leaves a visible, incomplete `step-N`. A save
+that runs out of disk removes its temp directory and stops the run with a UserError; the checkpoints already
+complete are kept.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -84,28 +88,46 @@ def save_checkpoint(out: Path, step: int, engines: list, trainer: dict[str, Any]
     root = checkpoint_root(out)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{PREFIX}{step:08d}.tmp"
-    if dist.is_main():
+    try:
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        for engine in engines:
+            engine.save_state(tmp)
+        torch.save(rng_state(), tmp / f"rng-rank{dist.rank()}.pt")
+        if dist.is_main():
+            metrics = out / "metrics.jsonl"
+            trainer = {**trainer, "step": step, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
+            torch.save(trainer, tmp / "trainer.pt")
+        _barrier()
+        if dist.is_main():
+            _fsync_tree(tmp)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    for engine in engines:
-        engine.save_state(tmp)
-    torch.save(rng_state(), tmp / f"rng-rank{dist.rank()}.pt")
+        latest = latest_checkpoint(out)
+        kept = f"the last complete checkpoint, {latest}, is kept" if latest else "no earlier checkpoint exists"
+        raise UserError(f"checkpoint at step {step}: disk full writing {tmp}: {e}; {kept}") from None
     if dist.is_main():
-        metrics = out / "metrics.jsonl"
-        trainer = {**trainer, "step": step, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
-        torch.save(trainer, tmp / "trainer.pt")
-    _barrier()
-    if dist.is_main():
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved by an earlier attempt of this run
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved by an earlier attempt of this run (resumed from an older step)
+            _discard(final)
         tmp.rename(final)
         _fsync_dir(root)
         for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
+            _discard(old)
     _barrier()
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a complete checkpoint: hide it first (one atomic rename), so that no visible `step-N` is ever
+    half-deleted; if the deletion is interrupted, `remove_partial` finishes it on the next start."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.old.tmp")
+    shutil.rmtree(hidden, ignore_errors=True)
+    checkpoint.rename(hidden)
+    shutil.rmtree(hidden)
 
 
 def load_checkpoint(path: Path, engines: list) -> dict[str, Any]:

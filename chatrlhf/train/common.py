@@ -44,10 +44,10 @@ def run_directory(output_dir: str, cfg, overwrite: bool, resume: str = "no") -> 
     """
     out = Path(output_dir)
     existed = out.exists()
-    if dist.is_main():
-        prepare_run_dir(out, cfg, overwrite, resume)
-    _barrier()
     try:
+        if dist.is_main():
+            prepare_run_dir(out, cfg, overwrite, resume)
+        _barrier()
         yield out
     except BaseException:
         if dist.is_main():
@@ -91,12 +91,13 @@ def stage_device(cfg) -> torch.device:
 def prepare_run_dir(out: Path, cfg, overwrite: bool, resume: str = "no") -> Path:
     """Create the run directory, refuse one that holds another run (a finished model, or checkpoints of an
     unfinished one unless resuming), check it is writable, store the resolved config."""
-    if (out / "model").exists() and not overwrite:
+    has_checkpoints = bool(list_checkpoints(out))
+    # a run killed between writing model/ and summary.json is still unfinished: resuming it is allowed
+    if (out / "model").exists() and not overwrite and not (resume != "no" and has_checkpoints):
         raise UserError(
             f"output directory '{out}' already holds a finished run (model/); choose another directory or pass "
             "--run.overwrite"
         )
-    has_checkpoints = bool(list_checkpoints(out))
     if has_checkpoints and resume == "no" and not overwrite:
         raise UserError(
             f"output directory '{out}' holds checkpoints of an unfinished run; pass --resume auto to continue it, "
@@ -116,6 +117,7 @@ def prepare_run_dir(out: Path, cfg, overwrite: bool, resume: str = "no") -> Path
             f"{MIN_FREE_BYTES / 2**20:.0f} MiB for checkpoints and the model"
         )
     remove_partial(out)
+    clean_failed_run(out)
     if resume == "no" or (resume == "auto" and not has_checkpoints):  # a fresh start
         if has_checkpoints:
             shutil.rmtree(out / "checkpoints")
@@ -236,8 +238,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def clean_failed_run(out: Path) -> None:
-    """Remove temp directories a crashed save left behind (a complete `model/` is never touched)."""
-    for p in out.glob("**/.*.tmp-*"):
+    """Remove temp directories a crashed save left behind: of model directories and of checkpoints (a complete
+    `model/` or `checkpoints/step-N/` is never touched)."""
+    for p in [*out.glob("**/.*.tmp-*"), *out.glob("**/checkpoints/.*.tmp")]:
         shutil.rmtree(p, ignore_errors=True)
 
 

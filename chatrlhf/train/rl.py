@@ -186,7 +186,7 @@ def ppo_update(
             updates += 1
     metrics = {k: v / updates for k, v in {**dist.sum_dict_across(sums), **norms}.items()}
     metrics["optim/actor_lr"] = a_stats.lr
-    metrics["faults/skipped_steps"] = float(m.actor_engine.bad_steps)
+    metrics["faults/skipped_steps"] = float(sum(e.bad_steps for e in (m.actor_engine, m.critic_engine) if e))
     if m.critic_engine is not None:
         metrics["optim/critic_lr"] = c_stats.lr
     if weights is not None:
@@ -414,6 +414,7 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
         adv = algo.advantages(inputs, t)  # 5–6
         t2 = time.time()
         metrics = rollout_metrics(rollout, ev, adv, t, tok.eos_token_id)
+        bad_before = sum(e.bad_steps for e in engines)
         if all_empty(rollout, tok.eos_token_id):
             skipped_rollouts += 1
             print(f"warning: rl: iteration {it}: every response is empty (EOS first); no update from this batch")
@@ -426,8 +427,10 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl/mean"], t.ppo.kl_target, t.ppo.kl_horizon, len(batch))
         metrics.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2})
         metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (t3 - t0)
+        # a step skipped under run.max_bad_steps leaves its losses and gradient norm non-finite in the averages
+        skipped_now = sum(e.bad_steps for e in engines) > bad_before
         for k, v in metrics.items():
-            if not math.isfinite(v):
+            if not math.isfinite(v) and not (skipped_now and k.startswith(("loss/", "policy/", "value/", "optim/"))):
                 raise FloatingPointError(f"rl: metric {k} is {v} at iteration {it}; stopping before saving")
         history.append(metrics)
         log.log(it, metrics, write=it % cfg.run.log_every == 0 or it == t.iterations)  # 8
