@@ -232,9 +232,20 @@ class Stopwatch:
 
 
 def write_json(path: Path, data: dict) -> None:
+    """Write strict JSON atomically; a non-finite number (e.g. the loss of a skipped step) is written as null."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def clean_failed_run(out: Path) -> None:
