@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -153,14 +155,23 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
 def save_model_dir(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: Path, state_dict: dict | None = None
 ) -> None:
-    """Write a complete HF model directory atomically: a temp dir beside `out`, fsync, then rename. `state_dict`
-    (weights gathered from a sharded engine) replaces the model's own tensors when given."""
+    """Write a complete HF model directory atomically (`atomic_dir`). `state_dict` (weights gathered from a
+    sharded engine) replaces the model's own tensors when given."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tok.save_pretrained(tmp)
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """A directory that appears at `out` complete or not at all: the block writes into a temp dir beside it, whose
+    files are then fsynced, and which is renamed to `out` (replacing an older `out`) last."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tok.save_pretrained(tmp)
+    tmp.mkdir()
+    yield tmp
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

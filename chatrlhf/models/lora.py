@@ -18,8 +18,6 @@ adapter alone in PEFT's format.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chatrlhf.config import LoRAConfig
-from chatrlhf.models.load import ValueModel, save_model_dir
+from chatrlhf.models.load import ValueModel, atomic_dir, save_model_dir
 
 ADAPTER = "default"
 """PEFT's adapter name; we only ever have one adapter."""
@@ -182,22 +180,10 @@ def _save_adapter_dir(model: nn.Module, tok: PreTrainedTokenizerBase, out: Path)
     """Write adapter_config.json, adapter_model.safetensors and the tokenizer atomically, as `save_model_dir`
     writes a model: a temp dir beside `out`, fsync, then rename."""
     config, state = _adapter_files(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    config.save_pretrained(str(tmp))
-    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(out) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
 
 
 def save_trained(model: nn.Module, tok: PreTrainedTokenizerBase, out_dir: Path, name: str = "model") -> None:
