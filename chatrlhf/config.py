@@ -51,7 +51,8 @@ class EngineConfig:
 
     kind: Literal["single", "deepspeed"] = "single"
     """`single`: plain PyTorch in one process (the default). `deepspeed`: DeepSpeed ZeRO; launch with
-    `torchrun --nproc_per_node N -m chatrlhf ...` or `deepspeed --num_gpus N -m chatrlhf ...` (docs/scale.md)."""
+    `torchrun --nproc_per_node N -m chatrlhf ...` or
+    `deepspeed --num_gpus N --module --no_local_rank chatrlhf ...` (docs/scale.md)."""
     zero_stage: int = 2
     """ZeRO stage 0–3: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
     offload_optimizer: bool = False

@@ -50,6 +50,14 @@ def deepspeed_config(e: EngineConfig, optim: OptimConfig, dtype: str) -> dict:
         if not isinstance(user, dict):
             raise ConfigError(f"engine.deepspeed_config {path}: expected a JSON object")
         config = _merge(config, user)
+        zero = config.get("zero_optimization")
+        stage = zero.get("stage") if isinstance(zero, dict) else None
+        if stage != e.zero_stage:
+            raise ConfigError(
+                f"engine.deepspeed_config {path}: zero_optimization.stage is {stage}, but engine.zero_stage is "
+                f"{e.zero_stage}; set the stage with engine.zero_stage only (saving, generation and the LoRA and EMA "
+                "checks read it there)"
+            )
     return config
 
 
@@ -91,8 +99,9 @@ class DeepSpeedEngine:
         )
         self.module = self.model.module
         self.zero_stage = engine.zero_stage
+        self.fp16 = dtype == "float16"
         self.steps = 0
-        self.bad_steps = 0  # always 0: a bad step stops a DeepSpeed run (config validation says why)
+        self.bad_steps = 0  # fp16 steps DeepSpeed's loss scaler skipped on overflow (any other bad step stops the run)
 
     def backward(self, loss: torch.Tensor) -> None:
         # the average over ranks becomes the sum of the ranks' shares of the global loss
@@ -105,8 +114,15 @@ class DeepSpeedEngine:
         self.model.step()
         norm = self.model.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else math.nan
+        if self.fp16 and self.model.skipped_steps != skipped:
+            # dynamic loss scaling: an overflow step is skipped and the scale lowered, as fp16 training expects
+            self.bad_steps += 1
+            return StepStats(grad_norm=math.nan, lr=lr, skipped=True)
         if self.model.skipped_steps != skipped or not math.isfinite(grad_norm):
-            raise FloatingPointError(f"{self.name}: non-finite gradient norm ({grad_norm}) at step {self.steps + 1}")
+            raise FloatingPointError(
+                f"{self.name}: metric optim/grad_norm is {grad_norm} (non-finite gradient) at optimizer step "
+                f"{self.steps + 1}"
+            )
         self.steps += 1
         return StepStats(grad_norm=grad_norm, lr=lr)
 
@@ -124,8 +140,10 @@ class DeepSpeedEngine:
                     out[name] = p.detach().cpu().clone()
         if not dist.is_main():
             return None
+        saved = self.module.state_dict().keys()  # parameters and persistent buffers: what save_pretrained writes
         for name, b in self.module.named_buffers():
-            out[name] = b.detach().cpu()
+            if name in saved:
+                out[name] = b.detach().cpu()
         return out
 
     def save_state(self, directory: Path) -> None:

@@ -84,6 +84,12 @@ def shard(items: Sequence[T]) -> tuple[list[T], float]:
     return list(items[start:stop]), 1.0
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def sum_across(value: float) -> float:
     """Sum a Python float over ranks (a logging statistic; every rank gets the total)."""
     if not is_distributed():

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from chatrlhf.data.collate import position_ids
+from chatrlhf.engine import distributed as dist
 from chatrlhf.errors import UserError
 from chatrlhf.models.tiny import build_tiny_model, parse_tiny_spec
 
@@ -44,8 +45,9 @@ def resolve_model(spec: str, workdir: Path) -> str:
     tiny = parse_tiny_spec(spec)
     if tiny is not None:
         out = workdir / "base_model"
-        if not (out / "config.json").is_file():
+        if dist.is_main() and not (out / "config.json").is_file():  # one writer when several ranks run
             build_tiny_model(out, **tiny)
+        dist.barrier()
         return str(out)
     p = Path(spec).expanduser()
     looks_local = p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1

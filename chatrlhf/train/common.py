@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
-from chatrlhf.config import DataConfig, save_config
+from chatrlhf.config import DataConfig, OptimConfig, save_config
 from chatrlhf.data import RawRecord, blend, load_source, validate_all
 from chatrlhf.demo.task import materialize
 from chatrlhf.engine import distributed as dist
@@ -81,6 +81,9 @@ def stage_device(cfg) -> torch.device:
     device = pick_device(cfg.run.device)
     if cfg.engine.kind != "deepspeed":
         return device
+    from chatrlhf.engine.deepspeed import deepspeed_config
+
+    deepspeed_config(cfg.engine, OptimConfig(), cfg.run.dtype)  # a bad --engine.deepspeed_config fails here, early
     dist.init(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
