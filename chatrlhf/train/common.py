@@ -80,6 +80,13 @@ def stage_device(cfg) -> torch.device:
 
     device = pick_device(cfg.run.device)
     if cfg.engine.kind != "deepspeed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise UserError(
+                f"launched as {world} processes (WORLD_SIZE={world}, set by torchrun/deepspeed) but engine.kind is "
+                "single: every process would run the whole stage on its own and write the same run directory; pass "
+                "--engine.kind deepspeed, or run without a launcher"
+            )
         return device
     from chatrlhf.engine.deepspeed import deepspeed_config
 

@@ -180,3 +180,10 @@ def test_split_that_leaves_a_stage_no_data(pipeline, fail):
 def test_malformed_split(pipeline, fail):
     err = fail(pipeline("--data.split", "1,2"))
     assert re.search(r"data\.split: expected three comma-separated weights for SFT, reward and RL .*got 2: '1,2'", err)
+
+
+def test_launcher_without_the_deepspeed_engine(sft, fail, data, monkeypatch):
+    # torchrun sets WORLD_SIZE; with engine.kind single every process would run the whole stage into one directory
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = fail(sft(data))
+    assert re.search(r"launched as 2 processes \(WORLD_SIZE=2.*engine\.kind is single.*--engine\.kind deepspeed", err)
