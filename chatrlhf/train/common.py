@@ -90,6 +90,10 @@ def stage_device(cfg) -> torch.device:
         return device
     from chatrlhf.engine.deepspeed import deepspeed_config
 
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UserError("engine.kind=deepspeed needs DeepSpeed: pip install 'chatrlhf[deepspeed]'") from None
     deepspeed_config(cfg.engine, OptimConfig(), cfg.run.dtype)  # a bad --engine.deepspeed_config fails here, early
     dist.init(device.type)
     if device.type == "cuda":
