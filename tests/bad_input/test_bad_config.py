@@ -4,6 +4,7 @@ file where the problem is in it) and what was expected."""
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -187,3 +188,9 @@ def test_launcher_without_the_deepspeed_engine(sft, fail, data, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     err = fail(sft(data))
     assert re.search(r"launched as 2 processes \(WORLD_SIZE=2.*engine\.kind is single.*--engine\.kind deepspeed", err)
+
+
+def test_deepspeed_engine_without_deepspeed_installed(sft, fail, data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
+    err = fail(sft(data, "--engine.kind", "deepspeed"))
+    assert "engine.kind=deepspeed needs DeepSpeed: pip install 'chatrlhf[deepspeed]'" in err, err
