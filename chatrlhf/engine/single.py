@@ -60,7 +60,7 @@ class TrainEngine:
         """Clip, refuse a non-finite gradient (nothing is applied), step optimizer and schedule, zero grads.
 
         A refused step raises FloatingPointError, or, while fewer than `max_bad_steps` were skipped, is skipped:
-        the schedule does not advance and the step number is not used up."""
+        the LR schedule and the step counter do not advance; the driver goes on with the next batch."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         lr = self.scheduler.get_last_lr()[0]
