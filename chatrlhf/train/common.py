@@ -30,6 +30,7 @@ from chatrlhf.engine.checkpoint import (
     truncate_metrics,
 )
 from chatrlhf.errors import UserError
+from chatrlhf.metrics import MetricsLogger
 
 T = TypeVar("T")
 
@@ -279,6 +280,17 @@ def resume_state(cfg, out: Path, engines: list) -> dict | None:
     truncate_metrics(out, trainer)
     print(f"resuming from {path} (step {trainer['step']})")
     return trainer
+
+
+def open_loop(cfg, out: Path, stage: str, engines: list, total: int, keys: tuple[str, ...]):
+    """Resume the engines if `cfg.resume` says so, and open the metrics logger there.
+    Returns (the checkpoint's driver state or None, the step to continue after, the logger)."""
+    resumed = resume_state(cfg, out, engines)
+    start = resumed["step"] if resumed else 0
+    log = MetricsLogger(
+        out / "metrics.jsonl", stage, total, cfg.run.progress, keys, tensorboard=cfg.run.tensorboard, start=start
+    )
+    return resumed, start, log
 
 
 def checkpoint_if_due(cfg, out: Path, step: int, total: int, engines: list, trainer: dict) -> None:

@@ -35,15 +35,14 @@ from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.single import build_engine
 from chatrlhf.errors import UserError
-from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary
 from chatrlhf.rlhf import dpo_loss, masked_sum, token_logprobs
 from chatrlhf.train.common import (
     Stopwatch,
     checkpoint_if_due,
+    open_loop,
     planned_steps,
     prepare_for_training,
-    resume_state,
     run_stage,
     save_trained,
     stage_records,
@@ -171,12 +170,7 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
     total = planned_steps(len(train_pairs), t.batch_size * world, t.grad_accum, t.epochs, t.max_steps)
     engine = build_engine(prepare_for_training(policy, cfg), t.optim, total, "dpo", cfg)
     policy = engine.model
-    resumed = resume_state(cfg, out, [engine])
-    start = resumed["step"] if resumed else 0
-    log = MetricsLogger(
-        out / "metrics.jsonl", "dpo", total, cfg.run.progress, ("loss/train", "rewards/margin"),
-        tensorboard=cfg.run.tensorboard, start=start,
-    )  # fmt: skip
+    resumed, start, log = open_loop(cfg, out, "dpo", [engine], total, ("loss/train", "rewards/margin"))
     print(f"dpo: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
 
     def evaluate() -> dict[str, float]:

@@ -17,7 +17,6 @@ from chatrlhf.data import to_pair
 from chatrlhf.data.collate import encode_all, encode_pair, pad, position_ids
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.single import build_engine
-from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import (
     ValueModel,
     load_tokenizer,
@@ -28,9 +27,9 @@ from chatrlhf.rlhf import last_token_index, pairwise_loss
 from chatrlhf.train.common import (
     Stopwatch,
     checkpoint_if_due,
+    open_loop,
     planned_steps,
     prepare_for_training,
-    resume_state,
     run_stage,
     save_trained,
     stage_records,
@@ -98,12 +97,7 @@ def _run_reward(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     total = planned_steps(len(train_pairs), t.batch_size * world, t.grad_accum, t.epochs, t.max_steps)
     engine = build_engine(model, t.optim, total, "reward", cfg)
     model = engine.model
-    resumed = resume_state(cfg, out, [engine])
-    start = resumed["step"] if resumed else 0
-    log = MetricsLogger(
-        out / "metrics.jsonl", "reward", total, cfg.run.progress, ("loss/train", "train/accuracy"),
-        tensorboard=cfg.run.tensorboard, start=start,
-    )  # fmt: skip
+    resumed, start, log = open_loop(cfg, out, "reward", [engine], total, ("loss/train", "train/accuracy"))
     print(f"reward: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
 
     # 3. train: each micro-batch's mean loss is weighted by its share of the step's pairs (global micro-batch =

@@ -37,7 +37,6 @@ from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.single import TrainEngine, build_engine
 from chatrlhf.errors import UserError
-from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import (
     load_causal_lm,
     load_tokenizer,
@@ -60,8 +59,8 @@ from chatrlhf.train.common import (
     checkpoint_if_due,
     convert,
     load_raw,
+    open_loop,
     prepare_for_training,
-    resume_state,
     run_stage,
     save_trained,
     stage_records,
@@ -352,6 +351,23 @@ def held_out_score(m: Models, prompts: list[Prompt], batch_size: int, device) ->
     return float(torch.cat(scores).mean())
 
 
+def check_finite(metrics: dict[str, float], it: int, skipped_step: bool) -> None:
+    """Stop before anything non-finite is saved. An optimizer step skipped under `run.max_bad_steps` leaves its
+    losses and gradient norm non-finite in the iteration's averages; those are logged as null instead."""
+    for k, v in metrics.items():
+        if not math.isfinite(v) and not (skipped_step and k.startswith(("loss/", "policy/", "value/", "optim/"))):
+            raise FloatingPointError(f"rl: metric {k} is {v} at iteration {it}; stopping before saving")
+
+
+def save_models(m: Models, ema: torch.nn.Module | None, out: Path) -> None:
+    """`model/` (the actor), `critic/` (PPO) and `model_ema/` (with `train.ema`); LoRA adds the adapters."""
+    save_trained(m.actor_engine, m.tok, out)
+    if m.critic_engine is not None:
+        save_trained(m.critic_engine, m.tok, out, "critic")
+    if ema is not None and dist.is_main():
+        save_model_dir(ema, m.tok, out / "model_ema")
+
+
 def run_rl(cfg: RLConfig, raws=None, eval_raws=None) -> dict:
     """Run RL; write `output_dir/model` (actor), `critic/` (PPO), optional `model_ema/`, metrics, config, summary."""
     return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_rl(cfg, out, device, raws, eval_raws))
@@ -374,12 +390,8 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     ema = copy.deepcopy(m.actor_engine.module).requires_grad_(False) if t.ema else None
     engines = [e for e in (m.actor_engine, m.critic_engine) if e is not None]
     torch.manual_seed(cfg.run.seed + dist.rank())  # each rank samples its own responses
-    resumed = resume_state(cfg, out, engines)
-    start = resumed["step"] if resumed else 0
     keys = ("reward/score_mean", "kl/mean", "loss/policy")
-    log = MetricsLogger(
-        out / "metrics.jsonl", "rl", t.iterations, cfg.run.progress, keys, tensorboard=cfg.run.tensorboard, start=start
-    )
+    resumed, start, log = open_loop(cfg, out, "rl", engines, t.iterations, keys)
     print(
         f"rl ({t.algo}): {len(prompts)} prompts, {t.iterations} iterations × {t.rollout_batch_size} prompts × "
         f"{t.group_size} samples on {world} rank(s) → {out / 'model'}"
@@ -427,11 +439,7 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
             kl_coef = adaptive_kl_coef(kl_coef, metrics["kl/mean"], t.ppo.kl_target, t.ppo.kl_horizon, len(batch))
         metrics.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2})
         metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (t3 - t0)
-        # a step skipped under run.max_bad_steps leaves its losses and gradient norm non-finite in the averages
-        skipped_now = sum(e.bad_steps for e in engines) > bad_before
-        for k, v in metrics.items():
-            if not math.isfinite(v) and not (skipped_now and k.startswith(("loss/", "policy/", "value/", "optim/"))):
-                raise FloatingPointError(f"rl: metric {k} is {v} at iteration {it}; stopping before saving")
+        check_finite(metrics, it, skipped_step=sum(e.bad_steps for e in engines) > bad_before)
         history.append(metrics)
         log.log(it, metrics, write=it % cfg.run.log_every == 0 or it == t.iterations)  # 8
         log.advance()
@@ -440,12 +448,7 @@ def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
             state["ema"] = ema.state_dict()
         checkpoint_if_due(cfg, out, it, t.iterations, engines, state)
     log.close()
-
-    save_trained(m.actor_engine, tok, out)
-    if m.critic_engine is not None:
-        save_trained(m.critic_engine, tok, out, "critic")
-    if ema is not None and dist.is_main():
-        save_model_dir(ema, tok, out / "model_ema")
+    save_models(m, ema, out)
     tail = history[-max(1, len(history) // 10) :]
     summary = {"stage": "rl", "algo": t.algo, "iterations": t.iterations, "prompts": len(prompts)}
     summary.update({f"final/{k}": sum(h[k] for h in tail if k in h) / len(tail) for k in tail[0]})

@@ -17,15 +17,14 @@ from chatrlhf.data import to_sft
 from chatrlhf.data.collate import collate_sft, encode_all, encode_sft, position_ids
 from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.single import build_engine
-from chatrlhf.metrics import MetricsLogger
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model
 from chatrlhf.rlhf import lm_loss
 from chatrlhf.train.common import (
     Stopwatch,
     checkpoint_if_due,
+    open_loop,
     planned_steps,
     prepare_for_training,
-    resume_state,
     run_stage,
     save_trained,
     stage_records,
@@ -76,12 +75,7 @@ def _run_sft(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
     world = dist.world_size()
     total = planned_steps(len(train_enc), t.batch_size * world, t.grad_accum, t.epochs, t.max_steps)
     engine = build_engine(model, t.optim, total, "sft", cfg)
-    resumed = resume_state(cfg, out, [engine])
-    start = resumed["step"] if resumed else 0
-    log = MetricsLogger(
-        out / "metrics.jsonl", "sft", total, cfg.run.progress, ("loss/train", "eval/perplexity"),
-        tensorboard=cfg.run.tensorboard, start=start,
-    )  # fmt: skip
+    resumed, start, log = open_loop(cfg, out, "sft", [engine], total, ("loss/train", "eval/perplexity"))
     print(f"sft: {len(train_enc)} train / {len(eval_enc)} eval records, {total} steps on {world} rank(s) → {out}/model")
 
     # 3. train: grad_accum micro-batches per step, each loss scaled by the step's total target tokens
