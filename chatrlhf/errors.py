@@ -21,3 +21,14 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """Config values that are invalid or conflict; the message names the fields."""
+
+
+def first_in_file(errors: list[DataError]) -> DataError:
+    """The error of the earliest record, by file and position in it (records are validated after the blend's
+    shuffle, but a message should name the first bad record of a file, not a random one)."""
+
+    def position(e: DataError) -> tuple[str, int]:
+        number = (e.where or "").rpartition(" ")[2]
+        return e.source, int(number) if number.isdigit() else 0
+
+    return min(errors, key=position)

@@ -20,7 +20,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from chatrlhf.errors import DataError
+from chatrlhf.errors import DataError, first_in_file
 
 PLAIN_TEMPLATE = "Human: {prompt}\n\nAssistant:"
 
@@ -154,8 +154,9 @@ def encode_prompt(tok, rec, max_len: int) -> list[int]:
 
 
 def encode_all(records: Sequence[R], encode: Callable[[R], E]) -> list[E]:
-    """`encode` every record (e.g. `lambda r: encode_sft(tok, r, max_len, False)`); if any fail, raise the first
-    error with the number of the others, so that one run says how much of a dataset is over a length limit."""
+    """`encode` every record (e.g. `lambda r: encode_sft(tok, r, max_len, False)`); if any fail, raise the error of
+    the first failing record (by file and position) with the number of the others, so that one run says how much of
+    a dataset is over a length limit."""
     encoded: list[E] = []
     errors: list[DataError] = []
     for rec in records:
@@ -164,7 +165,7 @@ def encode_all(records: Sequence[R], encode: Callable[[R], E]) -> list[E]:
         except DataError as e:
             errors.append(e)
     if errors:
-        first, more = errors[0], len(errors) - 1
+        first, more = first_in_file(errors), len(errors) - 1
         if not more:
             raise first
         raise DataError(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from chatrlhf.data.sources import RawRecord
-from chatrlhf.errors import DataError
+from chatrlhf.errors import DataError, first_in_file
 
 ROLES = ("system", "user", "assistant")
 
@@ -224,7 +224,8 @@ def validate_all(
 ) -> tuple[list[R], list[DataError]]:
     """Convert every record with `convert` (`to_sft`, `to_pair` or `to_prompt`).
 
-    By default raise the first error, saying how many other records are invalid too. With `skip_invalid`,
+    By default raise the error of the first invalid record (by file and position), saying how many other records
+    are invalid too. With `skip_invalid`,
     return the valid records and every error; the caller reports the count, so nothing is dropped silently.
     """
     valid: list[R] = []
@@ -235,7 +236,7 @@ def validate_all(
         except DataError as e:
             errors.append(e)
     if errors and not skip_invalid:
-        first = errors[0]
+        first = first_in_file(errors)
         if len(errors) == 1:
             raise first
         more = len(errors) - 1

@@ -174,3 +174,16 @@ def test_too_few_records_to_hold_out(tmp_path, sft, fail):
     err = fail(sft(write(tmp_path / "data.jsonl", json.dumps(GOOD) + "\n")))
     # The default data.eval_fraction 0.05 holds out max(1, round(0.05)) = 1 record: all there is.
     assert re.search(r"only 1 records: too few to hold out 5% for evaluation", err), err
+
+
+def test_every_record_invalid_names_the_first_of_the_file(tmp_path, sft, fail):
+    """Records are validated after the blend's shuffle; the message still names the file's first record."""
+    data = jsonl(tmp_path / "data.jsonl", [{"prompt": f"p{i}", "answer": "r"} for i in range(40)])
+    err = fail(sft(data))
+    assert re.search(r"data\.jsonl:line 1: .*\(and 39 more invalid records in this dataset\)", err), err
+
+
+def test_every_record_over_length_names_the_first_of_the_file(tmp_path, sft, fail):
+    data = jsonl(tmp_path / "data.jsonl", [{"prompt": "p" * (100 + i), "response": "r"} for i in range(30)])
+    err = fail(sft(data, "--train.max_seq_len", "64"))
+    assert re.search(r"data\.jsonl:line 1: prompt \+ response is \d+ tokens, over max_seq_len=64 \(and \d+ more", err)
