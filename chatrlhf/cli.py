@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def _finish_distributed(code: int) -> None:
     """A distributed run ends through `distributed.finish` (it exits the process; see there why)."""
     if "torch.distributed" in sys.modules:
-        from chatrlhf.engine.distributed import finish
+        from chatrlhf.distributed import finish
 
         finish(code)
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from chatrlhf.data.blend import parse_split
 from chatrlhf.errors import ConfigError
 
 
@@ -513,8 +514,6 @@ class PipelineConfig(StageOptions):
     """Final evaluation."""
 
     def validate(self) -> None:
-        from chatrlhf.data.blend import parse_split
-
         _validate_types(self)
         _validate_options(self)
         _require(self.model, "model", "a model id, directory or tiny:ARCH preset")

@@ -1,7 +1,8 @@
 """Metrics: one JSON line per logged step in `metrics.jsonl`, a progress bar showing the key ones, and — with
 `run.tensorboard` — the same scalars as TensorBoard events in `<run dir>/tensorboard/`.
 
-Every key is documented in docs/metrics.md; keys are namespaced (`loss/policy`, `reward/mean`, `time/generate_s`).
+Every key is documented in docs/metrics.md; keys are namespaced (`loss/policy`, `reward/score_mean`,
+`time/generate_s`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from chatrlhf import distributed as dist
 from chatrlhf.errors import UserError
 
 
@@ -30,13 +32,11 @@ class MetricsLogger:
         tensorboard: bool = False,
         start: int = 0,
     ):
-        from chatrlhf.engine.distributed import is_main
-
         self.path = path
         self.stage = stage
         self.keys = keys
         self.start = time.time()
-        self.enabled = is_main()
+        self.enabled = dist.is_main()
         self.writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard and self.enabled else None
         self.file = open(path, "a", encoding="utf-8") if self.enabled else None
         self.bar = tqdm(total=total, initial=start, desc=stage, disable=not (show and self.enabled), dynamic_ncols=True)

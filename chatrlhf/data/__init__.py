@@ -8,6 +8,8 @@ Accepted sources (`load_source`):
 - `.csv` — a header row, then one record per row; every value is a string. Errors name "row N".
 - a directory written by `datasets.Dataset.save_to_disk` or `DatasetDict.save_to_disk`; for a
   `DatasetDict` the split is "train" unless the source is written `path:split`. Errors name "row N".
+- a generated source such as the bundled demo's `demo:pairs:N:SEED`, written to a file first
+  (`resolve_generated`, data/generated.py).
 
 Record schemas (extra fields are allowed; RL prompts keep them in `PromptRecord.extra` for reward functions):
 
@@ -23,10 +25,12 @@ Strings must be non-blank. Every error is a `DataError` naming the source, the r
 """
 
 from chatrlhf.data.blend import blend, blend_counts, parse_split, split_for_stages
+from chatrlhf.data.generated import resolve_generated
 from chatrlhf.data.records import PairRecord, PromptRecord, SFTRecord, to_pair, to_prompt, to_sft, validate_all
 from chatrlhf.data.sources import RawRecord, load_source
 
 __all__ = [
+    "resolve_generated",
     "PairRecord",
     "PromptRecord",
     "RawRecord",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from chatrlhf.engine import distributed as dist
+from chatrlhf import distributed as dist
 from chatrlhf.errors import UserError
 
 PREFIX = "step-"

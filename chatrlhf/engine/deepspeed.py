@@ -1,4 +1,5 @@
-"""The DeepSpeed engine: ZeRO stages 0–3, CPU offload, bf16/fp16, behind the same interface as `TrainEngine`.
+"""The DeepSpeed engine: ZeRO stages 0–3, CPU offload, bf16/fp16, behind the `TrainEngine` interface
+(engine/base.py).
 
 The driver still owns the loop: it calls `backward(loss)` per micro-batch and `step()` per optimizer step. DeepSpeed
 runs with `managed_gradient_accumulation: false`, so each `step()` is the accumulation boundary whatever the number
@@ -11,15 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 from transformers import get_scheduler
 
+from chatrlhf import distributed as dist
 from chatrlhf.config import EngineConfig, OptimConfig
-from chatrlhf.engine import distributed as dist
-from chatrlhf.engine.single import StepStats, param_groups
+from chatrlhf.engine.base import StepStats, non_finite_gradient, param_groups
 from chatrlhf.errors import ConfigError
 
 
@@ -70,7 +73,11 @@ def _merge(base: dict, over: dict) -> dict:
 
 class DeepSpeedEngine:
     """A model trained by DeepSpeed. `model` is the DeepSpeed engine (call it for training forwards: ZeRO-3 hooks
-    and backward bookkeeping live there); `module` is the underlying Hugging Face model."""
+    and backward bookkeeping live there); `module` is the underlying Hugging Face model.
+
+    For generation under ZeRO-3, `generation_weights()` gathers the weights into a `WholeCopy` once per rollout
+    batch (`engine.gather_for_generation`, the default), or yields the sharded module itself, which must then
+    generate with `synced_gpus` (`sharded_generation`)."""
 
     def __init__(
         self, model: nn.Module, optim: OptimConfig, total_steps: int, name: str, engine: EngineConfig, dtype: str
@@ -99,6 +106,8 @@ class DeepSpeedEngine:
         )
         self.module = self.model.module
         self.zero_stage = engine.zero_stage
+        self.gather_for_generation = engine.gather_for_generation
+        self._whole: WholeCopy | None = None  # built on the first rollout (only the actor generates)
         self.fp16 = dtype == "float16"
         self.steps = 0
         self.bad_steps = 0  # fp16 steps DeepSpeed's loss scaler skipped on overflow (any other bad step stops the run)
@@ -119,10 +128,7 @@ class DeepSpeedEngine:
             self.bad_steps += 1
             return StepStats(grad_norm=math.nan, lr=lr, skipped=True)
         if self.model.skipped_steps != skipped or not math.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"{self.name}: metric optim/grad_norm is {grad_norm} (non-finite gradient) at optimizer step "
-                f"{self.steps + 1}"
-            )
+            raise non_finite_gradient(self.name, grad_norm, self.steps + 1)
         self.steps += 1
         return StepStats(grad_norm=grad_norm, lr=lr)
 
@@ -145,6 +151,20 @@ class DeepSpeedEngine:
             if name in saved:
                 out[name] = b.detach().cpu()
         return out
+
+    @contextmanager
+    def generation_weights(self) -> Iterator[nn.Module]:
+        if self.zero_stage < 3 or not self.gather_for_generation:
+            yield self.module
+            return
+        if self._whole is None:
+            self._whole = WholeCopy(self.module, next(self.module.parameters()).device)
+        with self._whole as copy:
+            yield copy
+
+    @property
+    def sharded_generation(self) -> bool:
+        return self.zero_stage == 3 and not self.gather_for_generation
 
     def save_state(self, directory: Path) -> None:
         """Optimizer, schedule and (sharded) weights into `directory/<name>/` (every rank writes its shard)."""

@@ -1,6 +1,6 @@
 """The hybrid engine: the actor is trained and also generates the rollouts.
 
-Switching is explicit and scoped (DESIGN.md):
+Switching is explicit and scoped (docs/architecture.md):
 
     with actor.generation_mode():
         responses = actor.generate(prompt_ids, prompt_mask)
@@ -9,9 +9,10 @@ Inside the block the model is in eval mode with the KV cache on and autograd off
 training state exactly (train/eval flags of every module, grad mode, the cache flag, the model's generation
 config), also when generation raises.
 Backend `hf` is Hugging Face `generate`. A LoRA actor generates on merged weights (unmerged again on leaving).
-Under ZeRO-3 the weights are gathered once per rollout batch into a whole copy (`engine.gather_for_generation`,
-the default); without it, generation runs on the sharded model with `synced_gpus`, so a rank whose responses end
-early keeps joining the other ranks' per-layer gathers instead of leaving them waiting forever.
+The weights to generate with come from the training engine (`TrainEngine.generation_weights`): under ZeRO-3 they
+are gathered once per rollout batch into a whole copy (`engine.gather_for_generation`, the default); without it,
+generation runs on the sharded model with `synced_gpus`, so a rank whose responses end early keeps joining the
+other ranks' per-layer gathers instead of leaving them waiting forever.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedTokenizerBase
 
 from chatrlhf.config import GenerationConfig
-from chatrlhf.engine.single import TrainEngine
+from chatrlhf.engine.base import TrainEngine
 from chatrlhf.models.lora import is_lora, merged
 
 
@@ -55,19 +56,12 @@ class HybridEngine:
         engine: TrainEngine,
         tokenizer: PreTrainedTokenizerBase,
         generation: GenerationConfig,
-        gather_for_generation: bool = True,
     ):
         self.engine = engine
         self.model = engine.module
         self.tokenizer = tokenizer
         self.hf_generation = sampling_config(tokenizer, generation)
-        zero3 = getattr(engine, "zero_stage", 0) == 3
-        self.whole = None
-        if zero3 and gather_for_generation:
-            from chatrlhf.engine.deepspeed import WholeCopy
-
-            self.whole = WholeCopy(self.model, next(self.model.parameters()).device)
-        self.synced_gpus = zero3 and not gather_for_generation
+        self.synced_gpus = engine.sharded_generation
         self._generating = False
         self._generator = self.model
 
@@ -87,7 +81,7 @@ class HybridEngine:
             with ExitStack() as stack:
                 if is_lora(model):
                     stack.enter_context(merged(model))
-                self._generator = stack.enter_context(self.whole) if self.whole is not None else model
+                self._generator = stack.enter_context(self.engine.generation_weights())
                 yield self
         finally:
             self._generator = model

@@ -1,39 +1,23 @@
-"""The single-process training engine: one model, AdamW, an LR schedule and gradient clipping, plain PyTorch."""
+"""The single-process training engine: one model, AdamW, an LR schedule and gradient clipping, plain PyTorch
+(the `TrainEngine` interface of engine/base.py)."""
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator
 
 import torch
 from torch import nn
 from transformers import get_scheduler
 
 from chatrlhf.config import OptimConfig
+from chatrlhf.engine.base import StepStats, non_finite_gradient, param_groups
 
 
-class StepStats(NamedTuple):
-    grad_norm: float
-    """Global L2 norm of the gradient before clipping."""
-    lr: float
-    """Learning rate used for this step."""
-    skipped: bool = False
-    """The gradient was not finite and the step was skipped (`run.max_bad_steps`); nothing was applied."""
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases and norm scales (1-D tensors) are not decayed (DeepSpeed-Chat does
-    the same by name; the dimension rule needs no names)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class TrainEngine:
-    """Owns a trainable model's optimizer and schedule. The driver calls `backward(loss)` per micro-batch and
-    `step()` per optimizer step; nothing else happens behind its back. `model` is what training forwards call and
-    `module` the Hugging Face model itself (the same object here; a DeepSpeed engine and its module there)."""
+class SingleEngine:
+    """A model trained in this process. `model` and `module` are the same object here."""
 
     def __init__(
         self, model: nn.Module, optim: OptimConfig, total_steps: int, name: str = "model", max_bad_steps: int = 0
@@ -73,10 +57,7 @@ class TrainEngine:
                     f"({self.bad_steps} of at most {self.max_bad_steps})"
                 )
                 return StepStats(grad_norm=grad_norm, lr=lr, skipped=True)
-            raise FloatingPointError(
-                f"{self.name}: metric optim/grad_norm is {grad_norm} (non-finite gradient) at optimizer step "
-                f"{self.steps + 1}; the step was not applied"
-            )
+            raise non_finite_gradient(self.name, grad_norm, self.steps + 1)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -86,6 +67,14 @@ class TrainEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's weights (for saving the model directory)."""
         return self.module.state_dict()
+
+    @contextmanager
+    def generation_weights(self) -> Iterator[nn.Module]:
+        yield self.module
+
+    @property
+    def sharded_generation(self) -> bool:
+        return False
 
     def save_state(self, directory: Path) -> None:
         """Weights, optimizer, schedule and counters into `directory/<name>.pt`."""
@@ -104,12 +93,3 @@ class TrainEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps, self.bad_steps = state["steps"], state["bad_steps"]
-
-
-def build_engine(model: nn.Module, optim: OptimConfig, total_steps: int, name: str, cfg) -> TrainEngine:
-    """The engine `cfg.engine.kind` names, for a stage config `cfg` (engine, run)."""
-    if cfg.engine.kind == "deepspeed":
-        from chatrlhf.engine.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, optim, total_steps, name, cfg.engine, cfg.run.dtype)
-    return TrainEngine(model, optim, total_steps, name, cfg.run.max_bad_steps)

@@ -43,9 +43,8 @@ import torch
 from gymnasium import spaces
 from transformers import PreTrainedTokenizerBase
 
-from chatrlhf.data import RawRecord, load_source, to_prompt, validate_all
+from chatrlhf.data import RawRecord, load_source, resolve_generated, to_prompt, validate_all
 from chatrlhf.data.collate import encode_prompt, render_prompt, response_ids
-from chatrlhf.demo.task import materialize
 from chatrlhf.errors import ConfigError, UserError
 from chatrlhf.models.load import load_tokenizer, pick_device, resolve_model
 from chatrlhf.models.rewards import ScoringBatch, build_scorer
@@ -116,7 +115,7 @@ def load_prompts(
     """A data source (anything `load_source` reads, or a `demo:prompts:N:SEED` source) or in-memory prompts
     (strings, or records as in an RL data file) → validated, rendered and tokenized prompts."""
     if isinstance(prompts, (str, Path)):
-        raws = load_source(materialize(str(prompts), data_dir))
+        raws = load_source(resolve_generated(str(prompts), data_dir))
     elif isinstance(prompts, dict):
         raise UserError("prompts: expected a data source path or a list of prompts, found one record (dict)")
     else:

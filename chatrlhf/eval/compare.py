@@ -81,25 +81,27 @@ class PolicySamples:
 def sample_and_score(
     model,
     tok,
-    reward_model,
     prompts: list[list[int]],
-    k: int,
-    gen: GenerationConfig,
+    *,
+    generation: GenerationConfig,
+    samples: int,
     batch_size: int,
     seed: int,
-    judge: Callable | None,
-    prompt_texts: list[str],
+    reward_model=None,
+    judge: Callable | None = None,
+    texts: list[str],
     extras: list[dict],
 ) -> PolicySamples:
-    """k sampled responses per prompt, scored by the reward model and the judge (each optional: None skips it)."""
+    """`samples` sampled responses per prompt (token ids `prompts`, text `texts`, record fields `extras`), scored by
+    the reward model and the judge (each optional: None skips it)."""
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
-    model.generation_config = sampling_config(tok, gen)  # nothing of the checkpoint's own settings leaks in
+    model.generation_config = sampling_config(tok, generation)  # nothing of the checkpoint's own settings leaks in
     device = next(model.parameters()).device
-    texts: list[list[str]] = [[] for _ in prompts]
+    responses: list[list[str]] = [[] for _ in prompts]
     rm: list[list[float]] | None = [[] for _ in prompts] if reward_model is not None else None
-    flat = [i for i in range(len(prompts)) for _ in range(k)]
+    flat = [i for i in range(len(prompts)) for _ in range(samples)]
     for b0 in range(0, len(flat), batch_size):
         idx = flat[b0 : b0 + batch_size]
         ids, mask = (x.to(device) for x in pad([prompts[i] for i in idx], tok.pad_token_id, left=True))
@@ -108,7 +110,7 @@ def sample_and_score(
         response, rmask = truncate_after_eos(out, tok.eos_token_id, tok.pad_token_id)
         for j, i in enumerate(idx):
             n = int(rmask[j].sum())
-            texts[i].append(tok.decode(response[j, :n], skip_special_tokens=True).strip())
+            responses[i].append(tok.decode(response[j, :n], skip_special_tokens=True).strip())
         if rm is not None:
             # the reward model's end score at the last real response token, as the RL stage scores it
             seqs, attn = torch.cat([ids, response], 1), torch.cat([mask, rmask.long()], 1)
@@ -118,8 +120,8 @@ def sample_and_score(
     model.train(was_training)
     judged = None
     if judge is not None:
-        judged = [[float(judge(prompt_texts[i], r, **extras[i])) for r in texts[i]] for i in range(len(prompts))]
-    return PolicySamples(texts, rm, judged)
+        judged = [[float(judge(texts[i], r, **extras[i])) for r in responses[i]] for i in range(len(prompts))]
+    return PolicySamples(responses, rm, judged)
 
 
 def compare(base: PolicySamples, new: PolicySamples) -> dict:

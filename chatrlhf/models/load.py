@@ -28,8 +28,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from chatrlhf import distributed as dist
 from chatrlhf.data.collate import position_ids
-from chatrlhf.engine import distributed as dist
 from chatrlhf.errors import UserError
 from chatrlhf.models.tiny import build_tiny_model, parse_tiny_spec
 
@@ -162,6 +162,16 @@ def save_model_dir(
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tok.save_pretrained(tmp)
+
+
+def save_value_model(
+    model: ValueModel, tok: PreTrainedTokenizerBase, out: Path, state_dict: dict | None = None
+) -> None:
+    """Write a ValueModel as its transformers model's directory, atomically. `state_dict` (weights gathered from a
+    sharded engine) has the keys of `ValueModel.state_dict()`."""
+    if state_dict is not None:
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+    save_model_dir(model.model, tok, out, state_dict=state_dict)
 
 
 @contextmanager

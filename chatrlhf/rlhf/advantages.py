@@ -1,4 +1,6 @@
-"""Generalized advantage estimation (GAE)."""
+"""Advantage estimators: GAE for PPO (`gae_advantages`), and the critic-free ones — discounted returns
+(REINFORCE++), group-normalised rewards (GRPO, Dr. GRPO), the leave-one-out baseline (RLOO) and the greedy
+baseline (ReMax) — plus `sequence_to_tokens`, which spreads a sequence-level advantage over its tokens."""
 
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ Dropout is off in the policy throughout (eval mode; gradients still flow), as in
 reward compares the policy's log-probs with the reference's, which are computed without dropout; a policy forward
 with dropout would compare a perturbed model with an unperturbed one, so h would not even be 0 at the first step,
 where π_θ = π_ref. TRL's DPO trainer also turns dropout off by default.
+
+The loop is the supervised stages' shared one (train/supervised.py).
 """
 
 from __future__ import annotations
@@ -31,61 +33,22 @@ import torch
 
 from chatrlhf.config import DPOConfig
 from chatrlhf.data import to_pair
-from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_responses, position_ids
-from chatrlhf.engine import distributed as dist
-from chatrlhf.engine.single import build_engine
+from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_responses
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary
-from chatrlhf.rlhf import dpo_loss, masked_sum, token_logprobs
-from chatrlhf.train.common import (
-    Stopwatch,
-    checkpoint_if_due,
-    open_loop,
-    planned_steps,
-    prepare_for_training,
-    run_stage,
-    save_trained,
-    stage_records,
-    step_groups,
-    write_json,
-)
+from chatrlhf.models.training import prepare_for_training
+from chatrlhf.rlhf import dpo_loss
+from chatrlhf.train.data import stage_records
+from chatrlhf.train.forward import sequence_logprobs
+from chatrlhf.train.outputs import Stopwatch
+from chatrlhf.train.stage import run_stage
+from chatrlhf.train.supervised import SupervisedTask, train_supervised
 
 Pair = tuple[Encoded, Encoded]
 """(chosen, rejected): prompt + response token ids, with loss_mask 1 on the response tokens."""
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """`dpo_loss` with β, the loss type and the label smoothing bound once."""
-
-
-def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens of each right-padded sequence.
-
-    Token t is scored by the logits at position t − 1. Only the positions from the batch's earliest response
-    token on are projected to the vocabulary (`logits_to_keep`); the prompt before it needs no logits.
-
-    Args:
-        model: a causal LM.
-        ids: (N, T) long — prompt + response, right-padded.
-        attn: (N, T) long — attention mask.
-        response_mask: (N, T) — 1 on the response tokens (EOS included), 0 on the prompt and the padding.
-
-    Returns:
-        (N,) float32 — the sequence log-probs.
-    """
-    first = int(response_mask.float().argmax(dim=1).min())  # the earliest response token of the batch
-    if first == 0:
-        raise ValueError("a response starts at position 0: no prompt token precedes it to predict it")
-    width = ids.shape[1] - first
-    logits = model(
-        input_ids=ids,
-        attention_mask=attn,
-        position_ids=position_ids(attn),
-        use_cache=False,
-        logits_to_keep=width + 1,
-    ).logits[:, :-1]
-    # logits[:, j] sit at position first − 1 + j and predict token first + j
-    logp = token_logprobs(logits, ids[:, first:])
-    return masked_sum(logp, response_mask[:, first:].float(), dim=1)
 
 
 def pair_logprobs(model, batch: list[Pair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,67 +117,41 @@ def run_dpo(cfg: DPOConfig, raws=None, eval_raws=None) -> dict:
 
 def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
-    t = cfg.train
+    train = cfg.train
 
     # data: validate and encode every pair before anything trains
     train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)
     path = resolve_model(cfg.model, out)
     tok = load_tokenizer(path)
-    train_pairs = encode_all(train_recs, lambda r: encode_pair_responses(tok, r, t.max_seq_len))
-    eval_pairs = encode_all(eval_recs, lambda r: encode_pair_responses(tok, r, t.max_seq_len))
+    train_pairs = encode_all(train_recs, lambda r: encode_pair_responses(tok, r, train.max_seq_len))
+    eval_pairs = encode_all(eval_recs, lambda r: encode_pair_responses(tok, r, train.max_seq_len))
 
-    # models, engine, and the loss variant, chosen once
+    # models, and the loss variant, chosen once
     policy, reference = load_models(cfg, path, tok, out, device)
-    loss_fn = functools.partial(dpo_loss, beta=t.beta, loss_type=t.loss_type, label_smoothing=t.label_smoothing)
-    world = dist.world_size()
-    total = planned_steps(len(train_pairs), t.batch_size * world, t.grad_accum, t.epochs, t.max_steps)
-    engine = build_engine(prepare_for_training(policy, cfg), t.optim, total, "dpo", cfg)
-    policy = engine.model
-    resumed, start, log = open_loop(cfg, out, "dpo", [engine], total, ("loss/train", "rewards/margin"))
-    print(f"dpo: {len(train_pairs)} train / {len(eval_pairs)} eval pairs, {total} steps → {out / 'model'}")
-
-    def evaluate() -> dict[str, float]:
-        return evaluate_pairs(policy, reference, eval_pairs, t.batch_size, loss_fn, tok.pad_token_id, device)
-
-    # train: each micro-batch's mean loss is weighted by its share of the step's pairs (global micro-batch =
-    # batch_size × ranks, each rank scoring its share)
-    step, metrics = start, resumed["metrics"] if resumed else {}
-    for step, group in step_groups(train_pairs, t.batch_size * world, t.grad_accum, t.epochs, total, cfg.run.seed):
-        if step <= start:
-            continue
-        n_pairs = sum(len(b) for b in group)
-        sums = {"loss/train": 0.0}
-        for b in group:
-            mine, weight = dist.shard(b)
-            loss, part = pair_loss(policy, reference, mine, loss_fn, tok.pad_token_id, device)
-            loss = loss * (len(mine) / n_pairs * weight)
-            engine.backward(loss)
-            _add(sums, {"loss/train": loss.item(), **{k: v * weight for k, v in part.items()}})
-        stats = engine.step()
-        sums = dist.sum_dict_across(sums)
-        metrics = {"loss/train": sums.pop("loss/train"), **{k: v / n_pairs for k, v in sums.items()}}
-        metrics.update({"optim/grad_norm": stats.grad_norm, "optim/lr": stats.lr})
-        metrics["faults/skipped_steps"] = float(engine.bad_steps)
-        if eval_pairs and t.eval_every and step % t.eval_every == 0:
-            metrics.update(evaluate())
-        log.log(step, metrics, write=step % cfg.run.log_every == 0 or step == total or "eval/loss" in metrics)
-        log.advance()
-        checkpoint_if_due(cfg, out, step, total, [engine], {"metrics": metrics})
-
-    # evaluate, save, summarise
-    summary = {"stage": "dpo", "steps": step, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
-    summary["loss/train"] = metrics.get("loss/train")
-    if eval_pairs:
-        final = evaluate()
-        summary.update(final)
-        log.log(step, final)
-    log.close()
-    save_trained(engine, tok, out)
-    summary["time/total_s"] = clock.elapsed()
-    if dist.is_main():
-        write_json(out / "summary.json", summary)
-    print(
-        f"dpo: done in {summary['time/total_s']:.1f}s; held-out implicit-reward accuracy "
-        f"{summary.get('eval/rewards/accuracy')}, margin {summary.get('eval/rewards/margin')}"
+    policy = prepare_for_training(policy, cfg.engine, cfg.lora)
+    loss_fn = functools.partial(
+        dpo_loss, beta=train.beta, loss_type=train.loss_type, label_smoothing=train.label_smoothing
     )
-    return summary
+
+    def loss(model, batch: list[Pair], step_pairs: float):
+        value, sums = pair_loss(model, reference, batch, loss_fn, tok.pad_token_id, device)
+        # the batch's mean loss, weighted by its share of the step's pairs
+        return value * (len(batch) / step_pairs), sums
+
+    def evaluate(model) -> dict[str, float]:
+        return evaluate_pairs(model, reference, eval_pairs, train.batch_size, loss_fn, tok.pad_token_id, device)
+
+    task = SupervisedTask(
+        name="dpo",
+        items=train_pairs,
+        eval_items=eval_pairs,
+        unit="pairs",
+        size=lambda pair: 1.0,
+        loss=loss,
+        evaluate=evaluate,
+        progress_keys=("loss/train", "rewards/margin"),
+        done=lambda s: (
+            f"held-out implicit-reward accuracy {s.get('eval/rewards/accuracy')}, margin {s.get('eval/rewards/margin')}"
+        ),
+    )
+    return train_supervised(cfg, out, task, policy, tok, clock)

@@ -17,29 +17,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatrlhf import distributed as dist
 from chatrlhf.config import DataConfig, DPOConfig, PipelineConfig, RewardConfig, RLConfig, SFTConfig
-from chatrlhf.data import load_source, parse_split, split_for_stages, to_prompt
+from chatrlhf.data import load_source, parse_split, resolve_generated, split_for_stages, to_prompt
 from chatrlhf.data.collate import encode_all, encode_prompt
-from chatrlhf.demo.task import materialize
-from chatrlhf.engine import distributed as dist
+from chatrlhf.engine import factory
 from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import compare, sample_and_score
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, pick_device
 from chatrlhf.models.rewards import load_function
-from chatrlhf.train.common import (
-    Stopwatch,
-    convert,
-    load_raw,
-    run_directory,
-    seed_everything,
-    stage_device,
-    train_eval_split,
-    write_json,
-)
+from chatrlhf.train.data import convert, load_raw, train_eval_split
 from chatrlhf.train.dpo import run_dpo
+from chatrlhf.train.outputs import Stopwatch, write_summary
 from chatrlhf.train.reward import run_reward
 from chatrlhf.train.rl import run_rl
 from chatrlhf.train.sft import run_sft
+from chatrlhf.train.stage import run_directory, seed_everything
 
 STAGES = ("sft", "reward", "rl")
 """The shares of the pool, in `data.split` order."""
@@ -100,7 +93,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run the steps in `run_dir`; with `resume auto` finished steps are skipped and an interrupted one continues
     from its newest checkpoint."""
     cfg.validate()
-    stage_device(cfg)  # join the process group first when the stages run on DeepSpeed
+    factory.start(cfg.engine, cfg.run)  # join the process group first when the stages run on DeepSpeed
     with run_directory(cfg.run_dir, cfg, cfg.run.overwrite, cfg.resume) as run_dir:
         return _run_pipeline(cfg, run_dir)
 
@@ -139,7 +132,7 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
         "comparison": report,
         "time_s": times,
     }
-    write_json(run_dir / "summary.json", summary)
+    write_summary(run_dir / "summary.json", summary)
     print_table(summary)
     return summary
 
@@ -197,7 +190,13 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
     if reward:
         keys = ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")
         sections["reward_model"] = {k: reward.get(k) for k in keys}
-    return Tuned(rl_dir / "model", rm_dir / "model" if rm_dir else None, rl_eval, sections, times)
+    return Tuned(
+        policy_dir=rl_dir / "model",
+        reward_model_dir=rm_dir / "model" if rm_dir else None,
+        eval_raws=rl_eval,
+        sections=sections,
+        times=times,
+    )
 
 
 def dpo_step(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig) -> Tuned:
@@ -217,7 +216,13 @@ def dpo_step(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_da
         eval_raws=dpo_eval,
     )
     section = {"steps": dpo["steps"], **{k: v for k, v in dpo.items() if k.startswith("eval/")}}
-    return Tuned(dpo_dir / "model", None, dpo_eval, {"dpo": section}, {"dpo": clock.elapsed()})
+    return Tuned(
+        policy_dir=dpo_dir / "model",
+        reward_model_dir=None,
+        eval_raws=dpo_eval,
+        sections={"dpo": section},
+        times={"dpo": clock.elapsed()},
+    )
 
 
 def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Path, rm_dir: Path | None) -> dict:
@@ -226,7 +231,9 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Pa
     whatever the method."""
     e = cfg.eval
     device = pick_device(cfg.run.device)
-    raws = [r for p in e.prompts for r in load_source(materialize(p, run_dir / "data"))] if e.prompts else eval_raws
+    raws = eval_raws
+    if e.prompts:
+        raws = [r for p in e.prompts for r in load_source(resolve_generated(p, run_dir / "data"))]
     if not raws:
         raise UserError("no held-out prompts to evaluate: set eval.prompts or data.eval_fraction > 0")
     recs = convert(raws, to_prompt, cfg.data.skip_invalid, "evaluation prompt")[: e.num_prompts]
@@ -242,15 +249,15 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Pa
         results[name] = sample_and_score(
             model,
             tok,
-            rm,
             prompts,
-            e.samples_per_prompt,
-            cfg.rl.generation,
-            e.batch_size,
-            cfg.run.seed + 1,
-            judge,
-            texts,
-            extras,
+            generation=cfg.rl.generation,
+            samples=e.samples_per_prompt,
+            batch_size=e.batch_size,
+            seed=cfg.run.seed + 1,
+            reward_model=rm,
+            judge=judge,
+            texts=texts,
+            extras=extras,
         )
     report = compare(results["sft"], results["rlhf"])
     report["prompts"] = len(prompts)

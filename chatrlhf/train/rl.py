@@ -1,7 +1,7 @@
 """Step 3: RLHF — PPO (actor, critic, frozen reference, reward) or a critic-free algorithm (GRPO, RLOO,
 REINFORCE++, ReMax), all on the same loop and the same hybrid engine.
 
-One iteration (DESIGN.md), each a named function below:
+One iteration (docs/architecture.md), each a named function below:
   1. sample a batch of prompts (left-padded), each repeated `group_size` times;
   2. generation mode: sample responses, truncate after EOS, build the response mask;
   3. score: reward model end score and/or Python reward functions, weighted and summed;
@@ -20,31 +20,18 @@ DeepSpeed-Chat's zero-dropout actor.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from chatrlhf import distributed as dist
 from chatrlhf.config import RLConfig, RLTrainConfig
-from chatrlhf.data import to_prompt, to_sft
-from chatrlhf.data.collate import collate_sft, encode_all, encode_sft
-from chatrlhf.engine import distributed as dist
-from chatrlhf.engine.hybrid import HybridEngine
-from chatrlhf.engine.single import TrainEngine, build_engine
+from chatrlhf.data import to_prompt
 from chatrlhf.errors import UserError
-from chatrlhf.models.load import (
-    load_causal_lm,
-    load_tokenizer,
-    load_value_model,
-    resolve_model,
-    save_model_dir,
-)
-from chatrlhf.models.rewards import Scorer, build_scorer
+from chatrlhf.models.load import save_model_dir
 from chatrlhf.rlhf import (
     KL_ESTIMATORS,
     adaptive_kl_coef,
@@ -54,18 +41,11 @@ from chatrlhf.rlhf import (
     value_loss,
 )
 from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, Algorithm
-from chatrlhf.train.common import (
-    Stopwatch,
-    checkpoint_if_due,
-    convert,
-    load_raw,
-    open_loop,
-    prepare_for_training,
-    run_stage,
-    save_trained,
-    stage_records,
-    write_json,
-)
+from chatrlhf.train.data import stage_records
+from chatrlhf.train.forward import shifted_lm_loss
+from chatrlhf.train.outputs import Stopwatch, save_trained, write_summary
+from chatrlhf.train.resume import checkpoint_if_due, open_loop
+from chatrlhf.train.rl_models import Models, PTXBatches, build_models, check_ranks, ptx_batches, updates_per_epoch
 from chatrlhf.train.rollout import (
     Evaluated,
     Prompt,
@@ -74,34 +54,36 @@ from chatrlhf.train.rollout import (
     gather_rollout,
     generate_rollout,
     prompt_stream,
-    response_logprobs,
-    response_values,
+    rollout_logprobs,
+    rollout_values,
     score_rollout,
     to_prompts,
     truncated,
 )
-from chatrlhf.train.sft import shifted_lm_loss
+from chatrlhf.train.stage import run_stage
 
 
 @torch.no_grad()
-def evaluate_rollout(m: Models, rollout: Rollout, batch: list[Prompt], algo: Algorithm, t: RLTrainConfig) -> Evaluated:
+def evaluate_rollout(
+    m: Models, rollout: Rollout, batch: list[Prompt], algo: Algorithm, train: RLTrainConfig
+) -> Evaluated:
     """3–4. Rewards, then one no-grad forward per model (and ReMax's greedy baseline)."""
     greedy_scores = None
     device = rollout.response.device
     if algo.needs_greedy:
         width = rollout.prompt_ids.shape[1]
-        greedy = generate_rollout(m.actor, batch, t.group_size, m.tok, device, greedy=True, width=width)
+        greedy = generate_rollout(m.actor, batch, train.group_size, m.tok, device, greedy=True, width=width)
         with m.resident(m.scorer.modules()):
             greedy_scores = score_rollout(m.scorer, greedy, m.tok).total
     with m.resident(m.scorer.modules()):
         scores = score_rollout(m.scorer, rollout, m.tok)
     with m.resident([m.reference]):
-        ref_logprobs = response_logprobs(m.reference, rollout)
+        ref_logprobs = rollout_logprobs(m.reference, rollout)
     return Evaluated(
         scores=scores,
-        old_logprobs=response_logprobs(m.actor_engine.module, rollout),
+        old_logprobs=rollout_logprobs(m.actor_engine.module, rollout),
         ref_logprobs=ref_logprobs,
-        values=response_values(m.critic_engine.module, rollout) if m.critic_engine else None,
+        values=rollout_values(m.critic_engine.module, rollout) if m.critic_engine else None,
         greedy_scores=greedy_scores,
     )
 
@@ -118,28 +100,28 @@ def ppo_update(
     rollout: Rollout,
     ev: Evaluated,
     adv: Advantages,
-    t: RLTrainConfig,
+    train: RLTrainConfig,
     kl_coef: float,
-    ptx_batches,
-    ema,
+    ptx: PTXBatches | None,
+    ema: torch.nn.Module | None,
     order_seed: int,
 ) -> dict[str, float]:
     """7. ppo_epochs × mini-batches; micro-batches accumulate with the mini-batch's token total. With W ranks each
     rank trains on its contiguous 1/W of every mini-batch (micro_batch_size is per rank); the shuffles come from a
     generator seeded by `order_seed`, the same on every rank."""
-    p = t.ppo
+    ppo = train.ppo
     n = rollout.response.shape[0]
     world = dist.world_size()
-    mini = p.mini_batch_size or n
-    micro = p.micro_batch_size or mini // world
+    mini = ppo.mini_batch_size or n
+    micro = ppo.micro_batch_size or mini // world
     shuffle = torch.Generator().manual_seed(order_seed)
-    weights = tis_weights(rollout, ev, p.tis_cap)
+    weights = tis_weights(rollout, ev, ppo.tis_cap)
     advantages = adv.advantages if weights is None else adv.advantages * weights
-    kl_in_loss = p.kl_in == "loss"
+    kl_in_loss = ppo.kl_in == "loss"
     sums: dict[str, float] = {}  # this rank's shares of the losses and fractions: summed over ranks below
     norms: dict[str, float] = {}  # gradient norms: global already, the same on every rank
     updates = 0
-    for _ in range(p.ppo_epochs):
+    for _ in range(ppo.ppo_epochs):
         order = torch.randperm(n, generator=shuffle).to(rollout.response.device)
         for m0 in range(0, n, mini):
             mb_idx = order[m0 : m0 + mini]
@@ -150,14 +132,14 @@ def ppo_update(
                 idx = mine[u0 : u0 + micro]
                 r, mask = rollout.select(idx), rollout.response_mask[idx]
                 frac = float(mask.sum()) / totals["total_tokens"]  # the micro-batch's share of the tokens
-                logp = response_logprobs(m.actor_engine.model, r)
+                logp = rollout_logprobs(m.actor_engine.model, r)
                 pg, stats = policy_loss(
-                    logp, ev.old_logprobs[idx], advantages[idx], mask, p.clip_eps, p.loss_aggregation, **totals
+                    logp, ev.old_logprobs[idx], advantages[idx], mask, ppo.clip_eps, ppo.loss_aggregation, **totals
                 )
                 loss = pg
                 if kl_in_loss:
-                    kl = KL_ESTIMATORS[p.kl_estimator](logp, ev.ref_logprobs[idx])
-                    kl_loss = aggregate_loss(kl, mask, p.loss_aggregation, **totals)
+                    kl = KL_ESTIMATORS[ppo.kl_estimator](logp, ev.ref_logprobs[idx])
+                    kl_loss = aggregate_loss(kl, mask, ppo.loss_aggregation, **totals)
                     loss = loss + kl_coef * kl_loss
                     _acc(sums, {"loss/kl": kl_loss.item()})
                 m.actor_engine.backward(loss)
@@ -165,32 +147,32 @@ def ppo_update(
                 _acc(sums, {"policy/approx_kl": float(stats.approx_kl) * frac})
                 if m.critic_engine is not None:
                     vl, vstats = value_loss(
-                        response_values(m.critic_engine.model, r), ev.values[idx], adv.returns[idx], mask,
-                        p.value_clip, p.loss_aggregation, **totals,
+                        rollout_values(m.critic_engine.model, r), ev.values[idx], adv.returns[idx], mask,
+                        ppo.value_clip, ppo.loss_aggregation, **totals,
                     )  # fmt: skip
                     m.critic_engine.backward(vl)
                     _acc(sums, {"loss/value": vl.item(), "value/clipfrac": float(vstats.clipfrac) * frac})
-            if ptx_batches is not None:
-                ids, attn, lmask = next(ptx_batches)
-                ptx = shifted_lm_loss(m.actor_engine.model, ids, attn, lmask) / world  # the mean of the ranks' means
-                m.actor_engine.backward(t.ptx_coef * ptx)
-                _acc(sums, {"loss/ptx": ptx.item()})
+            if ptx is not None:
+                ids, attn, lmask = next(ptx)
+                ptx_loss = shifted_lm_loss(m.actor_engine.model, ids, attn, lmask) / world  # the mean of the ranks'
+                m.actor_engine.backward(train.ptx_coef * ptx_loss)
+                _acc(sums, {"loss/ptx": ptx_loss.item()})
             a_stats = m.actor_engine.step()
             _acc(norms, {"optim/actor_grad_norm": a_stats.grad_norm})
             if m.critic_engine is not None:
                 c_stats = m.critic_engine.step()
                 _acc(norms, {"optim/critic_grad_norm": c_stats.grad_norm})
             if ema is not None:
-                ema_update(ema, m.actor_engine.module, t.ema_decay)
+                ema_update(ema, m.actor_engine.module, train.ema_decay)
             updates += 1
     metrics = {k: v / updates for k, v in {**dist.sum_dict_across(sums), **norms}.items()}
     metrics["optim/actor_lr"] = a_stats.lr
-    metrics["faults/skipped_steps"] = float(sum(e.bad_steps for e in (m.actor_engine, m.critic_engine) if e))
+    metrics["faults/skipped_steps"] = float(sum(e.bad_steps for e in m.engines))
     if m.critic_engine is not None:
         metrics["optim/critic_lr"] = c_stats.lr
     if weights is not None:
         metrics["tis/weight_mean"] = float(masked_mean(weights, rollout.response_mask))
-        metrics["tis/capped_frac"] = float(masked_mean((weights >= p.tis_cap).float(), rollout.response_mask))
+        metrics["tis/capped_frac"] = float(masked_mean((weights >= ppo.tis_cap).float(), rollout.response_mask))
     return metrics
 
 
@@ -206,11 +188,11 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach().to(e.device, e.dtype), 1.0 - decay)
 
 
-def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrainConfig, eos_id: int) -> dict:
+def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, train: RLTrainConfig, eos_id: int) -> dict:
     """8. What the rollout looked like (docs/metrics.md)."""
     mask = rollout.response_mask
     scores = ev.scores.total
-    clipped = scores.clamp(-t.ppo.reward_clip, t.ppo.reward_clip)
+    clipped = scores.clamp(-train.ppo.reward_clip, train.ppo.reward_clip)
     metrics = {
         "reward/score_mean": float(scores.mean()),
         "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
@@ -233,111 +215,6 @@ def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, t: RLTrain
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-
-
-@dataclass
-class Models:
-    tok: object
-    actor: HybridEngine
-    actor_engine: TrainEngine
-    critic_engine: TrainEngine | None
-    reference: torch.nn.Module
-    scorer: Scorer
-    device: torch.device
-    offload_frozen: bool = False
-
-    @contextmanager
-    def resident(self, modules: list[torch.nn.Module]):
-        """With `engine.offload_frozen`, the frozen `modules` are on the device only for the block (CPU otherwise)."""
-        if not self.offload_frozen:
-            yield
-            return
-        for module in modules:
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            for module in modules:
-                module.to("cpu")
-
-
-def trainable(model: torch.nn.Module, cfg: RLConfig) -> torch.nn.Module:
-    """Actor and critic train with dropout off (so the first update's ratio is 1, as with DeepSpeed-Chat): in eval
-    mode, or — with gradient checkpointing, which transformers applies only in train mode — in train mode with every
-    dropout layer at p = 0."""
-    model = prepare_for_training(model.eval(), cfg)
-    if cfg.engine.gradient_checkpointing:
-        model.train()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    return model
-
-
-def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
-    """The trained actor (and critic for PPO), the frozen reference and the reward sources (on the CPU between
-    uses with `engine.offload_frozen`)."""
-    t = cfg.train
-    actor_path = resolve_model(cfg.actor, out)
-    tok = load_tokenizer(actor_path)
-    dtype = cfg.run.dtype
-    frozen_device = torch.device("cpu") if cfg.engine.offload_frozen else device
-    actor = trainable(load_causal_lm(actor_path, tok, dtype, device), cfg)
-    reference = load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, frozen_device).eval()
-    reference.requires_grad_(False)
-    rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
-    scorer = build_scorer(rm, cfg.reward_functions, cfg.reward_weights, tok, dtype, frozen_device)
-    steps = t.iterations * t.ppo.ppo_epochs * updates_per_epoch(t)
-    actor_engine = build_engine(actor, t.actor_optim, steps, "actor", cfg)
-    critic_engine = None
-    if algo.uses_critic:
-        critic_path = resolve_model(cfg.critic or cfg.reward_model, out)
-        if load_tokenizer(critic_path).get_vocab() != tok.get_vocab():
-            raise UserError(f"critic '{critic_path}' must share the actor's tokenizer: it values the actor's tokens")
-        critic = trainable(load_value_model(critic_path, tok, dtype, device), cfg)
-        critic_engine = build_engine(critic, t.critic_optim, steps, "critic", cfg)
-    actor_gen = HybridEngine(actor_engine, tok, t.generation, cfg.engine.gather_for_generation)
-    return Models(
-        tok, actor_gen, actor_engine, critic_engine, reference, scorer, device, cfg.engine.offload_frozen
-    )  # fmt: skip
-
-
-def updates_per_epoch(t: RLTrainConfig) -> int:
-    samples = t.rollout_batch_size * t.group_size
-    return samples // (t.ppo.mini_batch_size or samples)
-
-
-def check_ranks(t: RLTrainConfig, world: int) -> None:
-    """Every rank must run the same number of forwards (ZeRO-3 gathers in each): equal shares of every batch."""
-    if world == 1:
-        return
-    samples = t.rollout_batch_size * t.group_size
-    mini = t.ppo.mini_batch_size or samples
-    micro = t.ppo.micro_batch_size or mini // world
-    if t.rollout_batch_size % world or mini % world or (mini // world) % micro:
-        raise UserError(
-            f"with {world} ranks, train.rollout_batch_size ({t.rollout_batch_size}) and train.ppo.mini_batch_size "
-            f"({mini}) must be multiples of {world}, and train.ppo.micro_batch_size ({micro}, per rank) must divide "
-            f"the {mini // world} sequences of each rank's mini-batch share"
-        )
-
-
-def ptx_stream(cfg: RLConfig, tok, out: Path, device):
-    """Endless batches of SFT-format records for the PTX loss, or None."""
-    t = cfg.train
-    if not t.ptx_paths:
-        return None
-    recs = convert(load_raw(t.ptx_paths, None, cfg.run.seed, out), to_sft, cfg.data.skip_invalid, "PTX")
-    enc = encode_all(recs, lambda r: encode_sft(tok, r, t.max_prompt_len + t.generation.max_new_tokens, False))
-
-    def stream():
-        for epoch in itertools.count():
-            order = np.random.default_rng(cfg.run.seed + 7919 + epoch).permutation(len(enc))
-            for i in range(0, len(order), t.ptx_batch_size * dist.world_size()):
-                mine, _ = dist.shard([enc[j] for j in order[i : i + t.ptx_batch_size * dist.world_size()]])
-                yield (x.to(device) for x in collate_sft(mine, tok.pad_token_id))
-
-    return stream()
 
 
 @torch.no_grad()
@@ -368,99 +245,135 @@ def save_models(m: Models, ema: torch.nn.Module | None, out: Path) -> None:
         save_model_dir(ema, m.tok, out / "model_ema")
 
 
+@dataclass
+class LoopState:
+    """What the iterations carry from one to the next, saved with every checkpoint."""
+
+    kl_coef: float
+    """β now (it moves with an adaptive KL controller)."""
+    history: list[dict[str, float]]
+    """Every iteration's metrics (the summary averages the last tenth)."""
+    skipped_rollouts: int = 0
+    """Iterations whose responses were all empty (`faults/skipped_rollouts`)."""
+
+
 def run_rl(cfg: RLConfig, raws=None, eval_raws=None) -> dict:
     """Run RL; write `output_dir/model` (actor), `critic/` (PPO), optional `model_ema/`, metrics, config, summary."""
     return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_rl(cfg, out, device, raws, eval_raws))
 
 
-def _run_rl(cfg, out: Path, device: torch.device, raws, eval_raws) -> dict:
+def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
-    t = cfg.train
-    algo = ALGORITHMS[t.algo]
+    train = cfg.train
+    algo = ALGORITHMS[train.algo]
     world = dist.world_size()
-    check_ranks(t, world)
+    check_ranks(train, world)
 
     m = build_models(cfg, algo, out, device)
     tok = m.tok
     train_recs, eval_recs = stage_records(cfg.data, to_prompt, cfg.run.seed, out, "prompt", raws, eval_raws)
-    prompts = to_prompts(tok, train_recs, t.max_prompt_len)
-    if len(prompts) < t.rollout_batch_size:
-        raise UserError(f"only {len(prompts)} RL prompts, fewer than train.rollout_batch_size={t.rollout_batch_size}")
-    ptx = ptx_stream(cfg, tok, out, device)
-    ema = copy.deepcopy(m.actor_engine.module).requires_grad_(False) if t.ema else None
-    engines = [e for e in (m.actor_engine, m.critic_engine) if e is not None]
+    prompts = to_prompts(tok, train_recs, train.max_prompt_len)
+    if len(prompts) < train.rollout_batch_size:
+        raise UserError(
+            f"only {len(prompts)} RL prompts, fewer than train.rollout_batch_size={train.rollout_batch_size}"
+        )
+    ptx = ptx_batches(cfg, tok, out, device)
+    ema = copy.deepcopy(m.actor_engine.module).requires_grad_(False) if train.ema else None
     torch.manual_seed(cfg.run.seed + dist.rank())  # each rank samples its own responses
     keys = ("reward/score_mean", "kl/mean", "loss/policy")
-    resumed, start, log = open_loop(cfg, out, "rl", engines, t.iterations, keys)
+    resumed, start, log = open_loop(cfg, out, "rl", m.engines, train.iterations, keys)
     print(
-        f"rl ({t.algo}): {len(prompts)} prompts, {t.iterations} iterations × {t.rollout_batch_size} prompts × "
-        f"{t.group_size} samples on {world} rank(s) → {out / 'model'}"
+        f"rl ({train.algo}): {len(prompts)} prompts, {train.iterations} iterations × {train.rollout_batch_size} "
+        f"prompts × {train.group_size} samples on {world} rank(s) → {out / 'model'}"
     )
 
-    stream = prompt_stream(prompts, t.rollout_batch_size, cfg.run.seed)
-    kl_coef = t.ppo.kl_coef
-    history: list[dict[str, float]] = []
-    skipped_rollouts = 0
+    stream = prompt_stream(prompts, train.rollout_batch_size, cfg.run.seed)
+    state = LoopState(kl_coef=train.ppo.kl_coef, history=[])
     if resumed:
-        kl_coef, history, skipped_rollouts = resumed["kl_coef"], resumed["history"], resumed["skipped_rollouts"]
+        state = LoopState(resumed["kl_coef"], resumed["history"], resumed["skipped_rollouts"])
         if ema is not None:
             ema.load_state_dict(resumed["ema"])
         for _ in range(start):
             next(stream)
-        for _ in range(start * t.ppo.ppo_epochs * updates_per_epoch(t) if ptx is not None else 0):
-            next(ptx)
-    for it in range(start + 1, t.iterations + 1):
-        t0 = time.time()
-        batch = next(stream)  # 1 (each rank samples for its share of the prompts)
-        mine, _ = dist.shard(batch)
-        width = max(len(p.ids) for p in batch)
-        rollout = generate_rollout(m.actor, mine, t.group_size, tok, device, tis=t.ppo.tis_cap is not None, width=width)
-        t1 = time.time()  # 2
-        ev = evaluate_rollout(m, rollout, mine, algo, t)  # 3–4
-        rollout, ev = gather_rollout(rollout, ev, batch, t.group_size, tok.pad_token_id)
-        reward_kl = kl_coef if t.ppo.kl_in == "reward" else 0.0
-        inputs = AdvantageInputs(
-            ev.scores.total, ev.old_logprobs, ev.ref_logprobs, rollout.response_mask, reward_kl, ev.values,
-            ev.greedy_scores,
-        )  # fmt: skip
-        adv = algo.advantages(inputs, t)  # 5–6
-        t2 = time.time()
-        metrics = rollout_metrics(rollout, ev, adv, t, tok.eos_token_id)
-        bad_before = sum(e.bad_steps for e in engines)
-        if all_empty(rollout, tok.eos_token_id):
-            skipped_rollouts += 1
-            print(f"warning: rl: iteration {it}: every response is empty (EOS first); no update from this batch")
-        else:
-            metrics.update(ppo_update(m, rollout, ev, adv, t, kl_coef, ptx, ema, cfg.run.seed * 100003 + it))  # 7
-        t3 = time.time()
-        metrics["faults/skipped_rollouts"] = float(skipped_rollouts)
-        metrics["kl/coef"] = kl_coef
-        if t.ppo.kl_target is not None:
-            kl_coef = adaptive_kl_coef(kl_coef, metrics["kl/mean"], t.ppo.kl_target, t.ppo.kl_horizon, len(batch))
-        metrics.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2})
-        metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (t3 - t0)
-        check_finite(metrics, it, skipped_step=sum(e.bad_steps for e in engines) > bad_before)
-        history.append(metrics)
-        log.log(it, metrics, write=it % cfg.run.log_every == 0 or it == t.iterations)  # 8
+        if ptx is not None:  # checkpoints of earlier versions did not count the PTX batches: one per update
+            ptx.skip_to(resumed.get("ptx_drawn", start * train.ppo.ppo_epochs * updates_per_epoch(train)))
+    for it in range(start + 1, train.iterations + 1):
+        metrics = iteration(m, algo, cfg, it, next(stream), state, ptx, ema)
+        log.log(it, metrics, write=it % cfg.run.log_every == 0 or it == train.iterations)  # 8
         log.advance()
-        state = {"kl_coef": kl_coef, "history": history, "skipped_rollouts": skipped_rollouts}
+        saved = {"kl_coef": state.kl_coef, "history": state.history, "skipped_rollouts": state.skipped_rollouts}
+        saved["ptx_drawn"] = ptx.drawn if ptx is not None else 0
         if ema is not None:
-            state["ema"] = ema.state_dict()
-        checkpoint_if_due(cfg, out, it, t.iterations, engines, state)
+            saved["ema"] = ema.state_dict()
+        checkpoint_if_due(cfg, out, it, train.iterations, m.engines, saved)
     log.close()
     save_models(m, ema, out)
-    tail = history[-max(1, len(history) // 10) :]
-    summary = {"stage": "rl", "algo": t.algo, "iterations": t.iterations, "prompts": len(prompts)}
+    tail = state.history[-max(1, len(state.history) // 10) :]
+    summary = {"stage": "rl", "algo": train.algo, "iterations": train.iterations, "prompts": len(prompts)}
     summary.update({f"final/{k}": sum(h[k] for h in tail if k in h) / len(tail) for k in tail[0]})
     if eval_recs:
-        held_out = to_prompts(tok, eval_recs, t.max_prompt_len)
+        held_out = to_prompts(tok, eval_recs, train.max_prompt_len)
         summary["eval/prompts"] = len(held_out)
-        summary["eval/score_mean"] = held_out_score(m, held_out, t.rollout_batch_size, device)
+        summary["eval/score_mean"] = held_out_score(m, held_out, train.rollout_batch_size, device)
     summary["time/total_s"] = clock.elapsed()
-    if dist.is_main():
-        write_json(out / "summary.json", summary)
+    write_summary(out / "summary.json", summary)
     print(
         f"rl: done in {summary['time/total_s']:.1f}s; final reward {summary['final/reward/score_mean']:.3f}, "
         f"KL {summary['final/kl/mean']:.3f}"
     )
     return summary
+
+
+def iteration(
+    m: Models,
+    algo: Algorithm,
+    cfg: RLConfig,
+    it: int,
+    batch: list[Prompt],
+    state: LoopState,
+    ptx: PTXBatches | None,
+    ema: torch.nn.Module | None,
+) -> dict[str, float]:
+    """Steps 1–7 of iteration `it` on the global prompt `batch`; updates `state` and returns the metrics."""
+    train = cfg.train
+    tok = m.tok
+    started = time.time()
+    mine, _ = dist.shard(batch)  # 1. each rank samples for its share of the prompts
+    width = max(len(p.ids) for p in batch)
+    tis = train.ppo.tis_cap is not None
+    rollout = generate_rollout(m.actor, mine, train.group_size, tok, m.device, tis=tis, width=width)  # 2
+    generated = time.time()
+    ev = evaluate_rollout(m, rollout, mine, algo, train)  # 3–4
+    rollout, ev = gather_rollout(rollout, ev, batch, train.group_size, tok.pad_token_id)
+    inputs = AdvantageInputs(
+        scores=ev.scores.total,
+        old_logprobs=ev.old_logprobs,
+        ref_logprobs=ev.ref_logprobs,
+        mask=rollout.response_mask,
+        kl_coef=state.kl_coef if train.ppo.kl_in == "reward" else 0.0,
+        values=ev.values,
+        greedy_scores=ev.greedy_scores,
+    )
+    adv = algo.advantages(inputs, train)  # 5–6
+    scored = time.time()
+    metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id)
+    bad_before = sum(e.bad_steps for e in m.engines)
+    if all_empty(rollout, tok.eos_token_id):
+        state.skipped_rollouts += 1
+        print(f"warning: rl: iteration {it}: every response is empty (EOS first); no update from this batch")
+    else:
+        order_seed = cfg.run.seed * 100003 + it
+        metrics.update(ppo_update(m, rollout, ev, adv, train, state.kl_coef, ptx, ema, order_seed))  # 7
+    trained = time.time()
+    metrics["faults/skipped_rollouts"] = float(state.skipped_rollouts)
+    metrics["kl/coef"] = state.kl_coef
+    ppo = train.ppo
+    if ppo.kl_target is not None:
+        state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["kl/mean"], ppo.kl_target, ppo.kl_horizon, len(batch))
+    metrics.update(
+        {"time/generate_s": generated - started, "time/score_s": scored - generated, "time/train_s": trained - scored}
+    )
+    metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (trained - started)
+    check_finite(metrics, it, skipped_step=sum(e.bad_steps for e in m.engines) > bad_before)
+    state.history.append(metrics)
+    return metrics

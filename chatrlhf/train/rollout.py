@@ -1,5 +1,5 @@
-"""The rollout of one RL iteration (steps 1–4 of DESIGN.md's iteration, minus the models): prompts, sampled
-responses, their scores and no-grad forwards, as typed containers, and the functions that make them.
+"""The rollout of one RL iteration (steps 1–4 of the iteration in docs/architecture.md, minus the models): prompts,
+sampled responses, their scores and no-grad forwards, as typed containers, and the functions that make them.
 
 Shapes: B = sequences (prompts × group_size), P = prompt width, R = response width.
 """
@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from chatrlhf.data.collate import encode_all, encode_prompt, pad, position_ids
-from chatrlhf.engine import distributed as dist
+from chatrlhf import distributed as dist
+from chatrlhf.data.collate import encode_all, encode_prompt, pad
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.models.load import ValueModel
 from chatrlhf.models.rewards import Scorer, Scores, ScoringBatch
-from chatrlhf.rlhf import last_token_index, token_logprobs, truncate_after_eos
+from chatrlhf.rlhf import last_token_index, truncate_after_eos
+from chatrlhf.train import forward
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,13 @@ class Rollout:
 
     def select(self, idx: torch.Tensor) -> Rollout:
         """A sub-batch for training (tensors only; the texts stay with the full rollout)."""
-        return Rollout([], self.prompt_ids[idx], self.prompt_mask[idx], self.response[idx], self.response_mask[idx])
+        return Rollout(
+            prompts=[],
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            response=self.response[idx],
+            response_mask=self.response_mask[idx],
+        )
 
 
 @dataclass
@@ -110,7 +117,14 @@ def generate_rollout(
     with actor.generation_mode():
         response, rollout_logprobs = actor.generate(prompt_ids, prompt_mask, greedy=greedy, return_logprobs=tis)
     response, mask = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
-    return Rollout(expanded, prompt_ids, prompt_mask, response, mask, rollout_logprobs)
+    return Rollout(
+        prompts=expanded,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response=response,
+        response_mask=mask,
+        rollout_logprobs=rollout_logprobs,
+    )
 
 
 def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
@@ -129,25 +143,14 @@ def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
     )
 
 
-def response_logprobs(model, rollout: Rollout) -> torch.Tensor:
-    """(B, R) log π(a_t | s_t) of the response tokens; logits are computed for response positions only."""
-    attn = rollout.attention_mask
-    width = rollout.response.shape[1]
-    logits = model(
-        input_ids=rollout.sequences,
-        attention_mask=attn,
-        position_ids=position_ids(attn),
-        use_cache=False,
-        logits_to_keep=width + 1,
-    ).logits[:, :-1]
-    return token_logprobs(logits, rollout.response)
+def rollout_logprobs(model, rollout: Rollout) -> torch.Tensor:
+    """(B, R) log π(a_t | s_t) of the response tokens under `model`."""
+    return forward.response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.response.shape[1])
 
 
-def response_values(critic: ValueModel, rollout: Rollout) -> torch.Tensor:
-    """(B, R) V(s_t): the value at the token before each response token."""
-    attn = rollout.attention_mask
-    values = critic(rollout.sequences, attn, position_ids(attn))
-    return values[:, rollout.prompt_ids.shape[1] - 1 : -1]
+def rollout_values(critic: ValueModel, rollout: Rollout) -> torch.Tensor:
+    """(B, R) V(s_t): the critic's value at the token before each response token."""
+    return forward.response_values(critic, rollout.sequences, rollout.attention_mask, rollout.response.shape[1])
 
 
 def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group_size: int, pad_id: int):
@@ -157,12 +160,12 @@ def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group
         return rollout, ev
     g = dist.gather_padded
     full = Rollout(
-        [p for p in prompts for _ in range(group_size)],
-        g(rollout.prompt_ids, pad_id),
-        g(rollout.prompt_mask, 0),
-        g(rollout.response, pad_id),
-        g(rollout.response_mask, 0.0),
-        g(rollout.rollout_logprobs, 0.0) if rollout.rollout_logprobs is not None else None,
+        prompts=[p for p in prompts for _ in range(group_size)],
+        prompt_ids=g(rollout.prompt_ids, pad_id),
+        prompt_mask=g(rollout.prompt_mask, 0),
+        response=g(rollout.response, pad_id),
+        response_mask=g(rollout.response_mask, 0.0),
+        rollout_logprobs=g(rollout.rollout_logprobs, 0.0) if rollout.rollout_logprobs is not None else None,
     )
     scores = Scores(total=g(ev.scores.total, 0.0), parts={k: g(v, 0.0) for k, v in ev.scores.parts.items()})
     return full, Evaluated(
@@ -191,5 +194,6 @@ def to_prompts(tok, recs, max_len: int) -> list[Prompt]:
     """Encode prompt records; reward functions see the prompt text (the last user turn for conversations)."""
     ids = encode_all(recs, lambda r: encode_prompt(tok, r, max_len))
     return [
-        Prompt(i, r.prompt if r.prompt is not None else r.messages[-1]["content"], r.extra) for i, r in zip(ids, recs)
+        Prompt(ids=i, text=r.prompt if r.prompt is not None else r.messages[-1]["content"], extra=r.extra)
+        for i, r in zip(ids, recs)
     ]

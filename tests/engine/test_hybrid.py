@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatrlhf.config import GenerationConfig, OptimConfig
 from chatrlhf.engine.hybrid import HybridEngine
-from chatrlhf.engine.single import TrainEngine
+from chatrlhf.engine.single import SingleEngine
 
 
 @pytest.fixture()
@@ -17,7 +17,7 @@ def actor(tiny_dirs):
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     model.config.attention_dropout = 0.0
-    engine = TrainEngine(model, OptimConfig(lr=1e-3), total_steps=10)
+    engine = SingleEngine(model, OptimConfig(lr=1e-3), total_steps=10)
     return HybridEngine(engine, tok, GenerationConfig(max_new_tokens=6)), tok
 
 

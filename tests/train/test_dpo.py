@@ -29,7 +29,8 @@ from chatrlhf.data.sources import RawRecord
 from chatrlhf.errors import ConfigError
 from chatrlhf.models.tiny import TINY_ARCHS
 from chatrlhf.rlhf import dpo_loss
-from chatrlhf.train.dpo import pair_loss, run_dpo, sequence_logprobs
+from chatrlhf.train.dpo import pair_loss, run_dpo
+from chatrlhf.train.forward import sequence_logprobs
 
 ROOT = Path(__file__).resolve().parents[2]
 

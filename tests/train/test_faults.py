@@ -25,9 +25,9 @@ from chatrlhf.cli import main
 from chatrlhf.config import OptimConfig
 from chatrlhf.engine.checkpoint import load_checkpoint
 from chatrlhf.engine.hybrid import HybridEngine
-from chatrlhf.engine.single import TrainEngine
+from chatrlhf.engine.single import SingleEngine
 from chatrlhf.models.load import load_causal_lm, load_tokenizer
-from chatrlhf.train.rl import Rollout, all_empty
+from chatrlhf.train.rollout import Rollout, all_empty
 
 CPU = torch.device("cpu")
 TINY = "tiny:llama:hidden=32,layers=2,heads=4"
@@ -93,7 +93,7 @@ def test_exploding_weights_stop_sft_with_exit_3_and_keep_the_checkpoints(tmp_pat
     assert checkpoints(out) == ["step-00000001", "step-00000002"]
     # the newest checkpoint restores a real engine: step counter, schedule, finite weights
     model = load_causal_lm(str(out / "base_model"), load_tokenizer(str(out / "base_model")), "float32", CPU)
-    engine = TrainEngine(model, OptimConfig(lr=1e30, warmup_steps=3), 8, "sft")
+    engine = SingleEngine(model, OptimConfig(lr=1e30, warmup_steps=3), 8, "sft")
     trainer = load_checkpoint(out / "checkpoints" / "step-00000002", [engine])
     assert trainer["step"] == 2 and engine.steps == 2 and engine.scheduler.last_epoch == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -146,13 +146,13 @@ def test_reward_function_returning_nan_stops_rl_with_exit_3(tmp_path, capsys, ba
 # ------------------------------------------------------------------------------------------------ bad steps
 
 
-def engine_on_a_line(max_bad_steps: int) -> TrainEngine:
+def engine_on_a_line(max_bad_steps: int) -> SingleEngine:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    return TrainEngine(model, OptimConfig(lr=0.1, schedule="linear"), 10, "line", max_bad_steps=max_bad_steps)
+    return SingleEngine(model, OptimConfig(lr=0.1, schedule="linear"), 10, "line", max_bad_steps=max_bad_steps)
 
 
-def backward(engine: TrainEngine, poison: float | None = None) -> None:
+def backward(engine: SingleEngine, poison: float | None = None) -> None:
     """A real loss's gradient, with `poison` (NaN/inf) written into one entry by hand."""
     engine.backward(engine.model(torch.ones(4, 3)).pow(2).mean())
     if poison is not None:
@@ -365,3 +365,50 @@ def test_rl_skips_a_batch_of_empty_responses_and_counts_it(which, tmp_path, caps
         assert all("loss/policy" in m for m in lines)
         assert "every response is empty" not in stdout
         assert not all(torch.equal(actor_before[k], actor_after[k]) for k in actor_before)
+
+
+def test_ptx_resume_after_an_empty_rollout_continues_with_the_uninterrupted_batches(
+    tmp_path, capsys, monkeypatch, base
+):
+    """Iteration 2's responses are all empty: it trains nothing and draws no PTX batch. A run resumed from its
+    iteration-3 checkpoint (as after a kill there) must go on with the PTX batch the uninterrupted run drew at
+    iteration 4: the same metrics, loss/ptx included, and the same weights."""
+    tok = AutoTokenizer.from_pretrained(base)
+    sample = HybridEngine.generate
+    calls = {"n": 0}
+
+    def second_batch_empty(self, prompt_ids, prompt_mask, greedy=False, return_logprobs=False):
+        tokens, logprobs = sample(self, prompt_ids, prompt_mask, greedy, return_logprobs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            tokens = torch.full_like(tokens, tok.pad_token_id)
+            tokens[:, 0] = tok.eos_token_id
+        return tokens, logprobs
+
+    monkeypatch.setattr(HybridEngine, "generate", second_batch_empty)
+    flags = ["--reward_model", str(base), "--train.iterations", "4", "--train.ptx_paths", "demo:pairs:64:1",
+             "--train.max_prompt_len", "128",
+             "--train.ptx_coef", "1.0", "--train.ptx_batch_size", "2", "--train.actor_optim.lr", "1e-3",
+             "--checkpoint.every", "1", "--checkpoint.keep", "4", "--data.eval_fraction", "0"]  # fmt: skip
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert cli(rl(reference, base, *flags), capsys)[0] == 0
+    calls["n"] = 0
+    assert cli(rl(resumed, base, *flags), capsys)[0] == 0
+    assert [m["faults/skipped_rollouts"] for m in steps_logged(reference)] == [0.0, 1.0, 1.0, 1.0]
+
+    # back to where a run killed after iteration 3's checkpoint stood
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    for name in ("model", "critic"):
+        shutil.rmtree(resumed / name)
+    (resumed / "summary.json").unlink()
+    calls["n"] = 10  # the resumed process's rollouts are sampled as usual
+    code, stdout, _ = cli(rl(resumed, base, *flags, "--resume", "auto"), capsys)
+    assert code == 0 and "step-00000003 (step 3)" in stdout
+
+    def timeless(lines):
+        return [{k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))} for m in lines]
+
+    assert timeless(steps_logged(resumed)) == timeless(steps_logged(reference))
+    assert "loss/ptx" in steps_logged(reference)[3]
+    want, got = load_file(reference / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert all(torch.equal(want[k], got[k]) for k in want)

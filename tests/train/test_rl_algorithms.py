@@ -14,7 +14,8 @@ from chatrlhf.models.load import ValueModel
 from chatrlhf.models.rewards import ForeignRewardModel, ScoringBatch, load_reward_model
 from chatrlhf.models.tiny import byte_tokenizer
 from chatrlhf.train.algorithms import ALGORITHMS
-from chatrlhf.train.rl import build_models, run_rl
+from chatrlhf.train.rl import run_rl
+from chatrlhf.train.rl_models import build_models
 
 JUDGE = "chatrlhf.demo.task:judge"
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatrlhf.models.load import load_value_model
 from chatrlhf.models.tiny import TINY_ARCHS
-from chatrlhf.train.rl import Rollout, response_logprobs, response_values, truncated
+from chatrlhf.train.rollout import Rollout, rollout_logprobs, rollout_values, truncated
 
 
 def manual_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
@@ -38,8 +38,8 @@ def test_padded_batch_matches_single_sequences(arch, tiny_dirs):
     response_mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]])
     rollout = Rollout([], prompt_ids, prompt_mask, response, response_mask)
     with torch.no_grad():
-        logp = response_logprobs(model, rollout)
-        values = response_values(critic, rollout)
+        logp = rollout_logprobs(model, rollout)
+        values = rollout_values(critic, rollout)
         scores = critic.scores_at(rollout.sequences, rollout.attention_mask, rollout.last_index)
         for b in range(2):
             n = len(responses[b])

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from chatrlhf import distributed as dist
 from chatrlhf.config import EngineConfig, OptimConfig
-from chatrlhf.engine import distributed as dist
 from chatrlhf.engine.deepspeed import deepspeed_config
 from chatrlhf.errors import ConfigError
 

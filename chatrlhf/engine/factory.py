@@ -1,0 +1,51 @@
+"""Starting the engine a stage config names: the process group (DeepSpeed), the device of this rank, and one
+`TrainEngine` per trained model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from chatrlhf import distributed as dist
+from chatrlhf.config import EngineConfig, OptimConfig, RunConfig
+from chatrlhf.engine.base import TrainEngine
+from chatrlhf.engine.deepspeed import DeepSpeedEngine, deepspeed_config
+from chatrlhf.engine.single import SingleEngine
+from chatrlhf.errors import UserError
+from chatrlhf.models.load import pick_device
+
+
+def build_engine(
+    model: nn.Module, optim: OptimConfig, total_steps: int, name: str, engine: EngineConfig, run: RunConfig
+) -> TrainEngine:
+    """The engine `engine.kind` names, for `model` trained for `total_steps` optimizer steps."""
+    if engine.kind == "deepspeed":
+        return DeepSpeedEngine(model, optim, total_steps, name, engine, run.dtype)
+    return SingleEngine(model, optim, total_steps, name, run.max_bad_steps)
+
+
+def start(engine: EngineConfig, run: RunConfig) -> torch.device:
+    """The device this process trains on. Under DeepSpeed the process group is joined first and each rank takes
+    the GPU of its local rank; a launcher without `engine.kind deepspeed` is refused."""
+    device = pick_device(run.device)
+    if engine.kind != "deepspeed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise UserError(
+                f"launched as {world} processes (WORLD_SIZE={world}, set by torchrun/deepspeed) but engine.kind is "
+                "single: every process would run the whole stage on its own and write the same run directory; pass "
+                "--engine.kind deepspeed, or run without a launcher"
+            )
+        return device
+    try:
+        import deepspeed  # noqa: F401  (an optional dependency)
+    except ImportError:
+        raise UserError("engine.kind=deepspeed needs DeepSpeed: pip install 'chatrlhf[deepspeed]'") from None
+    deepspeed_config(engine, OptimConfig(), run.dtype)  # a bad --engine.deepspeed_config fails here, early
+    dist.init(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
+        torch.cuda.set_device(device)
+    return device

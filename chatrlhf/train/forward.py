@@ -1,0 +1,76 @@
+"""Model forwards every driver shares: token log-probs of responses, sequence log-probs, the shifted LM loss,
+per-token values and end scores. Each takes a model and tensors and returns tensors; the math itself is in
+chatrlhf/rlhf/."""
+
+from __future__ import annotations
+
+import torch
+
+from chatrlhf.data.collate import position_ids
+from chatrlhf.models.load import ValueModel
+from chatrlhf.rlhf import last_token_index, lm_loss, masked_sum, token_logprobs
+
+
+def shifted_lm_loss(model, ids, attn, loss_mask, total_tokens: float | None = None) -> torch.Tensor:
+    """NLL of tokens 1..T given their prefixes, over `loss_mask` (token mean over `total_tokens`).
+
+    ids, attn, loss_mask: (N, T) — right-padded sequences, their attention mask, 1 on the tokens to learn."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
+    return lm_loss(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:].float(), total_tokens=total_tokens)
+
+
+def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, R) log π(a_t | s_t) of the last `width` tokens of each sequence (a left-padded prompt followed by an
+    R = `width`-token response); logits are computed for the response positions only."""
+    logits = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        logits_to_keep=width + 1,
+    ).logits[:, :-1]
+    return token_logprobs(logits, sequences[:, -width:])
+
+
+def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens of each right-padded sequence.
+
+    Token t is scored by the logits at position t − 1. Only the positions from the batch's earliest response
+    token on are projected to the vocabulary (`logits_to_keep`); the prompt before it needs no logits.
+
+    Args:
+        model: a causal LM.
+        ids: (N, T) long — prompt + response, right-padded.
+        attn: (N, T) long — attention mask.
+        response_mask: (N, T) — 1 on the response tokens (EOS included), 0 on the prompt and the padding.
+
+    Returns:
+        (N,) float32 — the sequence log-probs.
+    """
+    first = int(response_mask.float().argmax(dim=1).min())  # the earliest response token of the batch
+    if first == 0:
+        raise ValueError("a response starts at position 0: no prompt token precedes it to predict it")
+    width = ids.shape[1] - first
+    logits = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=position_ids(attn),
+        use_cache=False,
+        logits_to_keep=width + 1,
+    ).logits[:, :-1]
+    # logits[:, j] sit at position first − 1 + j and predict token first + j
+    logp = token_logprobs(logits, ids[:, first:])
+    return masked_sum(logp, response_mask[:, first:].float(), dim=1)
+
+
+def response_values(critic: ValueModel, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int):
+    """(B, R) V(s_t): the critic's value at the token before each of the last R = `width` tokens."""
+    values = critic(sequences, attention_mask, position_ids(attention_mask))
+    return values[:, -width - 1 : -1]
+
+
+def end_scores(model: ValueModel, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """(N,) the value-head score of each right-padded sequence at its last real token (a reward model's r(x, y)).
+    Runs through `model` itself: under DeepSpeed the engine's forward must see every training pass."""
+    values = model(ids, attn, position_ids(attn))
+    return values.gather(1, last_token_index(attn).unsqueeze(1)).squeeze(1)

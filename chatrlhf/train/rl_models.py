@@ -1,0 +1,167 @@
+"""What the RL stage trains and scores with: the actor (with its hybrid engine), the critic, the frozen reference
+and the reward sources, built once per run; and the PTX batches."""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatrlhf import distributed as dist
+from chatrlhf.config import RLConfig, RLTrainConfig
+from chatrlhf.data import to_sft
+from chatrlhf.data.collate import collate_sft, encode_all, encode_sft
+from chatrlhf.engine.base import TrainEngine
+from chatrlhf.engine.factory import build_engine
+from chatrlhf.engine.hybrid import HybridEngine
+from chatrlhf.errors import UserError
+from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, resolve_model
+from chatrlhf.models.rewards import Scorer, build_scorer
+from chatrlhf.models.training import prepare_for_training
+from chatrlhf.train.algorithms import Algorithm
+from chatrlhf.train.data import convert, load_raw
+
+
+@dataclass
+class Models:
+    """Everything an iteration runs: the actor (trained, and generating through the hybrid engine), the critic
+    (PPO), the frozen reference and the reward sources."""
+
+    tok: object
+    actor: HybridEngine
+    actor_engine: TrainEngine
+    critic_engine: TrainEngine | None
+    reference: torch.nn.Module
+    scorer: Scorer
+    device: torch.device
+    offload_frozen: bool = False
+
+    @property
+    def engines(self) -> list[TrainEngine]:
+        """The trained models' engines: what a checkpoint saves."""
+        return [e for e in (self.actor_engine, self.critic_engine) if e is not None]
+
+    @contextmanager
+    def resident(self, modules: list[torch.nn.Module]):
+        """With `engine.offload_frozen`, the frozen `modules` are on the device only for the block (CPU otherwise)."""
+        if not self.offload_frozen:
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
+
+def trainable(model: torch.nn.Module, cfg: RLConfig) -> torch.nn.Module:
+    """Actor and critic train with dropout off (so the first update's ratio is 1, as with DeepSpeed-Chat): in eval
+    mode, or — with gradient checkpointing, which transformers applies only in train mode — in train mode with every
+    dropout layer at p = 0."""
+    model = prepare_for_training(model.eval(), cfg.engine, cfg.lora)
+    if cfg.engine.gradient_checkpointing:
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return model
+
+
+def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
+    """The trained actor (and critic for PPO), the frozen reference and the reward sources (on the CPU between
+    uses with `engine.offload_frozen`)."""
+    train = cfg.train
+    actor_path = resolve_model(cfg.actor, out)
+    tok = load_tokenizer(actor_path)
+    dtype = cfg.run.dtype
+    frozen_device = torch.device("cpu") if cfg.engine.offload_frozen else device
+    actor = trainable(load_causal_lm(actor_path, tok, dtype, device), cfg)
+    reference = load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, frozen_device).eval()
+    reference.requires_grad_(False)
+    rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
+    scorer = build_scorer(rm, cfg.reward_functions, cfg.reward_weights, tok, dtype, frozen_device)
+    steps = train.iterations * train.ppo.ppo_epochs * updates_per_epoch(train)
+    actor_engine = build_engine(actor, train.actor_optim, steps, "actor", cfg.engine, cfg.run)
+    critic_engine = None
+    if algo.uses_critic:
+        critic_path = resolve_model(cfg.critic or cfg.reward_model, out)
+        if load_tokenizer(critic_path).get_vocab() != tok.get_vocab():
+            raise UserError(f"critic '{critic_path}' must share the actor's tokenizer: it values the actor's tokens")
+        critic = trainable(load_value_model(critic_path, tok, dtype, device), cfg)
+        critic_engine = build_engine(critic, train.critic_optim, steps, "critic", cfg.engine, cfg.run)
+    return Models(
+        tok=tok,
+        actor=HybridEngine(actor_engine, tok, train.generation),
+        actor_engine=actor_engine,
+        critic_engine=critic_engine,
+        reference=reference,
+        scorer=scorer,
+        device=device,
+        offload_frozen=cfg.engine.offload_frozen,
+    )
+
+
+def updates_per_epoch(train: RLTrainConfig) -> int:
+    samples = train.rollout_batch_size * train.group_size
+    return samples // (train.ppo.mini_batch_size or samples)
+
+
+def check_ranks(train: RLTrainConfig, world: int) -> None:
+    """Every rank must run the same number of forwards (ZeRO-3 gathers in each): equal shares of every batch."""
+    if world == 1:
+        return
+    samples = train.rollout_batch_size * train.group_size
+    mini = train.ppo.mini_batch_size or samples
+    micro = train.ppo.micro_batch_size or mini // world
+    if train.rollout_batch_size % world or mini % world or (mini // world) % micro:
+        raise UserError(
+            f"with {world} ranks, train.rollout_batch_size ({train.rollout_batch_size}) and train.ppo.mini_batch_size "
+            f"({mini}) must be multiples of {world}, and train.ppo.micro_batch_size ({micro}, per rank) must divide "
+            f"the {mini // world} sequences of each rank's mini-batch share"
+        )
+
+
+class PTXBatches:
+    """Endless batches of SFT-format records for the PTX loss, in a seeded order (a new permutation per pass; each
+    rank takes its share of every global batch). It counts the batches it has handed out, so that a resumed run
+    continues with the batch the uninterrupted run would have drawn next (an iteration that trains nothing, such
+    as one whose responses were all empty, draws none)."""
+
+    def __init__(self, encoded: list, batch_size: int, seed: int, pad_id: int, device):
+        self.encoded, self.batch_size, self.seed, self.pad_id, self.device = encoded, batch_size, seed, pad_id, device
+        self.drawn = 0
+        self._batches = self._stream()
+
+    def _stream(self):
+        step = self.batch_size * dist.world_size()
+        for epoch in itertools.count():
+            order = np.random.default_rng(self.seed + 7919 + epoch).permutation(len(self.encoded))
+            for i in range(0, len(order), step):
+                yield dist.shard([self.encoded[j] for j in order[i : i + step]])[0]
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.drawn += 1
+        return tuple(x.to(self.device) for x in collate_sft(next(self._batches), self.pad_id))
+
+    def skip_to(self, drawn: int) -> None:
+        """Fast-forward to where a run that had drawn `drawn` batches stood."""
+        while self.drawn < drawn:
+            self.drawn += 1
+            next(self._batches)
+
+
+def ptx_batches(cfg: RLConfig, tok, out: Path, device) -> PTXBatches | None:
+    """The PTX batches of `train.ptx_paths`, or None."""
+    train = cfg.train
+    if not train.ptx_paths:
+        return None
+    recs = convert(load_raw(train.ptx_paths, None, cfg.run.seed, out), to_sft, cfg.data.skip_invalid, "PTX")
+    max_len = train.max_prompt_len + train.generation.max_new_tokens
+    enc = encode_all(recs, lambda r: encode_sft(tok, r, max_len, False))
+    return PTXBatches(enc, train.ptx_batch_size, cfg.run.seed, tok.pad_token_id, device)
