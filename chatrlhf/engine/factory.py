@@ -22,8 +22,8 @@ def build_engine(
 ) -> TrainEngine:
     """The engine `engine.kind` names, for `model` trained for `total_steps` optimizer steps."""
     if engine.kind == "deepspeed":
-        return DeepSpeedEngine(model, optim, total_steps, name, engine, run.dtype)
-    return SingleEngine(model, optim, total_steps, name, run.max_bad_steps)
+        return DeepSpeedEngine(model, optim, total_steps, name=name, engine=engine, dtype=run.dtype)
+    return SingleEngine(model, optim, total_steps, name=name, max_bad_steps=run.max_bad_steps)
 
 
 def start(engine: EngineConfig, run: RunConfig) -> torch.device:

@@ -195,7 +195,12 @@ class ChatEnv(gym.Env):
             self.prompts = load_prompts(prompts, self.tok, max_prompt_tokens, tmp / "data")
             rm_path = resolve_model(reward_model, tmp / "reward_model") if reward_model else None
             self.scorer = build_scorer(
-                rm_path, list(reward_functions), reward_weights, self.tok, "float32", self.device
+                reward_model=rm_path,
+                reward_functions=list(reward_functions),
+                weights=reward_weights,
+                policy_tok=self.tok,
+                dtype="float32",
+                device=self.device,
             )
 
         vocab, width = len(self.tok), max_prompt_tokens + max_new_tokens

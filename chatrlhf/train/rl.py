@@ -290,7 +290,9 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
     stream = prompt_stream(prompts, train.rollout_batch_size, cfg.run.seed)
     state = LoopState(kl_coef=train.ppo.kl_coef, history=[])
     if resumed:
-        state = LoopState(resumed["kl_coef"], resumed["history"], resumed["skipped_rollouts"])
+        state = LoopState(
+            kl_coef=resumed["kl_coef"], history=resumed["history"], skipped_rollouts=resumed["skipped_rollouts"]
+        )
         if ema is not None:
             ema.load_state_dict(resumed["ema"])
         for _ in range(start):

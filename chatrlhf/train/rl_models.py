@@ -85,7 +85,14 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
     reference = load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, frozen_device).eval()
     reference.requires_grad_(False)
     rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
-    scorer = build_scorer(rm, cfg.reward_functions, cfg.reward_weights, tok, dtype, frozen_device)
+    scorer = build_scorer(
+        reward_model=rm,
+        reward_functions=cfg.reward_functions,
+        weights=cfg.reward_weights,
+        policy_tok=tok,
+        dtype=dtype,
+        device=frozen_device,
+    )
     steps = train.iterations * train.ppo.ppo_epochs * updates_per_epoch(train)
     actor_engine = build_engine(actor, train.actor_optim, steps, "actor", cfg.engine, cfg.run)
     critic_engine = None
@@ -164,4 +171,4 @@ def ptx_batches(cfg: RLConfig, tok, out: Path, device) -> PTXBatches | None:
     recs = convert(load_raw(train.ptx_paths, None, cfg.run.seed, out), to_sft, cfg.data.skip_invalid, "PTX")
     max_len = train.max_prompt_len + train.generation.max_new_tokens
     enc = encode_all(recs, lambda r: encode_sft(tok, r, max_len, False))
-    return PTXBatches(enc, train.ptx_batch_size, cfg.run.seed, tok.pad_token_id, device)
+    return PTXBatches(enc, batch_size=train.ptx_batch_size, seed=cfg.run.seed, pad_id=tok.pad_token_id, device=device)
