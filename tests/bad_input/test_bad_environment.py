@@ -66,3 +66,11 @@ def test_float16_on_the_cpu(device, sft, fail, data):
         r"probabilities\), so RL and the evaluation cannot run; use --run\.dtype bfloat16 or float32 there",
         err,
     ), err
+
+
+def test_bfloat16_on_the_cpu_is_accepted(sft, data, out):
+    """bfloat16 runs on the CPU (matmuls, training and sampling): not refused."""
+    from chatrlhf.cli import main
+
+    assert main(sft(data, "--run.device", "cpu", "--run.dtype", "bfloat16")) == 0
+    assert (out / "model" / "config.json").is_file()
