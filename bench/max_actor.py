@@ -88,19 +88,24 @@ def count_params(hidden: int, layers: int) -> int:
 
 
 def model_dir(workdir: Path, hidden: int, layers: int) -> Path:
-    """Build the ladder model once (random init, saved as a HF directory); not part of any measurement."""
+    """Build the ladder model once (random init, saved as a HF directory) and beside it `<name>-rm/`, its reward
+    model and critic (its weights and a seeded random head); not part of any measurement."""
+    from chatrlhf.models.load import add_value_head
     from chatrlhf.models.tiny import build_tiny_model
 
     path = workdir / "models" / f"llama-h{hidden}-l{layers}"
     if not (path / "config.json").is_file():
         build_tiny_model(path, **spec(hidden, layers))
+    if not (path.parent / f"{path.name}-rm" / "config.json").is_file():
+        add_value_head(path, path.parent / f"{path.name}-rm")
     return path
 
 
 def command(config: str, model: Path, out: Path, args: argparse.Namespace) -> tuple[list[str], dict]:
     """(argv, environment) of one PPO run."""
     flags = [
-        "rl", "--actor", str(model), "--reward_model", str(model), "--data.paths", "demo:prompts:256:2",
+        "rl", "--actor", str(model), "--reward_model", str(model.parent / f"{model.name}-rm"),
+        "--data.paths", "demo:prompts:256:2",
         "--train.iterations", str(args.iterations), "--train.rollout_batch_size", str(args.rollout_batch),
         "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", str(args.max_new_tokens),
         "--output_dir", str(out), "--run.log_every", "1", "--run.progress", "False", "--run.device", "cpu",

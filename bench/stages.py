@@ -102,7 +102,7 @@ def stage_flags(stage: str, model: str, args: argparse.Namespace, ranks: int) ->
     steps = args.warmup + args.steps
     if stage == "rl":
         return [
-            "--actor", model, "--reward_model", model, "--data.paths", "demo:prompts:256:2",
+            "--actor", model, "--reward_model", str(Path(model).parent / "rm"), "--data.paths", "demo:prompts:256:2",
             "--train.iterations", str(args.rl_warmup + args.rl_steps),
             "--train.rollout_batch_size", str(args.rollout_batch),
             "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", str(args.max_new_tokens),
@@ -176,12 +176,16 @@ def import_floor(workdir: Path) -> dict:
 
 
 def build_model(spec: str, workdir: Path) -> Path:
-    """Build the tiny preset once (outside any timing); every run loads this directory."""
+    """Build the tiny preset once (outside any timing), and beside it `rm/`, its reward model (its weights and a
+    seeded random head, also PPO's critic); every run loads these directories."""
+    from chatrlhf.models.load import add_value_head
     from chatrlhf.models.tiny import build_tiny_model, parse_tiny_spec
 
     path = workdir / "model"
     if not (path / "config.json").is_file():
         build_tiny_model(path, **parse_tiny_spec(spec))
+    if not (workdir / "rm" / "config.json").is_file():
+        add_value_head(path, workdir / "rm")
     return path
 
 

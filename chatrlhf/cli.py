@@ -8,6 +8,7 @@ a numerical failure (NaN/inf) exits 3.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -73,13 +74,29 @@ def parse(stage: str, args: list[str]):
     )
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(engine_kind: str) -> None:
     """Our own progress bars and messages say what happens; transformers' per-load bars and reports (e.g. "score.weight
-    newly initialized" when a reward model starts from a causal LM, which is intended) would bury them."""
+    newly initialized" when the reward stage starts from a causal LM, which is intended and announced by our own note)
+    would bury them. A single-process run also drops DeepSpeed's report of the accelerator it picked
+    (`DeepSpeedAcceleratorReport`)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if engine_kind == "single":
+        logging.getLogger("DeepSpeed").addFilter(DeepSpeedAcceleratorReport())
+
+
+class DeepSpeedAcceleratorReport(logging.Filter):
+    """Drops DeepSpeed's accelerator-detection messages ("Setting accelerator to CPU. If you have GPU or other
+    accelerator, we were unable to detect it."), and only those: with DeepSpeed installed, transformers'
+    `save_pretrained` imports it just to check whether the model is wrapped in a DeepSpeedEngine, and that import
+    reports which accelerator DeepSpeed would use. A single-process run never uses DeepSpeed, so the report (on a
+    CPU machine, an alarming one) is about nothing the run does. DeepSpeed's other messages, and every message of
+    an `engine.kind=deepspeed` run, pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.endswith("real_accelerator.py")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         cfg = parse(stage, args)
-        _quiet_libraries()
+        _quiet_libraries(cfg.engine.kind)
         _, module, function = STAGES[stage]
         getattr(importlib.import_module(module), function)(cfg)
     except UserError as e:

@@ -28,9 +28,11 @@ class RunConfig:
     seed: int = 1234
     """Seed for python, numpy and torch RNGs and for the data order (DeepSpeed-Chat's default)."""
     device: str = "auto"
-    """Torch device: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
+    """Torch device: `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:1`, `mps`, `xpu`, ... A device this
+    machine does not have is refused when the stage starts, before anything is written."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the models are loaded in. float32 on CPU; bfloat16 is the usual choice on recent GPUs."""
+    """Dtype the models are loaded in. float32 or bfloat16 on CPU (float16 is refused there: sampling in float16 fails
+    on the CPU); bfloat16 is the usual choice on recent GPUs."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 keeps torch's default (one per core)."""
     log_every: int = 10
@@ -344,6 +346,9 @@ class RLConfig(StageOptions):
     critic: str | None = None
     """PPO's critic initialisation; None = the reward model (as DeepSpeed-Chat does). Critic-free algorithms have
     none."""
+    critic_fresh_head: bool = False
+    """Initialise the critic's value head randomly when the critic model has none (e.g. `critic` is a causal LM); it
+    then learns values from scratch. False refuses a critic without a trained head."""
     reference: str | None = None
     """Frozen reference policy for the KL penalty; None = the actor's starting weights."""
     output_dir: str = "runs/rl"
@@ -368,6 +373,10 @@ class RLConfig(StageOptions):
             raise ConfigError("train.algo=ppo needs a critic: set critic (or reward_model, which initialises it)")
         if self.train.algo != "ppo" and self.critic:
             raise ConfigError(f"critic is set but train.algo={self.train.algo} has no critic; unset critic")
+        if self.train.algo != "ppo" and self.critic_fresh_head:
+            raise ConfigError(
+                f"critic_fresh_head is set but train.algo={self.train.algo} has no critic; unset critic_fresh_head"
+            )
         if need_data:
             _require(self.data.paths, "data.paths", "at least one prompt source")
         _validate_data(self.data)

@@ -58,3 +58,50 @@ def test_compare_without_a_reward_model_reports_the_judge_only():
     report = compare(base, new)
     assert set(report) == {"judge"}
     assert report["judge"]["rlhf_minus_sft"]["mean"] == pytest.approx(0.5)
+
+
+def text_judge(prompt, response, **fields):
+    return "0.5"
+
+
+def nan_judge(prompt, response, **fields):
+    return math.nan
+
+
+@pytest.mark.parametrize(
+    "judge, error, pattern",
+    [
+        (
+            text_judge,
+            "UserError",
+            r"judge '(tests\.)?test_eval:text_judge' returned str '0\.5' for prompt 'Hi'; expected a",
+        ),
+        (nan_judge, "FloatingPointError", r"judge '(tests\.)?test_eval:nan_judge' returned nan for prompt 'Hi'"),
+    ],
+)
+def test_judge_gets_the_checks_of_a_reward_function(judge, error, pattern, tiny_dirs):
+    """A judge's value is never counted unless it is a finite number: the same checks as a reward function's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatrlhf.config import GenerationConfig
+    from chatrlhf.errors import UserError
+    from chatrlhf.eval.compare import sample_and_score
+    from chatrlhf.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dirs["llama"]))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32)
+    expected = {"UserError": UserError, "FloatingPointError": FloatingPointError}[error]
+    with pytest.raises(expected, match=pattern):
+        sample_and_score(
+            model,
+            tok,
+            [[72, 105]],
+            generation=GenerationConfig(max_new_tokens=2),
+            samples=1,
+            batch_size=1,
+            seed=0,
+            judge=judge,
+            texts=["Hi"],
+            extras=[{}],
+        )

@@ -29,7 +29,7 @@ def build_engine(
 def start(engine: EngineConfig, run: RunConfig) -> torch.device:
     """The device this process trains on. Under DeepSpeed the process group is joined first and each rank takes
     the GPU of its local rank; a launcher without `engine.kind deepspeed` is refused."""
-    device = pick_device(run.device)
+    device = pick_device(run.device, run.dtype)
     if engine.kind != "deepspeed":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:

@@ -1,7 +1,8 @@
 """Side-by-side evaluation of two policies (SFT vs RLHF, or SFT vs DPO) on the same held-out prompts.
 
 For each prompt, each model samples `k` responses with the rollout sampling settings; every response is scored
-by the reward model (where there is one: the DPO pipeline has none) and, if given, by a programmatic judge.
+by the reward model (where there is one: the DPO pipeline has none) and, if given, by a programmatic judge (a
+judge that raises or returns no finite number stops the evaluation, as a reward function stops RL: `call_score`).
 Per-prompt means are compared pairwise: d_i = mean_judge(RLHF, prompt i) − mean_judge(SFT, prompt i); the report
 gives mean(d) with a 95% confidence interval mean ± t_{0.975, n−1}·sd(d)/√n. "RLHF beats SFT" means that
 interval lies above zero.
@@ -19,6 +20,7 @@ import torch
 from chatrlhf.config import GenerationConfig
 from chatrlhf.data.collate import pad
 from chatrlhf.engine.hybrid import sampling_config
+from chatrlhf.models.rewards import call_score
 from chatrlhf.rlhf import last_token_index, truncate_after_eos
 
 
@@ -120,7 +122,8 @@ def sample_and_score(
     model.train(was_training)
     judged = None
     if judge is not None:
-        judged = [[float(judge(texts[i], r, **extras[i])) for r in responses[i]] for i in range(len(prompts))]
+        what = f"judge '{judge.__module__}:{getattr(judge, '__qualname__', type(judge).__name__)}'"
+        judged = [[call_score(judge, what, texts[i], r, extras[i]) for r in responses[i]] for i in range(len(prompts))]
     return PolicySamples(responses, rm, judged)
 
 

@@ -8,11 +8,12 @@ LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 
 The adapters are injected into the model in place (`peft.inject_adapter_in_model`): the model keeps its own class,
 so a causal LM is still a transformers `PreTrainedModel` (forward, `generate`, `config`, `generation_config`,
 `get_input_embeddings` all work as before) and a `ValueModel` keeps its `backbone` and `head` references. For a
-ValueModel the backbone is adapted and the scalar head stays fully trainable.
+ValueModel the backbone is adapted and the scalar head stays fully trainable, in either value-model format (inside a
+sequence-classification model, or beside a base model: `chatrlhf.models.load`).
 
 For rollouts, `merged(model)` folds B·A into W so generation runs at the speed of the plain model, and puts the
-exact original weights back afterwards. `save_trained` writes the merged model as a plain HF directory plus the
-adapter alone in PEFT's format.
+exact original weights back afterwards. `save_trained` writes the merged model as a plain HF directory (a value model
+in its own format) plus the adapter alone in PEFT's format.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chatrlhf.config import LoRAConfig
-from chatrlhf.models.load import ValueModel, atomic_dir, save_model_dir
+from chatrlhf.models.load import VALUE_HEAD_FILE, ValueModel, atomic_dir, save_model_dir, save_value_model
 
 ADAPTER = "default"
 """PEFT's adapter name; we only ever have one adapter."""
@@ -45,9 +46,10 @@ def _hf_model(model: nn.Module) -> PreTrainedModel:
     return model.model if isinstance(model, ValueModel) else model
 
 
-def _head_name(value_model: ValueModel) -> str:
-    """Attribute name of the scalar head inside `value_model.model` (`score` for most architectures)."""
-    return next(name for name, child in value_model.model.named_children() if child is value_model.head)
+def _head_name(value_model: ValueModel) -> str | None:
+    """Attribute name of the scalar head inside `value_model.model` (`score` for most architectures); None when the
+    head lives beside a base model, out of PEFT's sight."""
+    return next((name for name, child in value_model.model.named_children() if child is value_model.head), None)
 
 
 def _lora_layers(model: nn.Module) -> list[BaseTunerLayer]:
@@ -83,6 +85,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if is_lora(hf_model):
         raise ValueError(f"{type(hf_model).__name__} already has LoRA adapters; apply_lora was called twice")
     head = _head_name(model) if isinstance(model, ValueModel) else None
+    task_type = "CAUSAL_LM" if not isinstance(model, ValueModel) else "SEQ_CLS" if head else "FEATURE_EXTRACTION"
     peft_config = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -90,7 +93,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         target_modules=_target_modules(cfg.target_modules),
         # The value head is trained in full, never adapted (also under all-linear).
         exclude_modules=[head] if head else None,
-        task_type="SEQ_CLS" if head else "CAUSAL_LM",
+        task_type=task_type,
     )
     # Freezes every non-adapter parameter (PEFT's `_mark_only_adapters_as_trainable`).
     inject_adapter_in_model(peft_config, hf_model, adapter_name=ADAPTER)
@@ -162,13 +165,14 @@ def _plain_modules(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _adapter_files(model: nn.Module) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The adapter config and weights as `PeftModel.save_pretrained` writes them (keys `base_model.model.*`)."""
+    """The adapter config and weights as `PeftModel.save_pretrained` writes them (keys `base_model.model.*`); the
+    head of a sequence-classification value model is among them (a backbone+head one saves it beside them)."""
     hf_model = _hf_model(model)
     config = copy.deepcopy(hf_model.peft_config[ADAPTER])
     config.base_model_name_or_path = hf_model.config.name_or_path
     config.inference_mode = True
     state = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(hf_model, adapter_name=ADAPTER).items()}
-    if isinstance(model, ValueModel):
+    if isinstance(model, ValueModel) and model.head_in_model:
         # PEFT stores a fully trained module (`modules_to_save`) under its plain name: base_model.model.score.weight.
         head = _head_name(model)
         config.modules_to_save = [head]
@@ -178,12 +182,16 @@ def _adapter_files(model: nn.Module) -> tuple[LoraConfig, dict[str, torch.Tensor
 
 def _save_adapter_dir(model: nn.Module, tok: PreTrainedTokenizerBase, out: Path) -> None:
     """Write adapter_config.json, adapter_model.safetensors and the tokenizer atomically, as `save_model_dir`
-    writes a model: a temp dir beside `out`, fsync, then rename."""
+    writes a model: a temp dir beside `out`, fsync, then rename. A backbone+head value model's head goes beside
+    them in VALUE_HEAD_FILE, as in its model directory."""
     config, state = _adapter_files(model)
     with atomic_dir(out) as tmp:
         config.save_pretrained(str(tmp))
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
+        if isinstance(model, ValueModel) and not model.head_in_model:
+            head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+            save_file(head, str(tmp / VALUE_HEAD_FILE), metadata={"format": "pt"})
 
 
 def save_trained(model: nn.Module, tok: PreTrainedTokenizerBase, out_dir: Path, name: str = "model") -> None:
@@ -191,13 +199,15 @@ def save_trained(model: nn.Module, tok: PreTrainedTokenizerBase, out_dir: Path, 
 
     Without LoRA: `out_dir/<name>/`, the full model. With LoRA, two directories, each written atomically:
       - `out_dir/<name>_adapter/`: the adapter (and a ValueModel's head) in PEFT's format, plus the tokenizer;
-      - `out_dir/<name>/`: the merged weights W + (α/r)·B·A as a plain HF model directory.
+      - `out_dir/<name>/`: the merged weights W + (α/r)·B·A as a plain HF model directory (a ValueModel in its
+        format, `save_value_model`).
     The live model keeps its unmerged adapters and its exact base weights.
     """
     hf_model = _hf_model(model)
+    save = save_value_model if isinstance(model, ValueModel) else save_model_dir
     if not is_lora(hf_model):
-        save_model_dir(hf_model, tok, out_dir / name)
+        save(model, tok, out_dir / name)
         return
     _save_adapter_dir(model, tok, out_dir / f"{name}_adapter")
     with merged(hf_model), _plain_modules(hf_model):
-        save_model_dir(hf_model, tok, out_dir / name)
+        save(model, tok, out_dir / name)

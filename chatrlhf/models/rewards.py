@@ -10,6 +10,10 @@ Three kinds of reward source, each with `score(batch) -> (B,) float tensor`:
 - `FunctionReward`: `module:function(prompt, response, **fields) -> float`, called on the prompt text, the decoded
   response and the RL record's extra fields (e.g. the demo judge `chatrlhf.demo.task:judge`).
 
+A reward model must hold a trained head: a causal LM given as one is refused (`load_value_model`). A Python function
+that raises, or returns something other than a finite number, stops the run (`call_score`): its output is never
+counted as a score. The evaluation's judge goes through the same `call_score`.
+
 `Scorer` sums `weight × score` over the sources and keeps each part for logging.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -25,7 +30,15 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from chatrlhf.errors import UserError
-from chatrlhf.models.load import DTYPES, ValueModel, load_tokenizer, load_value_model, same_vocabulary
+from chatrlhf.models.load import (
+    DTYPES,
+    HEAD_ADVICE,
+    ValueModel,
+    load_tokenizer,
+    load_value_model,
+    loading,
+    same_vocabulary,
+)
 
 
 @dataclass
@@ -106,24 +119,44 @@ class FunctionReward:
                     f"reward function {self.name}: the record's field(s) {sorted(clash)} would shadow the "
                     "prompt/response arguments; rename them in the data"
                 )
-            values.append(self._number(self.fn(p, r, **extra), p))
+            values.append(call_score(self.fn, f"reward function '{self.spec}'", p, r, extra))
         return torch.tensor(values, dtype=torch.float32, device=batch.sequences.device)
 
-    def _number(self, value: object, prompt: str) -> float:
-        """A reward function's return value as a float: a real number (bool, int, float, numpy scalar) or a
-        one-element tensor. Strings are refused even when they parse ("0.5" is a bug in the function), and a NaN or
-        inf is a numerical failure (exit 3), as it is for every other tensor in a run."""
-        is_scalar_tensor = isinstance(value, torch.Tensor) and value.numel() == 1
-        if not (isinstance(value, numbers.Real) or is_scalar_tensor):
-            preview = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            found = "None" if value is None else f"{type(value).__name__} {preview}"
-            raise UserError(
-                f"reward function '{self.spec}' returned {found} for prompt {prompt!r}; expected a number (float)"
-            )
-        number = float(value)
-        if not math.isfinite(number):
-            raise FloatingPointError(f"reward function {self.name} returned {number} for prompt {prompt!r}")
-        return number
+
+def call_score(fn: Callable[..., object], what: str, prompt: str, response: str, extra: dict) -> float:
+    """`fn(prompt, response, **extra)` as a float, for a reward function or a judge (`what` names it in messages).
+
+    An exception in `fn` is the user's error, reported with its type, message and where it was raised, never
+    counted as a score. The value must be a real number (bool, int, float, numpy scalar) or a one-element tensor:
+    strings are refused even when they parse ("0.5" is a bug in the function), and a NaN or inf is a numerical
+    failure (exit 3), as it is for every other tensor in a run."""
+    try:
+        value = fn(prompt, response, **extra)
+    except Exception as e:
+        raise UserError(f"{what} raised {_exception(e)} for prompt {_short(prompt)}") from None
+    is_scalar_tensor = isinstance(value, torch.Tensor) and value.numel() == 1
+    if not (isinstance(value, numbers.Real) or is_scalar_tensor):
+        found = "None" if value is None else f"{type(value).__name__} {_short(value, 40)}"
+        raise UserError(f"{what} returned {found} for prompt {_short(prompt)}; expected a number (float)")
+    number = float(value)
+    if not math.isfinite(number):
+        raise FloatingPointError(f"{what} returned {number} for prompt {_short(prompt)}")
+    return number
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """repr(value) in about `limit` characters: a long string is cut (and ends in "..." inside its quotes)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[: limit - 3] + "...")
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _exception(e: Exception) -> str:
+    """`Type: message (at file:line)`, the line being the innermost frame of the traceback."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def load_function(spec: str) -> Callable:
@@ -148,10 +181,16 @@ def load_reward_model(path: str, policy_tok: PreTrainedTokenizerBase, dtype: str
     rm_tok = load_tokenizer(path)
     if same_vocabulary(policy_tok, rm_tok):
         return PolicyVocabRewardModel(load_value_model(path, policy_tok, dtype, device).eval().requires_grad_(False))
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as e:
-        raise UserError(f"reward model '{path}': cannot load as a sequence-classification model: {e}") from None
+    with loading(path, "as a reward model (a sequence-classification model)"):
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=DTYPES[dtype], output_loading_info=True
+        )
+    if info["missing_keys"]:
+        missing = ", ".join(sorted(info["missing_keys"]))
+        raise UserError(
+            f"reward model '{path}' holds no trained score head ({missing} not in its checkpoint): it is not a "
+            f"reward model, and its head would be random; {HEAD_ADVICE['reward model'].format(path=path)}"
+        )
     if model.config.num_labels != 1:
         raise UserError(f"reward model '{path}' has {model.config.num_labels} labels; a reward model has one")
     if rm_tok.pad_token_id is not None:

@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
     GPT2Config,
+    GraniteConfig,
     LlamaConfig,
     OPTConfig,
     PretrainedConfig,
@@ -37,6 +38,7 @@ from transformers import (
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 """Ids of the special tokens: they follow the 256 byte tokens, whose ids are the byte values."""
+TINY_VOCAB_SIZE = EOS_ID + 1
 MODEL_MAX_LENGTH = 512
 
 # User turns "User: {content}\n", assistant turns "Assistant: {content}<|eos|>\n", system "System: {content}\n";
@@ -58,7 +60,10 @@ CHAT_TEMPLATE = (
 )
 
 TINY_PRESET_PREFIX = "tiny:"
-TINY_ARCHS = ("gpt2", "opt", "llama", "qwen2")
+TINY_ARCHS = ("gpt2", "opt", "llama", "qwen2", "granite")
+"""granite has a causal LM but no sequence-classification class in transformers: its reward model and critic are
+the base model plus a separate head (the backbone+head value-model format, docs/models.md)."""
+ROTARY_ARCHS = ("llama", "qwen2", "granite")
 DEFAULT_HIDDEN, DEFAULT_LAYERS, DEFAULT_HEADS = 128, 2, 4
 _SPEC_INT_KEYS = ("hidden", "layers", "heads", "seed")
 
@@ -116,7 +121,7 @@ def _check_sizes(arch: str, hidden: int, layers: int, heads: int) -> None:
             raise ValueError(f"tiny model {name} must be a positive integer, got {value!r}")
     if hidden % heads:
         raise ValueError(f"tiny model hidden={hidden} must be divisible by heads={heads}")
-    if arch in ("llama", "qwen2") and (hidden // heads) % 2:
+    if arch in ROTARY_ARCHS and (hidden // heads) % 2:
         raise ValueError(f"{arch} head size hidden/heads = {hidden // heads} must be even for rotary embeddings")
 
 
@@ -171,7 +176,7 @@ def tiny_config(
             tie_word_embeddings=True,
             **ids,
         )
-    config_class = LlamaConfig if arch == "llama" else Qwen2Config
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "granite": GraniteConfig}[arch]
     return config_class(
         vocab_size=vocab_size,
         max_position_embeddings=max_positions,

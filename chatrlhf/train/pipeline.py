@@ -24,7 +24,13 @@ from chatrlhf.data.collate import encode_all, encode_prompt
 from chatrlhf.engine import factory
 from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import compare, sample_and_score
-from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, pick_device
+from chatrlhf.models.load import (
+    check_value_model_support,
+    load_causal_lm,
+    load_tokenizer,
+    load_value_model,
+    pick_device,
+)
 from chatrlhf.models.rewards import load_function
 from chatrlhf.train.data import convert, load_raw, train_eval_split
 from chatrlhf.train.dpo import run_dpo
@@ -94,6 +100,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from its newest checkpoint."""
     cfg.validate()
     factory.start(cfg.engine, cfg.run)  # join the process group first when the stages run on DeepSpeed
+    if cfg.method == "rlhf" and cfg.train_reward_model:
+        check_value_model_support(cfg.reward_base or cfg.model)  # before SFT trains: the reward model needs a head
     with run_directory(cfg.run_dir, cfg, cfg.run.overwrite, cfg.resume) as run_dir:
         return _run_pipeline(cfg, run_dir)
 

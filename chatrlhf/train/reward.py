@@ -73,7 +73,8 @@ def _run_reward(cfg: RewardConfig, out: Path, device: torch.device, raws, eval_r
     tok = load_tokenizer(path)
     train_pairs = encode_all(train_recs, lambda r: encode_pair(tok, r, train.max_seq_len))
     eval_pairs = encode_all(eval_recs, lambda r: encode_pair(tok, r, train.max_seq_len))
-    model = load_value_model(path, tok, cfg.run.dtype, device).train()
+    # the reward model may start from a causal LM: its head is then new (announced), and this stage trains it
+    model = load_value_model(path, tok, cfg.run.dtype, device, require_head=False, role="reward model").train()
     model = prepare_for_training(model, cfg.engine, cfg.lora)
 
     def loss(model, batch: list[EncodedPair], step_pairs: float):

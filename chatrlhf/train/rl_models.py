@@ -100,7 +100,10 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         critic_path = resolve_model(cfg.critic or cfg.reward_model, out)
         if load_tokenizer(critic_path).get_vocab() != tok.get_vocab():
             raise UserError(f"critic '{critic_path}' must share the actor's tokenizer: it values the actor's tokens")
-        critic = trainable(load_value_model(critic_path, tok, dtype, device), cfg)
+        critic_model = load_value_model(
+            critic_path, tok, dtype, device, require_head=not cfg.critic_fresh_head, role="critic"
+        )
+        critic = trainable(critic_model, cfg)
         critic_engine = build_engine(critic, train.critic_optim, steps, "critic", cfg.engine, cfg.run)
     return Models(
         tok=tok,

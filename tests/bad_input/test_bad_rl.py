@@ -1,14 +1,16 @@
-"""Bad RL inputs: reward functions that cannot be used, and too few prompts for a rollout batch."""
+"""Bad RL inputs: reward functions (and the evaluation's judge) that cannot be used or that fail, and too few prompts
+for a rollout batch."""
 
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
 from chatrlhf.cli import main
 
-from .conftest import jsonl, write
+from .conftest import QUIET, jsonl, write
 
 PROMPTS = [{"prompt": f"Name 2 words that begin with {letter}."} for letter in "abcd"]
 
@@ -25,6 +27,17 @@ def nothing(prompt, response, **fields):
 
 def not_a_number(prompt, response, **fields):
     return math.nan
+
+def broken(prompt, response, **fields):
+    raise ValueError("no score for this response")
+
+CALLS = []
+
+def third_call_fails(prompt, response, **fields):
+    CALLS.append(prompt)
+    if len(CALLS) == 3:
+        return {"score": 1}["scor"]
+    return 0.5
 """
 
 
@@ -33,6 +46,7 @@ def rewards_module(tmp_path, monkeypatch):
     """A module `catalog_rewards` of broken reward functions, importable for the run."""
     write(tmp_path / "catalog_rewards.py", REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "catalog_rewards", raising=False)  # a fresh import: third_call_fails counts anew
     return "catalog_rewards"
 
 
@@ -60,8 +74,27 @@ def rewards_module(tmp_path, monkeypatch):
             "{module}:nothing",
             r"reward function 'catalog_rewards:nothing' returned None for prompt '.*'; expected a number",
         ),
+        (
+            "{module}:broken",
+            r"reward function 'catalog_rewards:broken' raised ValueError: no score for this response \(at "
+            r".*catalog_rewards\.py:\d+\) for prompt 'Name 2 words that begin with [a-d]\.'",
+        ),
+        (
+            "{module}:third_call_fails",
+            r"reward function 'catalog_rewards:third_call_fails' raised KeyError: 'scor' \(at "
+            r".*catalog_rewards\.py:\d+\) for prompt 'Name 2 words that begin with [a-d]\.'",
+        ),
     ],
-    ids=["module does not import", "no such function", "no function named", "not callable", "string", "None"],
+    ids=[
+        "module does not import",
+        "no such function",
+        "no function named",
+        "not callable",
+        "string",
+        "None",
+        "raises",
+        "raises on the 3rd call",
+    ],
 )
 def test_unusable_reward_function(function, pattern, rewards_module, tmp_path, rl, fail):
     data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
@@ -75,7 +108,36 @@ def test_reward_function_returning_nan_is_a_numerical_failure(rewards_module, tm
     assert main(rl(data, reward=f"{rewards_module}:not_a_number")) == 3
     err = capsys.readouterr().err
     assert "Traceback" not in err and not out.exists()
-    assert re.search(r"^chatrlhf rl: numerical failure: reward function not_a_number returned nan for prompt", err)
+    assert re.search(
+        r"^chatrlhf rl: numerical failure: reward function 'catalog_rewards:not_a_number' returned nan for prompt", err
+    )
+
+
+def test_long_prompt_is_shortened_in_the_message(rewards_module, tmp_path, rl, fail):
+    long = [{"prompt": "Name 2 words that begin with a, and " + "then some more words " * 6}] * 4
+    err = fail(rl(jsonl(tmp_path / "prompts.jsonl", long), reward=f"{rewards_module}:broken"))
+    assert re.search(r"for prompt 'Name 2 words that begin with a, and then some more words \.\.\.'$", err, re.M), err
+
+
+def test_judge_that_raises(rewards_module, tiny_dirs, tmp_path, out, capsys):
+    """The evaluation's judge is called like a reward function: an exception stops the pipeline with the judge and
+    the prompt named (exit 2); the stages that finished keep their complete models, and no summary is written."""
+    pairs = [{"prompt": f"Name 2 words that begin with {c}.", "chosen": "apt ant", "rejected": "x"} for c in "abcdefgh"]
+    flags = ["--method", "dpo", "--sft.max_steps", "1", "--dpo.max_steps", "1", "--eval.num_prompts", "1"]
+    flags += ["--eval.samples_per_prompt", "1", "--rl.generation.max_new_tokens", "2", "--data.eval_fraction", "0.25"]
+    args = ["pipeline", "--model", str(tiny_dirs["llama"]), "--run_dir", str(out), "--data.paths"]
+    args += [str(jsonl(tmp_path / "pairs.jsonl", pairs)), *flags, "--eval.judge", f"{rewards_module}:broken", *QUIET]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(
+        r"^chatrlhf pipeline: error: judge 'catalog_rewards:broken' raised ValueError: no score for this response "
+        r"\(at .*catalog_rewards\.py:\d+\) for prompt 'Name 2 words that begin with [a-h]\.'$",
+        err,
+        re.M,
+    ), err
+    assert (out / "dpo" / "model" / "config.json").is_file() and not (out / "summary.json").exists()
 
 
 def test_fewer_prompts_than_the_rollout_batch(tmp_path, rl, fail):

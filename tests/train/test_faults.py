@@ -40,9 +40,12 @@ forward overflows, so step 3's gradient norm is NaN."""
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny llama: the RL actor, and (random score head) its reward model and critic."""
+    from chatrlhf.models.load import add_value_head
     from chatrlhf.models.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("faults") / "llama", arch="llama", hidden=32, layers=2, heads=4)
+    base = build_tiny_model(tmp_path_factory.mktemp("faults") / "llama", arch="llama", hidden=32, layers=2, heads=4)
+    add_value_head(base, base.parent / "rm")  # its reward model and critic: its weights and a seeded random head
+    return base
 
 
 def sft(out: Path, *flags: str) -> list[str]:
@@ -109,7 +112,7 @@ def test_blow_up_before_any_checkpoint_leaves_no_run_directory(tmp_path, capsys)
 
 def test_exploding_actor_stops_rl_with_exit_3(tmp_path, capsys, base):
     out = tmp_path / "run"
-    flags = ["--reward_model", str(base), "--train.iterations", "6", "--checkpoint.every", "1"]
+    flags = ["--reward_model", str(base.parent / "rm"), "--train.iterations", "6", "--checkpoint.every", "1"]
     code, _, err = cli(rl(out, base, *flags, *train_flag(BLOW_UP, "train.actor_optim")), capsys)
     assert code == 3
     assert err.strip() == (
@@ -136,7 +139,9 @@ def test_reward_function_returning_nan_stops_rl_with_exit_3(tmp_path, capsys, ba
     code, _, err = cli(rl(out, base, *flags), capsys)
     assert code == 3
     assert re.fullmatch(
-        r"chatrlhf rl: numerical failure: reward function reward returned nan for prompt 'Write .*'\n", err
+        r"chatrlhf rl: numerical failure: reward function 'nan_reward_after_8:reward' returned nan for prompt "
+        r"'Write .*'\n",
+        err,
     ), err
     assert [m["step"] for m in steps_logged(out)] == [1, 2]
     assert checkpoints(out) == ["step-00000001", "step-00000002"]
@@ -217,7 +222,7 @@ def test_sft_skips_up_to_max_bad_steps_and_counts_them(tmp_path, capsys):
 
 def test_rl_skips_up_to_max_bad_steps_and_counts_them(tmp_path, capsys, base):
     out = tmp_path / "run"
-    flags = ["--reward_model", str(base), "--train.iterations", "6", "--run.max_bad_steps", "1"]
+    flags = ["--reward_model", str(base.parent / "rm"), "--train.iterations", "6", "--run.max_bad_steps", "1"]
     flags += ["--checkpoint.every", "1"]  # a checkpoint keeps the failed run's directory and its metrics
     code, stdout, err = cli(rl(out, base, *flags, *train_flag(BLOW_UP, "train.actor_optim")), capsys)
     assert "warning: actor: non-finite gradient norm (nan); step skipped (1 of at most 1)" in stdout
@@ -350,7 +355,7 @@ def test_rl_skips_a_batch_of_empty_responses_and_counts_it(which, tmp_path, caps
 
     monkeypatch.setattr(HybridEngine, "generate", eos_first)
     out = tmp_path / "run"
-    flags = ["--reward_model", str(base), "--train.iterations", "3", "--train.actor_optim.lr", "1e-3"]
+    flags = ["--reward_model", str(base.parent / "rm"), "--train.iterations", "3", "--train.actor_optim.lr", "1e-3"]
     code, stdout, _ = cli(rl(out, base, *flags), capsys)
     assert code == 0
     lines = steps_logged(out)
@@ -386,8 +391,8 @@ def test_ptx_resume_after_an_empty_rollout_continues_with_the_uninterrupted_batc
         return tokens, logprobs
 
     monkeypatch.setattr(HybridEngine, "generate", second_batch_empty)
-    flags = ["--reward_model", str(base), "--train.iterations", "4", "--train.ptx_paths", "demo:pairs:64:1",
-             "--train.max_prompt_len", "128",
+    flags = ["--reward_model", str(base.parent / "rm"), "--train.iterations", "4",
+             "--train.ptx_paths", "demo:pairs:64:1", "--train.max_prompt_len", "128",
              "--train.ptx_coef", "1.0", "--train.ptx_batch_size", "2", "--train.actor_optim.lr", "1e-3",
              "--checkpoint.every", "1", "--checkpoint.keep", "4", "--data.eval_fraction", "0"]  # fmt: skip
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"

@@ -54,7 +54,7 @@ def stage_args(stage: str, out: Path, base: Path) -> list[str]:
     if stage in ("reward", "dpo"):
         return [stage, "--model", TINY, "--output_dir", str(out), *SUPERVISED, "--train.max_steps", str(STEPS[stage])]
     if stage == "rl":
-        return ["rl", "--actor", str(base), "--reward_model", str(base), "--output_dir", str(out),
+        return ["rl", "--actor", str(base), "--reward_model", str(base.parent / "rm"), "--output_dir", str(out),
                 "--data.paths", "demo:prompts:64:0", "--train.iterations", str(STEPS["rl"]),
                 "--train.rollout_batch_size", "4", "--train.ppo.mini_batch_size", "2", "--train.max_prompt_len", "64",
                 "--train.generation.max_new_tokens", "8", "--train.actor_optim.lr", "1e-3",
@@ -75,9 +75,12 @@ PIPELINE_STEPS = {"sft": 8, "reward": 8, "rl": 8}
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """The tiny llama RL starts from; it is also the reward model (random score head, seeded) and the critic."""
+    from chatrlhf.models.load import add_value_head
     from chatrlhf.models.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("resume") / "llama", arch="llama", hidden=32, layers=2, heads=4)
+    base = build_tiny_model(tmp_path_factory.mktemp("resume") / "llama", arch="llama", hidden=32, layers=2, heads=4)
+    add_value_head(base, base.parent / "rm")  # its reward model and critic: its weights and a seeded random head
+    return base
 
 
 # ------------------------------------------------------------------------------------------------ helpers

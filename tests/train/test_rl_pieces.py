@@ -27,7 +27,7 @@ def test_padded_batch_matches_single_sequences(arch, tiny_dirs):
     path = tiny_dirs[arch]
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    critic = load_value_model(str(path), tok, "float32", torch.device("cpu")).eval()
+    critic = load_value_model(str(path), tok, "float32", torch.device("cpu"), require_head=False).eval()
     pad, eos = tok.pad_token_id, tok.eos_token_id
     prompts = [[72, 101, 108, 108, 111], [65, 66]]
     responses = [[120, 121, eos], [122, 123, 124, 125]]
