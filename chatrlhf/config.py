@@ -195,6 +195,29 @@ class GenerationConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Which engine generates the RL rollouts, and how its weights are kept fresh (docs/rollout.md)."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """`hf`: Hugging Face `generate` on the actor itself. `vllm`: a vLLM engine colocated with training, given the
+    actor's current weights before every rollout (`pip install 'chatrlhf[vllm]'`)."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM on a GPU: the share of the GPU's memory its weights and KV cache may take (the trainer needs the
+    rest)."""
+    cpu_kv_cache_gib: float = 1.0
+    """vLLM on the CPU: GiB of memory for its KV cache (`VLLM_CPU_KVCACHE_SPACE`)."""
+    sleep: bool = True
+    """vLLM on a GPU: release the KV cache and the weights while the trainer runs, and take them back before a
+    rollout (vLLM's sleep mode, level 1). Not available on the CPU, where it is ignored."""
+    sync_tolerance: float = 1e-3
+    """After each weight sync, the largest |log π_trainer − log π_vllm| allowed on a fixed probe sequence; more
+    stops the run (the weights did not arrive). Float32 on the CPU agrees to ~1e-6; bf16 on a GPU needs more."""
+    max_logprob_diff: float | None = None
+    """Stop when an iteration's `rollout/logprob_diff` (mean |log π_trainer − log π_rollout| over the sampled
+    tokens) exceeds this; None only logs it."""
+
+
+@dataclass
 class PPOConfig:
     """The PPO update (DeepSpeed-Chat's trainer constants by default; see docs/algorithms.md)."""
 
@@ -257,6 +280,8 @@ class RLTrainConfig:
     """Longest prompt in tokens; a longer prompt is an error naming it (DeepSpeed-Chat drops them silently)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Rollout sampling."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The rollout engine: `hf` or `vllm`."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyper-parameters."""
     actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.65e-6))
@@ -613,6 +638,12 @@ def _validate_options(o: StageOptions) -> None:
     train = getattr(o, "train", None) or getattr(o, "rl", None)
     if e.kind == "deepspeed" and e.zero_stage == 3 and getattr(train, "ema", False):
         raise ConfigError("ema with engine.zero_stage=3 is not supported (the EMA copy would need the whole actor)")
+    rollout = getattr(train, "rollout", None)
+    if rollout is not None and rollout.backend == "vllm" and e.zero_stage == 3 and not e.gather_for_generation:
+        raise ConfigError(
+            "train.rollout.backend=vllm with engine.gather_for_generation=False: vLLM needs the whole weights, which "
+            "ZeRO-3 gathers once per rollout only with engine.gather_for_generation=True"
+        )
     if e.kind == "deepspeed" and e.zero_stage == 3 and o.lora.rank > 0:
         raise ConfigError("lora.rank > 0 with engine.zero_stage=3 is not supported; use ZeRO stage 0-2 with LoRA")
 
@@ -749,6 +780,17 @@ def _validate_optim(o: OptimConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}.betas must be in [0, 1), got {o.betas}")
 
 
+def _validate_rollout(r: RolloutConfig, prefix: str) -> None:
+    if r.backend not in ("hf", "vllm"):
+        raise ConfigError(f"{prefix}.backend must be hf or vllm, got {r.backend!r}")
+    if not 0.0 < r.gpu_memory_utilization < 1.0:
+        raise ConfigError(f"{prefix}.gpu_memory_utilization must be in (0, 1), got {r.gpu_memory_utilization}")
+    if r.cpu_kv_cache_gib <= 0:
+        raise ConfigError(f"{prefix}.cpu_kv_cache_gib must be > 0, got {r.cpu_kv_cache_gib}")
+    if r.sync_tolerance <= 0 or (r.max_logprob_diff is not None and r.max_logprob_diff <= 0):
+        raise ConfigError(f"{prefix}.sync_tolerance and {prefix}.max_logprob_diff must be > 0")
+
+
 def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
     p, g = t.ppo, t.generation
     if t.iterations < 1 or t.rollout_batch_size < 1:
@@ -773,6 +815,7 @@ def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
         raise ConfigError(f"{prefix}.ppo.gamma and {prefix}.ppo.lam must be in [0, 1]")
     if g.temperature <= 0 or not 0.0 < g.top_p <= 1.0 or g.top_k < 0:
         raise ConfigError(f"{prefix}.generation: temperature must be > 0, top_p in (0, 1], top_k >= 0")
+    _validate_rollout(t.rollout, f"{prefix}.rollout")
     if t.ptx_coef > 0 and not t.ptx_paths:
         raise ConfigError(f"{prefix}.ptx_coef is {t.ptx_coef} but {prefix}.ptx_paths is empty: the PTX loss needs data")
     if t.ptx_paths and t.ptx_coef <= 0:

@@ -85,6 +85,7 @@ def test_judge_gets_the_checks_of_a_reward_function(judge, error, pattern, tiny_
     from transformers import AutoModelForCausalLM
 
     from chatrlhf.config import GenerationConfig
+    from chatrlhf.engine.generation import HFGenerator
     from chatrlhf.errors import UserError
     from chatrlhf.eval.compare import sample_and_score
     from chatrlhf.models.load import load_tokenizer
@@ -94,10 +95,9 @@ def test_judge_gets_the_checks_of_a_reward_function(judge, error, pattern, tiny_
     expected = {"UserError": UserError, "FloatingPointError": FloatingPointError}[error]
     with pytest.raises(expected, match=pattern):
         sample_and_score(
-            model,
+            HFGenerator(model, tok, GenerationConfig(max_new_tokens=2)),
             tok,
             [[72, 105]],
-            generation=GenerationConfig(max_new_tokens=2),
             samples=1,
             batch_size=1,
             seed=0,

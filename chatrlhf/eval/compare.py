@@ -17,11 +17,10 @@ from typing import Callable
 
 import torch
 
-from chatrlhf.config import GenerationConfig
 from chatrlhf.data.collate import pad
-from chatrlhf.engine.hybrid import sampling_config
+from chatrlhf.engine.generation import Generator
 from chatrlhf.models.rewards import call_score
-from chatrlhf.rlhf import last_token_index, truncate_after_eos
+from chatrlhf.rlhf import last_token_index
 
 
 def t_cdf(x: float, df: int) -> float:
@@ -81,11 +80,10 @@ class PolicySamples:
 
 @torch.no_grad()
 def sample_and_score(
-    model,
+    generator: Generator,
     tok,
     prompts: list[list[int]],
     *,
-    generation: GenerationConfig,
     samples: int,
     batch_size: int,
     seed: int,
@@ -94,32 +92,28 @@ def sample_and_score(
     texts: list[str],
     extras: list[dict],
 ) -> PolicySamples:
-    """`samples` sampled responses per prompt (token ids `prompts`, text `texts`, record fields `extras`), scored by
-    the reward model and the judge (each optional: None skips it)."""
-    was_training = model.training
-    model.eval()
+    """`samples` responses per prompt (token ids `prompts`, text `texts`, record fields `extras`) sampled by
+    `generator`, scored by the reward model and the judge (each optional: None skips it)."""
     torch.manual_seed(seed)
-    model.generation_config = sampling_config(tok, generation)  # nothing of the checkpoint's own settings leaks in
-    device = next(model.parameters()).device
     responses: list[list[str]] = [[] for _ in prompts]
     rm: list[list[float]] | None = [[] for _ in prompts] if reward_model is not None else None
     flat = [i for i in range(len(prompts)) for _ in range(samples)]
     for b0 in range(0, len(flat), batch_size):
         idx = flat[b0 : b0 + batch_size]
-        ids, mask = (x.to(device) for x in pad([prompts[i] for i in idx], tok.pad_token_id, left=True))
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=model.generation_config)
-        out = out[:, ids.shape[1] :]
-        response, rmask = truncate_after_eos(out, tok.eos_token_id, tok.pad_token_id)
+        out = generator.generate([prompts[i] for i in idx])
+        response, rmask = out.tokens, out.mask
         for j, i in enumerate(idx):
             n = int(rmask[j].sum())
             responses[i].append(tok.decode(response[j, :n], skip_special_tokens=True).strip())
         if rm is not None:
             # the reward model's end score at the last real response token, as the RL stage scores it
+            device = next(reward_model.parameters()).device
+            ids, mask = (x.to(device) for x in pad([prompts[i] for i in idx], tok.pad_token_id, left=True))
+            response, rmask = response.to(device), rmask.to(device)
             seqs, attn = torch.cat([ids, response], 1), torch.cat([mask, rmask.long()], 1)
             scores = reward_model.scores_at(seqs, attn, ids.shape[1] + last_token_index(rmask))
             for j, i in enumerate(idx):
                 rm[i].append(float(scores[j]))
-    model.train(was_training)
     judged = None
     if judge is not None:
         what = f"judge '{judge.__module__}:{getattr(judge, '__qualname__', type(judge).__name__)}'"

@@ -164,6 +164,16 @@ def _plain_modules(model: nn.Module) -> Iterator[nn.Module]:
             setattr(parent, child, layer)
 
 
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the plain model's names (no tensor is copied). For a LoRA model inside `merged`,
+    these are the merged weights W + (α/r)·B·A, named as in the model without adapters: what a rollout engine that
+    knows nothing of LoRA loads."""
+    if not is_lora(model):
+        return model.state_dict()
+    with _plain_modules(model):
+        return model.state_dict()
+
+
 def _adapter_files(model: nn.Module) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The adapter config and weights as `PeftModel.save_pretrained` writes them (keys `base_model.model.*`); the
     head of a sequence-classification value model is among them (a backbone+head one saves it beside them)."""

@@ -22,6 +22,8 @@ from chatrlhf.config import DataConfig, DPOConfig, PipelineConfig, RewardConfig,
 from chatrlhf.data import load_source, parse_split, resolve_generated, split_for_stages, to_prompt
 from chatrlhf.data.collate import encode_all, encode_prompt
 from chatrlhf.engine import factory
+from chatrlhf.engine.generation import HFGenerator
+from chatrlhf.engine.vllm import check_vllm_support
 from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import compare, sample_and_score
 from chatrlhf.models.load import (
@@ -102,6 +104,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     factory.start(cfg.engine, cfg.run)  # join the process group first when the stages run on DeepSpeed
     if cfg.method == "rlhf" and cfg.train_reward_model:
         check_value_model_support(cfg.reward_base or cfg.model)  # before SFT trains: the reward model needs a head
+    if cfg.method == "rlhf" and cfg.rl.rollout.backend == "vllm":
+        check_vllm_support(cfg.model)  # before SFT trains: vLLM is installed and runs this architecture
     with run_directory(cfg.run_dir, cfg, cfg.run.overwrite, cfg.resume) as run_dir:
         return _run_pipeline(cfg, run_dir)
 
@@ -255,10 +259,9 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Pa
     for name, path in (("sft", run_dir / "sft" / "model"), ("rlhf", policy_dir)):
         model = load_causal_lm(str(path), tok, cfg.run.dtype, device).eval()
         results[name] = sample_and_score(
-            model,
+            HFGenerator(model, tok, cfg.rl.generation),
             tok,
             prompts,
-            generation=cfg.rl.generation,
             samples=e.samples_per_prompt,
             batch_size=e.batch_size,
             seed=cfg.run.seed + 1,

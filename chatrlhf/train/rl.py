@@ -211,7 +211,23 @@ def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, train: RLT
         metrics["values/mean"] = float(masked_mean(ev.values, mask))
     if ev.greedy_scores is not None:
         metrics["reward/greedy_mean"] = float(ev.greedy_scores.mean())
+    if rollout.rollout_logprobs is not None:
+        # the engine mismatch: the same tokens, the same definition of log π, the trainer's weights vs the rollout's
+        diff = (ev.old_logprobs - rollout.rollout_logprobs).abs()
+        metrics["rollout/logprob_diff"] = float(masked_mean(diff, mask))
+        metrics["rollout/logprob_diff_max"] = float((diff * mask).max())
     return metrics
+
+
+def check_rollout_freshness(metrics: dict[str, float], bound: float | None, it: int) -> None:
+    """Refuse to train on rollouts whose log-probs disagree with the trainer's by more than `bound`."""
+    diff = metrics.get("rollout/logprob_diff")
+    if bound is not None and diff is not None and diff > bound:
+        raise UserError(
+            f"rl: iteration {it}: rollout/logprob_diff is {diff:.3g}, over train.rollout.max_logprob_diff={bound}: "
+            "the rollout engine samples from other weights or numerics than the trainer's. Check the weight sync "
+            "(docs/rollout.md), run the rollout engine in the trainer's dtype, or raise the bound"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the driver
@@ -342,8 +358,8 @@ def iteration(
     started = time.time()
     mine, _ = dist.shard(batch)  # 1. each rank samples for its share of the prompts
     width = max(len(p.ids) for p in batch)
-    tis = train.ppo.tis_cap is not None
-    rollout = generate_rollout(m.actor, mine, train.group_size, tok, m.device, tis=tis, width=width)  # 2
+    logprobs = train.ppo.tis_cap is not None or m.actor.backend != "hf"  # vLLM's log-probs cost nothing
+    rollout = generate_rollout(m.actor, mine, train.group_size, tok, m.device, logprobs=logprobs, width=width)  # 2
     generated = time.time()
     ev = evaluate_rollout(m, rollout, mine, algo, train)  # 3–4
     rollout, ev = gather_rollout(rollout, ev, batch, train.group_size, tok.pad_token_id)
@@ -359,6 +375,7 @@ def iteration(
     adv = algo.advantages(inputs, train)  # 5–6
     scored = time.time()
     metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id)
+    check_rollout_freshness(metrics, train.rollout.max_logprob_diff, it)
     bad_before = sum(e.bad_steps for e in m.engines)
     if all_empty(rollout, tok.eos_token_id):
         state.skipped_rollouts += 1

@@ -18,6 +18,7 @@ from chatrlhf.data.collate import collate_sft, encode_all, encode_sft
 from chatrlhf.engine.base import TrainEngine
 from chatrlhf.engine.factory import build_engine
 from chatrlhf.engine.hybrid import HybridEngine
+from chatrlhf.engine.vllm import VLLMGenerator, check_vllm_support
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, resolve_model
 from chatrlhf.models.rewards import Scorer, build_scorer
@@ -107,13 +108,36 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         critic_engine = build_engine(critic, train.critic_optim, steps, "critic", cfg.engine, cfg.run)
     return Models(
         tok=tok,
-        actor=HybridEngine(actor_engine, tok, train.generation),
+        actor=HybridEngine(actor_engine, tok, train.generation, rollout_engine(cfg, actor_path, tok, device)),
         actor_engine=actor_engine,
         critic_engine=critic_engine,
         reference=reference,
         scorer=scorer,
         device=device,
         offload_frozen=cfg.engine.offload_frozen,
+    )
+
+
+def rollout_engine(cfg: RLConfig, actor_path: str, tok, device) -> VLLMGenerator | None:
+    """The colocated vLLM engine of `train.rollout.backend=vllm` (None for hf), started from the actor's starting
+    weights; every rollout syncs the current ones."""
+    train = cfg.train
+    if train.rollout.backend != "vllm":
+        return None
+    if dist.world_size() > 1:
+        raise UserError(
+            f"train.rollout.backend=vllm runs in a single process for now; this run has {dist.world_size()} ranks: "
+            "use train.rollout.backend=hf with several ranks"
+        )
+    check_vllm_support(actor_path)
+    return VLLMGenerator(
+        actor_path,
+        tok,
+        train.generation,
+        train.rollout,
+        dtype=cfg.run.dtype,
+        max_model_len=train.max_prompt_len + train.generation.max_new_tokens,
+        device=device,
     )
 
 

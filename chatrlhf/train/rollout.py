@@ -17,7 +17,7 @@ from chatrlhf.data.collate import encode_all, encode_prompt, pad
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.models.load import ValueModel
 from chatrlhf.models.rewards import Scorer, Scores, ScoringBatch
-from chatrlhf.rlhf import last_token_index, truncate_after_eos
+from chatrlhf.rlhf import last_token_index
 from chatrlhf.train import forward
 
 
@@ -45,7 +45,8 @@ class Rollout:
     response_mask: torch.Tensor
     """(B, R) float — 1 up to and including the first EOS."""
     rollout_logprobs: torch.Tensor | None = None
-    """(B, R) log-probs the rollout engine sampled with (only for truncated importance sampling)."""
+    """(B, R) raw log-probs of the sampled tokens under the rollout engine (vLLM always; hf with truncated
+    importance sampling): the freshness check and TIS compare them with the trainer's."""
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -106,24 +107,24 @@ def generate_rollout(
     tok,
     device,
     greedy: bool = False,
-    tis: bool = False,
+    logprobs: bool = False,
     width: int | None = None,
 ) -> Rollout:
     """2. Sample `group_size` responses per prompt (consecutive) in generation mode; pad after the first EOS.
-    Prompts are left-padded to `width` (the global batch's longest, so every rank's shard has the same width)."""
+    Prompts are left-padded to `width` (the global batch's longest, so every rank's shard has the same width);
+    with `logprobs`, the rollout engine's raw log-probs of the sampled tokens are kept."""
     expanded = [p for p in batch for _ in range(group_size)]
     ids = [p.ids for p in expanded]
     prompt_ids, prompt_mask = (x.to(device) for x in pad(ids, tok.pad_token_id, left=True, width=width))
     with actor.generation_mode():
-        response, rollout_logprobs = actor.generate(prompt_ids, prompt_mask, greedy=greedy, return_logprobs=tis)
-    response, mask = truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
+        out = actor.generate(ids, greedy=greedy, logprobs=logprobs, width=prompt_ids.shape[1])
     return Rollout(
         prompts=expanded,
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
-        response=response,
-        response_mask=mask,
-        rollout_logprobs=rollout_logprobs,
+        response=out.tokens.to(device),
+        response_mask=out.mask.to(device),
+        rollout_logprobs=out.logprobs.to(device) if out.logprobs is not None else None,
     )
 
 

@@ -1,4 +1,5 @@
-"""The hybrid engine: generation mode is scoped and restores the training state exactly."""
+"""The hybrid engine: generation mode is scoped and restores the training state exactly; the hf generator uses
+our sampling settings only."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatrlhf.config import GenerationConfig, OptimConfig
+from chatrlhf.engine.generation import HFGenerator
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.single import SingleEngine
 
@@ -47,14 +49,12 @@ def test_generation_mode_switches_and_restores(actor):
     model.config.use_cache = False
     model.model.layers[0].eval()  # a mixed train/eval state must come back exactly as it was
     before = state(model)
-    prompt = torch.tensor([[tok.pad_token_id, 72, 105], [65, 66, 67]])
-    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     with hybrid.generation_mode():
         assert not model.training and not any(m.training for m in model.modules())
         assert not torch.is_grad_enabled() and model.config.use_cache
-        assert model.generation_config is hybrid.hf_generation, "the checkpoint's own sampling defaults are not used"
-        out, _ = hybrid.generate(prompt, mask)
-        assert out.shape[0] == 2 and 1 <= out.shape[1] <= 6 and not out.requires_grad
+        out = hybrid.generate([[72, 105], [65, 66, 67]])
+        assert out.tokens.shape[0] == 2 and 1 <= out.tokens.shape[1] <= 6 and not out.tokens.requires_grad
+        assert out.mask.shape == out.tokens.shape and out.logprobs is None and len(out.finish_reasons) == 2
     assert_same(before, state(model))
 
 
@@ -71,7 +71,7 @@ def test_state_restored_when_generation_raises(actor):
 def test_generate_outside_generation_mode_is_refused(actor):
     hybrid, _ = actor
     with pytest.raises(RuntimeError, match="generation_mode"):
-        hybrid.generate(torch.tensor([[65]]), torch.tensor([[1]]))
+        hybrid.generate([[65]])
 
 
 def test_training_step_after_generation_matches_one_without(actor, tiny_dirs):
@@ -85,19 +85,47 @@ def test_training_step_after_generation_matches_one_without(actor, tiny_dirs):
     reference = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
     hybrid.model.train()
     with hybrid.generation_mode():
-        hybrid.generate(ids, torch.ones_like(ids))
+        hybrid.generate(ids.tolist())
     assert torch.allclose(loss_of(hybrid.model), loss_of(reference.train()), atol=1e-6)
     assert loss_of(hybrid.model).requires_grad
 
 
-def test_sampling_settings_are_ours_not_the_models(actor):
+def test_sampling_settings_are_ours_not_the_models(actor, monkeypatch):
     hybrid, tok = actor
-    g = hybrid.hf_generation
+    model = hybrid.model
+    g = HFGenerator(model, tok, GenerationConfig(max_new_tokens=6)).sampling
     assert g.do_sample and g.top_k == 0 and g.top_p == 1.0 and g.temperature == 1.0 and g.max_new_tokens == 6
     # a checkpoint's own settings (at least 6 new tokens, a repetition penalty) must not reach the rollouts
-    hybrid.model.generation_config.min_new_tokens = 6
-    hybrid.model.generation_config.repetition_penalty = 5.0
+    model.generation_config.min_new_tokens = 6
+    model.generation_config.repetition_penalty = 5.0
+    own = model.generation_config
+    seen = []
+    generate = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.generation_config.min_new_tokens, self.generation_config.repetition_penalty))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
     torch.manual_seed(0)
     with hybrid.generation_mode():
-        assert hybrid.model.generation_config.min_new_tokens is None
-        assert hybrid.model.generation_config.repetition_penalty in (None, 1.0)  # None = no penalty
+        hybrid.generate([[65, 66]])
+    assert seen and seen[0][0] is None and seen[0][1] in (None, 1.0)  # None = no penalty
+    assert model.generation_config is own  # the model's own config is back afterwards
+
+
+def test_hf_logprobs_are_the_raw_distribution_at_any_temperature(actor):
+    """The generator's log-probs are log-softmax of the raw logits (temperature 1, no top-k/top-p): at temperature
+    0.5 with top-k 5 they equal a plain forward's log-probs of the sampled tokens, not the sampler's."""
+    hybrid, tok = actor
+    model = hybrid.model
+    gen = HFGenerator(model, tok, GenerationConfig(max_new_tokens=5, temperature=0.5, top_k=5))
+    prompt = [72, 105, 33]
+    torch.manual_seed(1)
+    out = gen.generate([prompt], logprobs=True)
+    n = int(out.mask.sum())
+    seq = torch.tensor([prompt + out.tokens[0, :n].tolist()])
+    with torch.no_grad():
+        logits = model.eval()(input_ids=seq).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(1, seq[0, len(prompt) :, None]).squeeze(1)
+    assert torch.allclose(out.logprobs[0, :n], expected, atol=1e-5)

