@@ -43,10 +43,11 @@ class HubSpec:
     revision: str | None = None
 
     def describe(self) -> str:
-        """The dataset and its options, as the user named them, for messages."""
-        given = [f"{k}={getattr(self, k) if k != 'data_files' else ','.join(self.data_files or ())}" for k in OPTIONS]
-        chosen = [g for g, k in zip(given, OPTIONS) if getattr(self, k) is not None]
-        return f"dataset '{self.path}'" + (f" ({', '.join(chosen)})" if chosen else "")
+        """The dataset and the options given, for messages: "dataset 'ID' (data_dir=DIR, ...)"."""
+        files = ",".join(self.data_files) if self.data_files is not None else None
+        values = {"config": self.config, "data_dir": self.data_dir, "data_files": files, "revision": self.revision}
+        given = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+        return f"dataset '{self.path}'" + (f" ({given})" if given else "")
 
 
 def is_hub_spec(spec: str) -> bool:
@@ -76,13 +77,12 @@ def parse_hub_spec(spec: str) -> HubSpec:
             if key in options:
                 raise bad(f"option '{key}' is given twice")
             options[key] = value
-    files = options.pop("data_files", None)
-    return HubSpec(
-        path,
-        split or "train",
-        data_files=tuple(f for f in files.split(",") if f) if files is not None else None,
-        **options,
-    )
+    files = None
+    if "data_files" in options:
+        files = tuple(f for f in options.pop("data_files").split(",") if f)
+        if not files:
+            raise bad("option 'data_files' names no file")
+    return HubSpec(path, split or "train", data_files=files, **options)
 
 
 def load_hub(spec: str) -> list[RawRecord]:

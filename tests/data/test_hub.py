@@ -47,6 +47,7 @@ def test_hub_spec(spec, expected):
         ("hf:org/set?split=test", "unknown option 'split' (known: config, data_dir, data_files, revision)"),
         ("hf:org/set?data_dir=", "option 'data_dir' has no value"),
         ("hf:org/set?data_dir=a&data_dir=b", "option 'data_dir' is given twice"),
+        ("hf:org/set?data_files=,", "option 'data_files' names no file"),
     ],
 )
 def test_bad_hub_spec(spec, problem):

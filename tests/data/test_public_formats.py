@@ -24,6 +24,7 @@ from public_sets import (
 )
 
 from chatrlhf.cli import main
+from chatrlhf.data import load_source, to_pair, to_prompt, to_sft, validate_all
 
 pytestmark = pytest.mark.usefixtures("hf_cache")
 
@@ -134,10 +135,17 @@ SOURCES = {
 CASES = [(name, kind) for name, (_, stages) in SOURCES.items() for kind in stages]
 
 
+CONVERT = {"sft": to_sft, "reward": to_pair, "dpo": to_pair, "rl": to_prompt}
+
+
 @pytest.mark.parametrize("name, kind", CASES, ids=[f"{n}-{k}" for n, k in CASES])
 def test_every_stage_on_every_format(name, kind, stage, tmp_path):
     write, _ = SOURCES[name]
-    stage(kind, write(tmp_path / "data"))
+    source = write(tmp_path / "data")
+    # every record (an oasst tree; 4 for the prompts-only file, else 8) converts, none is left out
+    valid, errors = validate_all(load_source(source), CONVERT[kind])
+    assert errors == [] and len(valid) == (4 if name == "trl conversational prompts" else 8)
+    stage(kind, source)
 
 
 @pytest.mark.parametrize("kind", PAIR_STAGES)
