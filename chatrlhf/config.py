@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from chatrlhf.data.blend import parse_split
+from chatrlhf.data.formats import FORMAT_CHOICES
 from chatrlhf.errors import ConfigError
 
 
@@ -124,7 +125,12 @@ class DataConfig:
 
     paths: list[str] = field(default_factory=list)
     """Sources: .jsonl/.json/.parquet/.csv files, `datasets` directories saved to disk (`dir` or `dir:split`),
-    or generated demo data (`demo:pairs:N:SEED`, `demo:prompts:N:SEED`). See README, "Data formats"."""
+    datasets by name through `datasets.load_dataset` (`hf:ID[:SPLIT][?config=..&data_dir=..&data_files=..]`, e.g.
+    `hf:Anthropic/hh-rlhf:train`), or generated demo data (`demo:pairs:N:SEED`, `demo:prompts:N:SEED`). See
+    docs/data.md."""
+    format: str = "auto"
+    """Dataset format of every source: `auto` detects each source's from its columns; or one of trl (chatrlhf's own
+    schema, TRL's formats), hh-rlhf, rm-static, shp, webgpt, ultrafeedback, oasst (docs/data.md)."""
     weights: list[float] | None = None
     """Blend weights, one per path (up- or down-samples each source; counts are printed). None = concatenate."""
     eval_paths: list[str] = field(default_factory=list)
@@ -132,7 +138,8 @@ class DataConfig:
     eval_fraction: float = 0.05
     """Fraction of the records held out for evaluation when `eval_paths` is empty."""
     skip_invalid: bool = False
-    """Skip invalid records instead of stopping at the first one; the number skipped is printed and logged."""
+    """Skip invalid records (an adapter's unconvertible ones included) instead of stopping at the first one; the
+    number skipped is printed and logged."""
 
 
 @dataclass
@@ -481,7 +488,11 @@ class PipelineDataConfig:
     """Data for the three-step pipeline: one pool split across the stages, or a dataset per stage."""
 
     paths: list[str] = field(default_factory=list)
-    """Pair sources ({prompt, chosen, rejected}) blended and then split across SFT / reward / RL by `split`."""
+    """Pair sources (any source and format that `data.paths` of a stage takes, e.g. {prompt, chosen, rejected}
+    files or `hf:Anthropic/hh-rlhf`) blended and then split across SFT / reward / RL by `split`."""
+    format: str = "auto"
+    """Dataset format of every source (the pool's and each stage's): `auto` detects each source's from its columns,
+    or a format name (docs/data.md)."""
     weights: list[float] | None = None
     """Blend weights, one per path; None = concatenate."""
     split: str = "2,4,4"
@@ -553,6 +564,7 @@ class PipelineConfig(StageOptions):
         _require(self.model, "model", "a model id, directory or tiny:ARCH preset")
         d = self.data
         parse_split(d.split)
+        _validate_format(d.format)
         if self.method not in ("rlhf", "dpo"):
             raise ConfigError(f"method must be rlhf or dpo, got {self.method!r}")
         if self.method == "dpo":
@@ -754,7 +766,13 @@ def _check_fraction(value: float, name: str) -> None:
         raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
 
+def _validate_format(value: str) -> None:
+    if value not in FORMAT_CHOICES:
+        raise ConfigError(f"data.format must be one of {', '.join(FORMAT_CHOICES)}, got {value!r}")
+
+
 def _validate_data(d: DataConfig) -> None:
+    _validate_format(d.format)
     if d.weights is not None and len(d.weights) != len(d.paths):
         raise ConfigError(
             f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} source(s); "

@@ -5,6 +5,12 @@ with the plain template `Human: {prompt}\\n\\nAssistant:` and the response follo
 convention). A response is the template's text of the assistant turn, cut after the first EOS token; EOS is
 appended when the template does not end the turn with it, so the model learns to stop.
 
+The template is applied once, in the same way in every stage: the context (a prompt string as one user turn, or a
+conversation) is rendered with `render_prompt`, and the answer's tokens are what the template adds for the final
+assistant turn. An SFT conversation's last answer, a pair's chosen and rejected answers and an RL rollout all follow
+the same rendered context, so the reward model and DPO score exactly the tokens that RL samples after that prompt.
+Only `text` records (plain language modelling) bypass the template.
+
 Position ids are always `cumsum(attention_mask) − 1`: the first real token is position 0 whether the batch is
 left-padded (rollouts) or right-padded (training), so the same sequence gets the same positions everywhere.
 """
@@ -90,7 +96,10 @@ class Encoded:
 
 
 def encode_sft(tok, rec, max_len: int, loss_on_prompt: bool) -> Encoded:
-    """prompt + response (+ EOS), checked against max_len (an error, never a silent truncation)."""
+    """prompt + response (+ EOS), checked against max_len (an error, never a silent truncation). A `text` record is
+    its text (+ EOS) as the tokenizer encodes it, without the chat template, every token a target."""
+    if rec.text is not None:
+        return _encode_text(tok, rec, max_len)
     if rec.messages is not None:
         context, answer = list(rec.messages[:-1]), rec.messages[-1]["content"]
     else:
@@ -107,11 +116,23 @@ def encode_sft(tok, rec, max_len: int, loss_on_prompt: bool) -> Encoded:
     return Encoded(ids, mask)
 
 
+def _encode_text(tok, rec, max_len: int) -> Encoded:
+    ids = prompt_ids(tok, rec.text)
+    if ids[-1:] != [tok.eos_token_id]:
+        ids.append(tok.eos_token_id)
+    if len(ids) > max_len:
+        raise DataError(rec.source, rec.where, "text", f"the text is {len(ids)} tokens, over max_seq_len={max_len}")
+    return Encoded(ids, [1] * len(ids))
+
+
 def _pair_parts(tok, rec, max_len: int) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, chosen ids + EOS, rejected ids + EOS); prompt + each response is checked against max_len."""
-    context = _messages(rec.prompt, None)
+    """(prompt ids, chosen ids + EOS, rejected ids + EOS); prompt + each response is checked against max_len.
+
+    The prompt (a string, or the conversation `rec.messages`) is rendered as `encode_sft` renders the context of its
+    answer, so a pair's chosen sequence is token for token the SFT sequence of the same prompt and answer."""
+    context = _messages(rec.prompt, rec.messages)
     with _template_errors(rec):
-        p_text = render_prompt(tok, rec.prompt)
+        p_text = render_prompt(tok, rec.prompt, rec.messages)
     p_ids = prompt_ids(tok, p_text)
     out = []
     for name in ("chosen", "rejected"):

@@ -1,11 +1,20 @@
 """Typed, validated records for each stage, converted from `RawRecord`s.
 
-Schemas (extra fields are allowed: ignored for SFT and pairs, kept in `PromptRecord.extra` for RL):
+A record in a public dataset's format (`RawRecord.format`, see `formats.py`) is first mapped to chatrlhf's own
+schema by that format's adapter; then every record is validated against that schema, which is a superset of TRL's
+dataset formats (standard = strings, conversational = lists of {"role", "content"} turns). Extra fields are allowed:
+ignored for SFT and pairs, kept in `PromptRecord.extra` for RL.
 
-- SFT: `{"prompt", "response"}`, or `{"messages": [{"role", "content"}, ...]}` ending with an assistant turn,
-  or a pair record `{"prompt", "chosen", "rejected"}` whose `chosen` is the response (as DeepSpeed-Chat does).
-- Pairs (reward model, DPO): `{"prompt", "chosen", "rejected"}` with `chosen` != `rejected`.
-- Prompts (RL): `{"prompt"}` or `{"messages"}`; a final assistant turn of `messages` is dropped.
+- SFT, tried in this order: `{"messages"}` ending with an assistant turn; `{"prompt", "completion"}`;
+  `{"prompt", "response"}`; a pair (its `chosen` side is the response, as DeepSpeed-Chat does); `{"text"}` (plain
+  language modelling: every token is learned, no chat template).
+- Pairs (reward model, DPO): `{"prompt", "chosen", "rejected"}`, or `{"chosen", "rejected"}` with the prompt
+  implicit (the text, or the turns, that both start with). `chosen` != `rejected`.
+- Prompts (RL): `{"prompt"}`, `{"messages"}`, or a pair's prompt; a final assistant turn is dropped.
+
+A `prompt` that is a list of turns makes the record conversational: `completion`, `chosen` and `rejected` are then
+lists too, continuing the prompt conversation. Without a prompt, `chosen` decides. A pair's two conversations must be
+the same up to their final assistant turns: that shared part is the prompt (`PairRecord.messages`).
 
 When a record has `messages` it is read as a conversation, whatever other fields it has. A field whose value
 is null counts as absent when choosing between these layouts, because Parquet and `datasets` fill a column
@@ -16,21 +25,24 @@ Every problem raises `DataError` naming the source, the record's position and th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from chatrlhf.data.sources import RawRecord
+from chatrlhf.data.fields import ROLES, fields_of, is_list, message_list, present, required, string
+from chatrlhf.data.formats import adapt
+from chatrlhf.data.raw import RawRecord
 from chatrlhf.errors import DataError, first_in_file
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["ROLES", "PairRecord", "PromptRecord", "SFTRecord", "to_pair", "to_prompt", "to_sft", "validate_all"]
 
 R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class SFTRecord:
-    """A supervised example: exactly one of (`prompt` and `response`) or `messages` is set."""
+    """A supervised example: exactly one of (`prompt` and `response`), `messages` or `text` is set."""
 
     prompt: str | None
     response: str | None
@@ -38,17 +50,22 @@ class SFTRecord:
     """The conversation, ending with an assistant turn; each dict has "role" and "content"."""
     source: str
     where: str
+    text: str | None = None
+    """Plain text to learn whole (TRL's language-modelling format): no chat template, loss on every token."""
 
 
 @dataclass(frozen=True)
 class PairRecord:
-    """A preference pair: `chosen` is the better response to `prompt` than `rejected`."""
+    """A preference pair: `chosen` is the better final answer than `rejected` to one prompt, which is either the
+    string `prompt` (one user turn) or the conversation `messages` (ending with a user turn)."""
 
-    prompt: str
+    prompt: str | None
     chosen: str
     rejected: str
     source: str
     where: str
+    messages: tuple[dict, ...] | None = None
+    """The prompt conversation both answers follow; None when `prompt` is set."""
 
 
 @dataclass(frozen=True)
@@ -63,160 +80,232 @@ class PromptRecord:
     where: str
 
 
-def _describe(value: object) -> str:
-    """Type and a short preview of a value, for "found ..." in error messages."""
-    names = {
-        str: "string",
-        int: "integer",
-        float: "number",
-        bool: "boolean",
-        list: "list",
-        tuple: "list",
-        dict: "object",
-    }
-    if value is None:
-        return "null"
-    name = names.get(type(value), type(value).__name__)
-    preview = repr(value)
-    return f"{name} {preview if len(preview) <= 40 else preview[:37] + '...'}"
-
-
-def _present(data: dict, field: str) -> bool:
-    return data.get(field) is not None
-
-
-def _string(raw: RawRecord, label: str, value: object) -> str:
-    """`value` as a non-blank string, else `DataError` naming `label`."""
-    if not isinstance(value, str):
-        raise DataError(raw.source, raw.where, label, f"expected a string, found {_describe(value)}")
-    if not value.strip():
-        raise DataError(raw.source, raw.where, label, "is empty" if not value else "is only whitespace")
-    return value
-
-
-def _fields_of(raw: RawRecord) -> str:
-    """The record's field names (the first ten), to show next to a missing field."""
-    names = list(raw.data)
-    shown = ", ".join(f"'{k}'" for k in names[:10]) + (", ..." if len(names) > 10 else "")
-    return shown or "none"
-
-
-def _field(raw: RawRecord, field: str) -> str:
-    """The required field `field` of `raw` as a non-blank string."""
-    if field not in raw.data:
-        raise DataError(
-            raw.source, raw.where, field, f"missing (expected a string); the record's fields are: {_fields_of(raw)}"
-        )
-    return _string(raw, field, raw.data[field])
-
-
-def _messages(raw: RawRecord) -> tuple[dict, ...]:
-    """`raw.data["messages"]` checked turn by turn: roles in `ROLES`, non-blank string contents.
-
-    Each turn is copied, keeping any keys beyond "role" and "content".
-    """
-    value = raw.data["messages"]
-    if not isinstance(value, (list, tuple)):
-        raise DataError(
-            raw.source,
-            raw.where,
-            "messages",
-            f"expected a list of {{'role', 'content'}} objects, found {_describe(value)}",
-        )
-    if not value:
-        raise DataError(raw.source, raw.where, "messages", "is an empty list")
-    turns = []
-    for i, turn in enumerate(value):
-        name = f"messages[{i}]"
-        if not isinstance(turn, dict):
-            raise DataError(
-                raw.source, raw.where, name, f"expected an object with 'role' and 'content', found {_describe(turn)}"
-            )
-        if "role" not in turn:
-            raise DataError(raw.source, raw.where, f"{name}.role", f"missing (expected one of {', '.join(ROLES)})")
-        if turn["role"] not in ROLES:
-            raise DataError(
-                raw.source,
-                raw.where,
-                f"{name}.role",
-                f"expected one of {', '.join(ROLES)}, found {_describe(turn['role'])}",
-            )
-        if "content" not in turn:
-            raise DataError(raw.source, raw.where, f"{name}.content", "missing (expected a string)")
-        _string(raw, f"{name}.content", turn["content"])
-        turns.append(dict(turn))
-    return tuple(turns)
-
-
 def _no_layout(raw: RawRecord, layouts: str) -> DataError:
     """The error for a record that matches none of a stage's layouts."""
     problem = "missing" if "prompt" not in raw.data else "is null"
     return DataError(
-        raw.source, raw.where, "prompt", f"{problem}; expected {layouts}; the record's fields are: {_fields_of(raw)}"
+        raw.source, raw.where, "prompt", f"{problem}; expected {layouts}; the record's fields are: {fields_of(raw)}"
     )
 
 
+def _turns(raw: RawRecord, field: str, like: str) -> tuple[dict, ...]:
+    """The required list-of-turns field `field`; `like` names the field that made the record conversational."""
+    if field not in raw.data:
+        raise DataError(
+            raw.source,
+            raw.where,
+            field,
+            f"missing (expected a list of {{'role', 'content'}} objects, like '{like}'); "
+            f"the record's fields are: {fields_of(raw)}",
+        )
+    return message_list(raw, field, raw.data[field])
+
+
+# ---------------------------------------------------------------- SFT
+
+
 def to_sft(raw: RawRecord) -> SFTRecord:
-    """Validate an SFT record: messages, prompt+response, or a pair (its `chosen` is the response)."""
+    """Validate an SFT record: messages, prompt+completion, prompt+response, a pair (its `chosen` is the response)
+    or text."""
+    raw = adapt(raw, "sft")
     data = raw.data
-    if _present(data, "messages"):
-        messages = _messages(raw)
-        if messages[-1]["role"] != "assistant":
-            raise DataError(
-                raw.source,
-                raw.where,
-                f"messages[{len(messages) - 1}].role",
-                f"the last turn must be 'assistant' (the response to learn), found '{messages[-1]['role']}'",
-            )
-        if not any(turn["role"] == "user" for turn in messages):
-            raise DataError(raw.source, raw.where, "messages", "has no 'user' turn")
-        return SFTRecord(None, None, messages, raw.source, raw.where)
-    if _present(data, "response"):
-        return SFTRecord(_field(raw, "prompt"), _field(raw, "response"), None, raw.source, raw.where)
-    if _present(data, "chosen"):
+    if present(data, "messages"):
+        return _sft_conversation(raw, [("messages", message_list(raw, "messages", data["messages"]))])
+    if present(data, "completion"):
+        return _sft_answer(raw, "completion")
+    if present(data, "response"):
+        return SFTRecord(required(raw, "prompt"), required(raw, "response"), None, raw.source, raw.where)
+    if present(data, "chosen"):
         # DeepSpeed-Chat trains SFT on the chosen side of pair datasets (get_prompt_and_chosen).
-        return SFTRecord(_field(raw, "prompt"), _field(raw, "chosen"), None, raw.source, raw.where)
-    if _present(data, "prompt"):
-        _field(raw, "response")  # raises: the prompt has no response
-    raise _no_layout(raw, "'prompt' and 'response', or 'messages', or 'prompt', 'chosen' and 'rejected'")
+        if present(data, "prompt") or is_list(data["chosen"]):
+            return _sft_answer(raw, "chosen")
+        prompt, chosen, _ = _implicit_string_pair(raw)
+        return SFTRecord(prompt, chosen, None, raw.source, raw.where)
+    if present(data, "text"):
+        return SFTRecord(None, None, None, raw.source, raw.where, text=string(raw, "text", data["text"]))
+    if present(data, "prompt"):
+        required(raw, "response")  # raises: the prompt has no response
+    raise _no_layout(
+        raw,
+        "'prompt' and 'response', 'prompt' and 'completion', 'messages', a pair ('prompt', 'chosen', 'rejected', "
+        "or 'chosen' and 'rejected'), or 'text'",
+    )
+
+
+def _sft_answer(raw: RawRecord, answer: str) -> SFTRecord:
+    """prompt + `answer` ("completion" or "chosen"): two strings, or the prompt's turns (none for an implicit-prompt
+    pair) continued by the answer's."""
+    data = raw.data
+    if present(data, "prompt") and not is_list(data["prompt"]):
+        return SFTRecord(required(raw, "prompt"), required(raw, answer), None, raw.source, raw.where)
+    if not present(data, "prompt") and answer == "completion":
+        required(raw, "prompt")  # raises: a completion needs its prompt
+    parts = [("prompt", message_list(raw, "prompt", data["prompt"]))] if present(data, "prompt") else []
+    return _sft_conversation(raw, [*parts, (answer, _turns(raw, answer, "prompt"))])
+
+
+def _sft_conversation(raw: RawRecord, parts: list[tuple[str, tuple[dict, ...]]]) -> SFTRecord:
+    """The turns of `parts` ((field, turns), in order) as one conversation: it must end with an assistant turn
+    (the response to learn) and have a user turn."""
+    turns = tuple(turn for _, part in parts for turn in part)
+    last_field, last_part = parts[-1]
+    if turns[-1]["role"] != "assistant":
+        raise DataError(
+            raw.source,
+            raw.where,
+            f"{last_field}[{len(last_part) - 1}].role",
+            f"the last turn must be 'assistant' (the response to learn), found '{turns[-1]['role']}'",
+        )
+    if not any(turn["role"] == "user" for turn in turns):
+        raise DataError(raw.source, raw.where, parts[0][0], "has no 'user' turn")
+    return SFTRecord(None, None, turns, raw.source, raw.where)
+
+
+# ---------------------------------------------------------------- pairs
 
 
 def to_pair(raw: RawRecord) -> PairRecord:
     """Validate a preference pair; `chosen` and `rejected` must differ beyond surrounding whitespace."""
-    prompt, chosen, rejected = _field(raw, "prompt"), _field(raw, "chosen"), _field(raw, "rejected")
+    raw = adapt(raw, "pair")
+    data = raw.data
+    conversational = is_list(data["prompt"]) if present(data, "prompt") else is_list(data.get("chosen"))
+    if conversational:
+        messages, chosen, rejected = _conversational_pair(raw)
+        prompt = None
+    elif present(data, "prompt"):
+        prompt, chosen, rejected = required(raw, "prompt"), required(raw, "chosen"), required(raw, "rejected")
+        messages = None
+    else:
+        prompt, chosen, rejected = _implicit_string_pair(raw)
+        messages = None
     if chosen.strip() == rejected.strip():
         raise DataError(
             raw.source, raw.where, "rejected", "is the same text as 'chosen'; a pair needs two different responses"
         )
-    return PairRecord(prompt, chosen, rejected, raw.source, raw.where)
+    return PairRecord(prompt, chosen, rejected, raw.source, raw.where, messages)
 
 
-def to_prompt(raw: RawRecord) -> PromptRecord:
-    """Validate an RL prompt from `prompt` or `messages`; every other field goes to `extra`.
+def shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) of an implicit-prompt string pair: the prompt is the longest common
+    prefix of the two texts, cut back to a whitespace boundary so that no word is split (TRL's `extract_prompt` cuts
+    at the first differing character). Surrounding whitespace is stripped from each part; a part may be empty."""
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if not all(n == len(text) or text[n].isspace() for text in (chosen, rejected)):
+        while n > 0 and not chosen[n - 1].isspace():
+            n -= 1
+    return chosen[:n].strip(), chosen[n:].strip(), rejected[n:].strip()
 
-    From `messages`, the prompt conversation is every turn before a final assistant turn: that turn (the
-    dataset's own answer) is dropped, and what is left must end with a user turn.
-    """
-    data = raw.data
-    if _present(data, "messages"):
-        messages = _messages(raw)
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if not messages or messages[-1]["role"] != "user":
+
+def _implicit_string_pair(raw: RawRecord) -> tuple[str, str, str]:
+    """A pair without a prompt, of two strings: the prompt is the text both start with (`shared_prompt`)."""
+    chosen, rejected = required(raw, "chosen"), required(raw, "rejected")
+    prompt, chosen_answer, rejected_answer = shared_prompt(chosen, rejected)
+    if not prompt:
+        raise DataError(
+            raw.source,
+            raw.where,
+            "prompt",
+            "missing (expected a string), and 'chosen' and 'rejected' do not start with the same words, which would "
+            f"be the prompt of an implicit-prompt pair; the record's fields are: {fields_of(raw)}",
+        )
+    for name, answer in (("chosen", chosen_answer), ("rejected", rejected_answer)):
+        if not answer:
             raise DataError(
                 raw.source,
                 raw.where,
-                "messages",
-                "the prompt conversation (all turns before a final assistant turn) must end with "
-                f"a 'user' turn, found {'no turns' if not messages else repr(messages[-1]['role'])}",
+                name,
+                "has no answer after the prompt it shares with the other side (an implicit-prompt pair)",
             )
-        extra = {k: v for k, v in data.items() if k != "messages"}
-        return PromptRecord(None, messages, extra, raw.source, raw.where)
+    return prompt, chosen_answer, rejected_answer
+
+
+def _conversational_pair(raw: RawRecord) -> tuple[tuple[dict, ...], str, str]:
+    """(prompt conversation, chosen answer, rejected answer): `prompt` + `chosen` and `prompt` + `rejected` are two
+    conversations that must be the same up to their final assistant turns."""
+    data = raw.data
+    prompt = message_list(raw, "prompt", data["prompt"]) if present(data, "prompt") else ()
+    like = "prompt" if prompt else "chosen"
+    sides = {name: _turns(raw, name, like) for name in ("chosen", "rejected")}
+    contexts, answers = {}, {}
+    for name, turns in sides.items():
+        if turns[-1]["role"] != "assistant":
+            raise DataError(
+                raw.source,
+                raw.where,
+                f"{name}[{len(turns) - 1}].role",
+                f"the last turn must be 'assistant' (the answer being compared), found '{turns[-1]['role']}'",
+            )
+        contexts[name], answers[name] = prompt + turns[:-1], turns[-1]["content"]
+    keys = {name: [(t["role"], t["content"]) for t in context] for name, context in contexts.items()}
+    if keys["chosen"] != keys["rejected"]:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(keys["chosen"], keys["rejected"])) if a != b),
+            min(len(keys["chosen"]), len(keys["rejected"])),
+        )
+        raise DataError(
+            raw.source,
+            raw.where,
+            f"rejected[{first - len(prompt)}]",
+            "differs from 'chosen' before the final assistant turn; a pair compares two answers to one conversation",
+        )
+    context = contexts["chosen"]
+    if not context or context[-1]["role"] != "user":
+        raise DataError(
+            raw.source,
+            raw.where,
+            like,
+            "the conversation before the final assistant turn must end with a 'user' turn, found "
+            f"{'no turns' if not context else repr(context[-1]['role'])}",
+        )
+    return context, answers["chosen"], answers["rejected"]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def to_prompt(raw: RawRecord) -> PromptRecord:
+    """Validate an RL prompt from `prompt` (a string or turns), `messages`, or a pair without a prompt; every other
+    field goes to `extra`.
+
+    From turns, the prompt conversation is every turn before a final assistant turn: that turn (the
+    dataset's own answer) is dropped, and what is left must end with a user turn.
+    """
+    raw = adapt(raw, "prompt")
+    data = raw.data
+    for field in ("messages", "prompt"):
+        if present(data, field) and (field == "messages" or is_list(data[field])):
+            messages = _prompt_conversation(raw, field, message_list(raw, field, data[field]))
+            return PromptRecord(None, messages, _without(data, field), raw.source, raw.where)
+    if not present(data, "prompt") and present(data, "chosen"):
+        if is_list(data["chosen"]):
+            messages = _prompt_conversation(raw, "chosen", message_list(raw, "chosen", data["chosen"]))
+            return PromptRecord(None, messages, dict(data), raw.source, raw.where)
+        prompt, _, _ = _implicit_string_pair(raw)
+        return PromptRecord(prompt, None, dict(data), raw.source, raw.where)
     if "prompt" not in data:
-        raise _no_layout(raw, "'prompt' or 'messages'")
-    prompt = _field(raw, "prompt")
-    extra = {k: v for k, v in data.items() if k != "prompt"}
-    return PromptRecord(prompt, None, extra, raw.source, raw.where)
+        raise _no_layout(raw, "'prompt' or 'messages' (or a pair)")
+    return PromptRecord(required(raw, "prompt"), None, _without(data, "prompt"), raw.source, raw.where)
+
+
+def _prompt_conversation(raw: RawRecord, field: str, turns: tuple[dict, ...]) -> tuple[dict, ...]:
+    if turns[-1]["role"] == "assistant":
+        turns = turns[:-1]
+    if not turns or turns[-1]["role"] != "user":
+        raise DataError(
+            raw.source,
+            raw.where,
+            field,
+            "the prompt conversation (all turns before a final assistant turn) must end with "
+            f"a 'user' turn, found {'no turns' if not turns else repr(turns[-1]['role'])}",
+        )
+    return turns
+
+
+def _without(data: dict, field: str) -> dict:
+    return {k: v for k, v in data.items() if k != field}
+
+
+# ---------------------------------------------------------------- every record
 
 
 def validate_all(

@@ -1,8 +1,10 @@
-"""Read a data source into raw records, each tagged with where it came from.
+"""Read a data source into raw records, each tagged with where it came from and its dataset format.
 
-A source is a file (`.jsonl`, `.json`, `.parquet`, `.csv`) or a directory written by `datasets`'
-`save_to_disk`. Every record keeps its source and position ("line N", "item N" or "row N") so that
-validation errors can point at it. Nothing here checks the fields of a record; `records.py` does that.
+A source is a file (`.jsonl`, `.json`, `.parquet`, `.csv`), a directory written by `datasets`' `save_to_disk`
+(`dir` or `dir:split`), or a dataset loaded by name with `datasets.load_dataset` (`hf:ID[:SPLIT][?options]`, see
+`hub.py`). Every record keeps its source and position ("line N", "item N" or "row N") so that validation errors
+can point at it, and its source's format (`formats.py`). Nothing here checks the fields of a record; `records.py`
+does that.
 """
 
 from __future__ import annotations
@@ -10,53 +12,51 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from chatrlhf.data.formats import tag
+from chatrlhf.data.hub import is_hub_spec, load_hub
+from chatrlhf.data.raw import RawRecord
 from chatrlhf.errors import DataError
+
+__all__ = ["SUPPORTED", "RawRecord", "load_source"]
 
 SUPPORTED = ".jsonl, .json, .parquet, .csv, or a directory written by datasets' save_to_disk"
 
 
-@dataclass(frozen=True)
-class RawRecord:
-    """One record as read from a source, before validation."""
+def load_source(spec: str, format: str = "auto") -> list[RawRecord]:
+    """Load every record of one source, tagged with its format.
 
-    data: dict
-    """The record's fields, as parsed (JSON object, Parquet/datasets row, or CSV row of strings)."""
-    source: str
-    """The source spec the record came from, as the user wrote it."""
-    where: str
-    """Position in the source: "line N" (JSONL, 1-based physical line), "item N" (JSON array, 1-based) or
-    "row N" (Parquet, CSV, datasets on disk; 1-based data rows)."""
-
-
-def load_source(spec: str) -> list[RawRecord]:
-    """Load every record of one source.
-
-    `spec` is a path; for a `DatasetDict` saved to disk it may be `path:split` (default split: "train").
-    Raises `DataError` for a missing path, an unsupported format, unreadable or malformed content, and a
-    source with no records.
+    `spec` is a path; for a `DatasetDict` saved to disk it may be `path:split` (default split: "train"); `hf:...`
+    loads a dataset with `datasets.load_dataset` (`hub.py`). `format` is "auto" (detected from the columns) or a
+    format name (`formats.FORMATS`). Raises `DataError` for a missing path, an unsupported format, unreadable or
+    malformed content, a source with no records, and columns that fit no format, or several.
     """
-    path, split = _resolve(spec)
-    if path.is_dir():
-        records = _load_saved_dataset(spec, path, split)
+    if is_hub_spec(spec):
+        records = load_hub(spec)
     else:
-        if split is not None:
-            raise DataError(
-                spec,
-                None,
-                None,
-                f"a ':{split}' suffix only applies to a dataset directory written by save_to_disk, and this is a file",
-            )
-        suffix = path.suffix.lower()
-        readers = {".jsonl": _load_jsonl_file, ".json": _load_json, ".parquet": _load_parquet, ".csv": _load_csv}
-        if suffix not in readers:
-            raise DataError(spec, None, None, f"unsupported file type '{suffix or path.name}'; supported: {SUPPORTED}")
-        records = readers[suffix](spec, path)
+        records = _load_local(spec)
     if not records:
         raise DataError(spec, None, None, "no records")
-    return records
+    return tag(records, spec, format)
+
+
+def _load_local(spec: str) -> list[RawRecord]:
+    path, split = _resolve(spec)
+    if path.is_dir():
+        return _load_saved_dataset(spec, path, split)
+    if split is not None:
+        raise DataError(
+            spec,
+            None,
+            None,
+            f"a ':{split}' suffix only applies to a dataset directory written by save_to_disk, and this is a file",
+        )
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _load_jsonl_file, ".json": _load_json, ".parquet": _load_parquet, ".csv": _load_csv}
+    if suffix not in readers:
+        raise DataError(spec, None, None, f"unsupported file type '{suffix or path.name}'; supported: {SUPPORTED}")
+    return readers[suffix](spec, path)
 
 
 def _resolve(spec: str) -> tuple[Path, str | None]:

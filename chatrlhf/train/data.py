@@ -15,9 +15,12 @@ from chatrlhf.errors import UserError
 T = TypeVar("T")
 
 
-def load_raw(paths: Sequence[str], weights: Sequence[float] | None, seed: int, workdir: Path) -> list[RawRecord]:
-    """Load every source (generated sources are written into `workdir/data` first), then blend them."""
-    parts = [load_source(resolve_generated(p, workdir / "data")) for p in paths]
+def load_raw(
+    paths: Sequence[str], weights: Sequence[float] | None, seed: int, workdir: Path, format: str = "auto"
+) -> list[RawRecord]:
+    """Load every source in `format` (`auto`: detected from its columns; generated sources are written into
+    `workdir/data` first), then blend them."""
+    parts = [load_source(resolve_generated(p, workdir / "data"), format=format) for p in paths]
     blended, counts = blend(parts, list(weights) if weights is not None else None, seed)
     if weights is not None:
         for p, part, n in zip(paths, parts, counts):
@@ -52,9 +55,9 @@ def train_eval_split(
 def stage_records(data: DataConfig, to: Callable, seed: int, workdir: Path, what: str, raws=None, eval_raws=None):
     """Train and eval records of one stage, from `data` (or from records the pipeline already split)."""
     if raws is None:
-        raws = load_raw(data.paths, data.weights, seed, workdir)
+        raws = load_raw(data.paths, data.weights, seed, workdir, data.format)
     if eval_raws is None and data.eval_paths:
-        eval_raws = load_raw(data.eval_paths, None, seed, workdir)
+        eval_raws = load_raw(data.eval_paths, None, seed, workdir, data.format)
     train = convert(raws, to, data.skip_invalid, what)
     held = convert(eval_raws, to, data.skip_invalid, what) if eval_raws else []
     return train_eval_split(train, held, data.eval_fraction, seed)

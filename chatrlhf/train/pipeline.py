@@ -56,7 +56,7 @@ def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, list]:
     fractions = parse_split(d.split)
     shares: dict[str, list] = {s: [] for s in STAGES}
     if d.paths:
-        pool = load_raw(d.paths, d.weights, cfg.run.seed, workdir)
+        pool = load_raw(d.paths, d.weights, cfg.run.seed, workdir, d.format)
         shares = dict(zip(STAGES, split_for_stages(pool, fractions, cfg.run.seed)))
     shares["dpo"] = shares["reward"] + shares["rl"]
     out = {}
@@ -64,7 +64,7 @@ def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, list]:
     for stage in stages:
         own = getattr(d, OWN_PATHS[stage])
         if own:
-            out[stage] = load_raw(own, None, cfg.run.seed, workdir)
+            out[stage] = load_raw(own, None, cfg.run.seed, workdir, d.format)
         elif shares[stage]:
             out[stage] = shares[stage]
         else:

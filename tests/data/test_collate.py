@@ -93,3 +93,42 @@ def test_pad_left_right_and_positions():
     ids, mask = pad([[1, 2, 3], [4]], value=9)
     assert ids.tolist() == [[1, 2, 3], [4, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert position_ids(torch.tensor([[0, 1, 1, 0]])).tolist() == [[0, 0, 1, 1]]
+
+
+def turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+CONTEXT = [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]
+
+
+def conversational_pair():
+    return to_pair(raw(prompt=CONTEXT, chosen=[turn("assistant", "d")], rejected=[turn("assistant", "e")]))
+
+
+def test_conversational_pair_is_encoded_as_its_sft_conversation():
+    """The template is applied once, the same way in every stage: a pair's chosen sequence is the SFT sequence of
+    prompt + chosen, its prompt is the RL prompt, and the answer tokens are those after that prompt."""
+    tok = byte_tokenizer()
+    chosen, rejected = encode_pair_responses(tok, conversational_pair(), max_len=128)
+    rendered = list(b"User: a\nAssistant: b") + [EOS_ID] + list(b"\nUser: c\nAssistant:")
+    assert chosen.input_ids == rendered + list(b" d") + [EOS_ID]
+    assert rejected.input_ids == rendered + list(b" e") + [EOS_ID]
+    assert chosen.loss_mask == [0] * len(rendered) + [1, 1, 1]
+    sft = encode_sft(tok, to_sft(raw(messages=[*CONTEXT, turn("assistant", "d")])), 128, False)
+    assert (sft.input_ids, sft.loss_mask) == (chosen.input_ids, chosen.loss_mask)
+    assert encode_prompt(tok, to_prompt(raw(prompt=CONTEXT)), max_len=128) == rendered
+
+
+def test_plain_template_renders_a_conversation_as_a_transcript():
+    chosen, _ = encode_pair(byte_tokenizer(chat_template=False), conversational_pair(), 128)
+    assert chosen == list(b"Human: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d") + [EOS_ID]
+
+
+def test_text_is_learned_whole_without_the_template():
+    tok = byte_tokenizer()
+    enc = encode_sft(tok, to_sft(raw(text="once upon")), max_len=64, loss_on_prompt=False)
+    assert enc.input_ids == list(b"once upon") + [EOS_ID]
+    assert enc.loss_mask == [1] * 10
+    with pytest.raises(DataError, match=r"mem.jsonl:line 1: field 'text': the text is 10 tokens, over max_seq_len=9"):
+        encode_sft(tok, to_sft(raw(text="once upon")), max_len=9, loss_on_prompt=False)

@@ -67,9 +67,10 @@ def test_sft_missing_response():
 
 
 def test_sft_no_known_layout():
-    e = error_of(to_sft, {"text": "x"})
+    e = error_of(to_sft, {"body": "x"})
     assert e.field == "prompt"
     assert "'prompt' and 'response'" in str(e) and "'messages'" in str(e) and "'text'" in str(e)
+    assert str(e).endswith("the record's fields are: 'body'")
 
 
 def test_sft_prompt_is_a_number():
