@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import platform
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from run_dirs import dpo_pipeline_run, reward_run, rl_run, sft_run, write_jsonl
 
 from chatrlhf.cli import main
 from chatrlhf.errors import UserError
-from chatrlhf.eval.report import read_metrics, write_report
+from chatrlhf.eval.report import environment, read_metrics, write_report
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def embedded(page: str) -> list[bytes]:
@@ -142,3 +149,19 @@ def test_cli_report(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     assert main(["report"]) == 2 and "expected one run directory" in capsys.readouterr().err
+
+
+def test_report_and_doctor_import_without_torch():
+    """`chatrlhf report` runs beside a training job and on machines without a GPU stack loaded; the RL config can
+    embed DoctorConfig without pulling in plotting."""
+    code = (
+        "import sys, chatrlhf.cli, chatrlhf.eval.report, chatrlhf.eval.doctor; "
+        "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_environment_keys():
+    env = environment()
+    assert {"env/python", "env/platform", "env/cpu", "env/cpu_count", "env/torch", "env/cuda", "env/gpu"} <= set(env)
+    assert env["env/python"] == platform.python_version() and json.loads(json.dumps(env)) == env
