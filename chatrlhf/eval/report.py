@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from chatrlhf import __version__
 from chatrlhf.errors import UserError
 from chatrlhf.eval import doctor as doc
 from chatrlhf.eval.plots import Series, histogram_plot, interval_plot, line_plot
@@ -758,7 +759,7 @@ def render(run: Run, figs: Figures) -> str:
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f"<style>{CSS}</style></head><body><main><h1>{esc(title)}</h1>{_headline(run)}"
-        f'<p class="note">{esc(str(run.dir))} · made {esc(made)} by chatrlhf {esc(_version("chatrlhf"))}</p>{nav}'
+        f'<p class="note">{esc(str(run.dir))} · made {esc(made)} by chatrlhf {esc(__version__)}</p>{nav}'
         + "".join(sections)
         + "</main></body></html>\n"
     )
@@ -782,52 +783,3 @@ def write_report(run_dir: Path) -> Path:
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-# ------------------------------------------------------------------------------------------- env/* for summaries
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, str | int]:
-    """The `env/*` keys a driver adds to its summary.json (docs/report.md): Python, package versions, CPU, GPU.
-    Imports torch (the drivers already have it)."""
-    import platform
-
-    import torch
-
-    env: dict[str, str | int] = {
-        "env/python": platform.python_version(),
-        "env/platform": platform.platform(),
-        "env/cpu": _cpu_name(),
-        "env/cpu_count": os.cpu_count() or 0,
-    }
-    for package in ("chatrlhf", "torch", "transformers", "peft", "deepspeed"):
-        v = _version(package)
-        if v is not None:
-            env[f"env/{package}"] = v
-    env["env/cuda"] = torch.version.cuda or "none"
-    if torch.cuda.is_available():
-        env["env/gpu"] = f"{torch.cuda.get_device_name(0)} × {torch.cuda.device_count()}"
-    else:
-        env["env/gpu"] = "none"
-    return env

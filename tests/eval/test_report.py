@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from run_dirs import dpo_pipeline_run, reward_run, rl_run, sft_run, write_jsonl
 
 from chatrlhf.cli import main
 from chatrlhf.errors import UserError
-from chatrlhf.eval.report import environment, read_metrics, write_report
+from chatrlhf.eval.report import read_metrics, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,9 +158,3 @@ def test_report_and_doctor_import_without_torch():
         "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def test_environment_keys():
-    env = environment()
-    assert {"env/python", "env/platform", "env/cpu", "env/cpu_count", "env/torch", "env/cuda", "env/gpu"} <= set(env)
-    assert env["env/python"] == platform.python_version() and json.loads(json.dumps(env)) == env
