@@ -1,4 +1,4 @@
-"""`chatrlhf sft | reward | rl | dpo | pipeline`.
+"""`chatrlhf sft | reward | rl | dpo | pipeline | report`.
 
 Each stage takes its typed config (chatrlhf/config.py): defaults, then `--recipe FILE.yaml`, then flags such as
 `--train.optim.lr 1e-5` (run `chatrlhf STAGE --help` for every field). User errors print one message and exit 2;
@@ -15,12 +15,14 @@ import sys
 from chatrlhf.errors import UserError
 
 USAGE = """usage: chatrlhf {sft,reward,rl,dpo,pipeline} [--recipe FILE.yaml] [--FIELD VALUE ...]
+       chatrlhf report RUN_DIR
 
   sft        step 1: supervised fine-tuning on prompt/response records
   reward     step 2: reward model on prompt/chosen/rejected pairs
   rl         step 3: RLHF with PPO (actor, critic, reference, reward model)
   dpo        DPO on prompt/chosen/rejected pairs: steps 2+3 in one, without a reward model
   pipeline   steps 1-3 (or SFT then DPO: --method dpo), then SFT vs the result on held-out prompts
+  report     rebuild RUN_DIR/report.html and its plots from a run's files (finished, running or resumed)
 
 `chatrlhf STAGE --help` lists every option with its default and meaning."""
 
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     stage, args = argv[0], argv[1:]
+    if stage == "report":
+        return report(args)
     if stage not in STAGES:
         print(f"chatrlhf: unknown command '{stage}'\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -124,6 +128,34 @@ def main(argv: list[str] | None = None) -> int:
         code = 3
     _finish_distributed(code)
     return code
+
+
+REPORT_USAGE = """usage: chatrlhf report RUN_DIR
+
+Rebuild RUN_DIR/report.html (self-contained) and the plots in RUN_DIR/report/ from the run's metrics.jsonl,
+summary.json, config.yaml and the files the drivers write for the report (docs/report.md). RUN_DIR is a stage
+run directory or a pipeline run directory; it may be finished, still running, or resumed."""
+
+
+def report(args: list[str]) -> int:
+    """`chatrlhf report RUN_DIR`: no torch import, so it answers fast and works beside a running job."""
+    if args in (["-h"], ["--help"]):
+        print(REPORT_USAGE)
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        print(f"chatrlhf report: error: expected one run directory, got {args}\n\n{REPORT_USAGE}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    from chatrlhf.eval.report import write_report
+
+    try:
+        path = write_report(Path(args[0]))
+    except UserError as e:
+        print(f"chatrlhf report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
 
 
 def _finish_distributed(code: int) -> None:
