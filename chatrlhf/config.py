@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
@@ -266,6 +266,102 @@ class PPOConfig:
     through kernels, caches and precision). None disables it."""
 
 
+Diagnostic = Literal[
+    "reward_vs_judge",
+    "reward_vs_total",
+    "length_drift",
+    "repetition",
+    "entropy_collapse",
+    "kl_blowup",
+    "clipfrac_high",
+    "approx_kl_high",
+    "value_loss_rising",
+]
+DIAGNOSTICS: tuple[str, ...] = get_args(Diagnostic)
+"""The RL doctor's diagnostics (chatrlhf/eval/doctor.py, docs/report.md)."""
+
+
+@dataclass
+class DoctorConfig:
+    """The RL doctor's thresholds (docs/report.md explains each diagnostic and why these defaults)."""
+
+    enabled: bool = True
+    """Run the diagnostics each iteration (and log `doctor/*` and the response-text metrics)."""
+    window: int = 5
+    """Iterations in each compared window: the early (baseline) window is the first `window` iterations, the
+    recent window the last `window`. Windowed rules need 2 × window iterations before they can fire."""
+    z: float = 3.0
+    """One-sided significance threshold of every statistical test (z or t statistic); 3.0 ≈ p 0.0013 per test."""
+    trend_window: int = 20
+    """Iterations over which `reward_vs_total` fits the two trends (least-squares slopes)."""
+    min_window_responses: int = 512
+    """`repetition`: each window is widened past `window` iterations until it holds at least this many responses
+    (8 iterations of the demo's 64): the test needs them to tell 10% from 20%."""
+    repeat_ngrams: list[int] = field(default_factory=lambda: [1, 4])
+    """`repetition`: n of the word n-grams tested; a response repeats if one of its n-grams occurs twice. n = 1 suits
+    short answers (the demo's word lists); long answers repeat common words, so their signal is in n = 4."""
+    repeat_min_rise: float = 0.05
+    """`repetition`: the repeating fraction must rise by at least this much (absolute) between the windows."""
+    repeat_min_count: int = 10
+    """`repetition`: at least this many repeating responses in the recent window."""
+    length_max_ratio: float = 1.5
+    """`length_drift`: fires when recent mean length ≥ this × the early mean (and the change is significant)."""
+    length_min_ratio: float = 0.5
+    """`length_drift`: fires when recent mean length ≤ this × the early mean (and the change is significant)."""
+    entropy_min_ratio: float = 0.3
+    """`entropy_collapse`: fires when recent mean `policy/entropy` ≤ this × the early mean (and significant)."""
+    kl_max: float = 10.0
+    """`kl_blowup`: bound on the recent window's mean `kl/mean` (nats per response). Long responses accumulate
+    more KL: raise it for them."""
+    clipfrac_max: float = 0.2
+    """`clipfrac_high`: bound on the recent window's mean `policy/clipfrac` (docs/metrics.md: healthy is 0–0.2)."""
+    approx_kl_max: float = 0.05
+    """`approx_kl_high`: bound on the recent window's mean `policy/approx_kl` per token (5 × the 0.01 target KL of
+    OpenAI Spinning Up's PPO)."""
+    value_loss_max_ratio: float = 10.0
+    """`value_loss_rising`: fires when the recent window's mean `loss/value` ≥ this × the lowest mean of an earlier
+    window."""
+    judge_min_drop: float = 0.02
+    """`reward_vs_judge`: the judge must fall by at least this much below its best evaluation (and by z standard
+    errors when `eval/judge_sem` is logged)."""
+    examples: int = 3
+    """Example responses attached to a finding."""
+    off: list[str] = field(default_factory=list)
+    """Diagnostics not to run (names from DIAGNOSTICS, checked by `validate`)."""
+    stop_on: list[str] = field(default_factory=list)
+    """Diagnostics that stop the run when they fire (for unattended runs); the others only warn."""
+
+    def validate(self, prefix: str = "doctor") -> None:
+        if self.window < 2:
+            raise ConfigError(f"{prefix}.window must be >= 2 (a window's spread needs two iterations)")
+        if self.trend_window < 3:
+            raise ConfigError(f"{prefix}.trend_window must be >= 3 (a slope's error needs three points)")
+        if self.z <= 0:
+            raise ConfigError(f"{prefix}.z must be > 0")
+        if not self.repeat_ngrams or any(n < 1 for n in self.repeat_ngrams):
+            raise ConfigError(f"{prefix}.repeat_ngrams must be a non-empty list of n >= 1")
+        if not 0.0 < self.length_min_ratio < 1.0 < self.length_max_ratio:
+            raise ConfigError(f"{prefix}: need 0 < length_min_ratio < 1 < length_max_ratio")
+        if not 0.0 < self.entropy_min_ratio < 1.0:
+            raise ConfigError(f"{prefix}.entropy_min_ratio must be in (0, 1)")
+        if self.value_loss_max_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.value_loss_max_ratio must be > 1")
+        for name in ("kl_max", "clipfrac_max", "approx_kl_max"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name} must be > 0")
+        if self.repeat_min_rise < 0 or self.judge_min_drop < 0 or self.repeat_min_count < 0:
+            raise ConfigError(f"{prefix}: repeat_min_rise, repeat_min_count and judge_min_drop must be >= 0")
+        if self.min_window_responses < 1 or self.examples < 0:
+            raise ConfigError(f"{prefix}: min_window_responses must be >= 1 and examples >= 0")
+        for name in ("off", "stop_on"):
+            unknown = [d for d in getattr(self, name) if d not in DIAGNOSTICS]
+            if unknown:
+                raise ConfigError(f"{prefix}.{name}: unknown diagnostics {unknown} (known: {', '.join(DIAGNOSTICS)})")
+        both = sorted(set(self.off) & set(self.stop_on))
+        if both:
+            raise ConfigError(f"{prefix}: {both} are in both off and stop_on; a diagnostic that is off never fires")
+
+
 @dataclass
 class RLTrainConfig:
     """How step 3 (RLHF) runs."""
@@ -289,6 +385,8 @@ class RLTrainConfig:
     """Rollout sampling."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """The rollout engine: `hf` or `vllm`."""
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    """The RL doctor: diagnostics of reward hacking and unhealthy updates during the run (docs/report.md)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO hyper-parameters."""
     actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.65e-6))
@@ -306,6 +404,11 @@ class RLTrainConfig:
     """SFT-format records for the PTX loss (prompt+response or messages; the loss is on response tokens)."""
     ptx_batch_size: int = 8
     """Sequences per PTX micro-batch."""
+    eval_every: int = 0
+    """Evaluate the policy on the held-out prompts every this many iterations (`eval/score_mean`, and with a
+    `judge` `eval/judge_mean`; responses in `samples.jsonl`); 0 = only at the end."""
+    eval_prompts: int = 64
+    """Held-out prompts each evaluation answers (the first of the held-out share)."""
 
 
 @dataclass
@@ -383,6 +486,9 @@ class RLConfig(StageOptions):
     then learns values from scratch. False refuses a critic without a trained head."""
     reference: str | None = None
     """Frozen reference policy for the KL penalty; None = the actor's starting weights."""
+    judge: str | None = None
+    """A held-out judge `module:function(prompt, response, **fields) -> float` that RL does not optimise: it scores
+    the held-out evaluations (`train.eval_every`), where the RL doctor watches it. None = no judge."""
     output_dir: str = "runs/rl"
     """Run directory: `model/` (the trained actor), `critic/`, metrics, config, summary."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -834,6 +940,9 @@ def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
     if g.temperature <= 0 or not 0.0 < g.top_p <= 1.0 or g.top_k < 0:
         raise ConfigError(f"{prefix}.generation: temperature must be > 0, top_p in (0, 1], top_k >= 0")
     _validate_rollout(t.rollout, f"{prefix}.rollout")
+    t.doctor.validate(f"{prefix}.doctor")
+    if t.eval_every < 0 or t.eval_prompts < 1:
+        raise ConfigError(f"{prefix}.eval_every must be >= 0 and {prefix}.eval_prompts >= 1")
     if t.ptx_coef > 0 and not t.ptx_paths:
         raise ConfigError(f"{prefix}.ptx_coef is {t.ptx_coef} but {prefix}.ptx_paths is empty: the PTX loss needs data")
     if t.ptx_paths and t.ptx_coef <= 0:

@@ -38,22 +38,10 @@ import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, get_args
+from typing import NamedTuple
 
-from chatrlhf.errors import ConfigError, UserError
-
-Diagnostic = Literal[
-    "reward_vs_judge",
-    "reward_vs_total",
-    "length_drift",
-    "repetition",
-    "entropy_collapse",
-    "kl_blowup",
-    "clipfrac_high",
-    "approx_kl_high",
-    "value_loss_rising",
-]
-DIAGNOSTICS: tuple[str, ...] = get_args(Diagnostic)
+from chatrlhf.config import DIAGNOSTICS, DoctorConfig
+from chatrlhf.errors import UserError
 
 # The metric keys the doctor reads (docs/metrics.md). `eval/judge_*` appear only on iterations where a held-out
 # evaluation ran; `policy/entropy`, `policy/clipfrac`, `policy/approx_kl` and `loss/value` only where the driver
@@ -69,87 +57,6 @@ CLIPFRAC = "policy/clipfrac"
 APPROX_KL = "policy/approx_kl"
 VALUE_LOSS = "loss/value"
 WATCHED = (SCORE, TOTAL, JUDGE, JUDGE_SEM, LENGTH, ENTROPY, KL, CLIPFRAC, APPROX_KL, VALUE_LOSS)
-
-
-@dataclass
-class DoctorConfig:
-    """The RL doctor's thresholds (docs/report.md explains each diagnostic and why these defaults)."""
-
-    enabled: bool = True
-    """Run the diagnostics each iteration (and log `doctor/*` and the response-text metrics)."""
-    window: int = 5
-    """Iterations in each compared window: the early (baseline) window is the first `window` iterations, the
-    recent window the last `window`. Windowed rules need 2 × window iterations before they can fire."""
-    z: float = 3.0
-    """One-sided significance threshold of every statistical test (z or t statistic); 3.0 ≈ p 0.0013 per test."""
-    trend_window: int = 20
-    """Iterations over which `reward_vs_total` fits the two trends (least-squares slopes)."""
-    min_window_responses: int = 512
-    """`repetition`: each window is widened past `window` iterations until it holds at least this many responses
-    (8 iterations of the demo's 64): the test needs them to tell 10% from 20%."""
-    repeat_ngrams: list[int] = field(default_factory=lambda: [1, 4])
-    """`repetition`: n of the word n-grams tested; a response repeats if one of its n-grams occurs twice. n = 1 suits
-    short answers (the demo's word lists); long answers repeat common words, so their signal is in n = 4."""
-    repeat_min_rise: float = 0.05
-    """`repetition`: the repeating fraction must rise by at least this much (absolute) between the windows."""
-    repeat_min_count: int = 10
-    """`repetition`: at least this many repeating responses in the recent window."""
-    length_max_ratio: float = 1.5
-    """`length_drift`: fires when recent mean length ≥ this × the early mean (and the change is significant)."""
-    length_min_ratio: float = 0.5
-    """`length_drift`: fires when recent mean length ≤ this × the early mean (and the change is significant)."""
-    entropy_min_ratio: float = 0.3
-    """`entropy_collapse`: fires when recent mean `policy/entropy` ≤ this × the early mean (and significant)."""
-    kl_max: float = 10.0
-    """`kl_blowup`: bound on the recent window's mean `kl/mean` (nats per response). Long responses accumulate
-    more KL: raise it for them."""
-    clipfrac_max: float = 0.2
-    """`clipfrac_high`: bound on the recent window's mean `policy/clipfrac` (docs/metrics.md: healthy is 0–0.2)."""
-    approx_kl_max: float = 0.05
-    """`approx_kl_high`: bound on the recent window's mean `policy/approx_kl` per token (5 × the 0.01 target KL of
-    OpenAI Spinning Up's PPO)."""
-    value_loss_max_ratio: float = 10.0
-    """`value_loss_rising`: fires when the recent window's mean `loss/value` ≥ this × the lowest mean of an earlier
-    window."""
-    judge_min_drop: float = 0.02
-    """`reward_vs_judge`: the judge must fall by at least this much below its best evaluation (and by z standard
-    errors when `eval/judge_sem` is logged)."""
-    examples: int = 3
-    """Example responses attached to a finding."""
-    off: list[str] = field(default_factory=list)
-    """Diagnostics not to run (names from DIAGNOSTICS, checked by `validate`)."""
-    stop_on: list[str] = field(default_factory=list)
-    """Diagnostics that stop the run when they fire (for unattended runs); the others only warn."""
-
-    def validate(self, prefix: str = "doctor") -> None:
-        if self.window < 2:
-            raise ConfigError(f"{prefix}.window must be >= 2 (a window's spread needs two iterations)")
-        if self.trend_window < 3:
-            raise ConfigError(f"{prefix}.trend_window must be >= 3 (a slope's error needs three points)")
-        if self.z <= 0:
-            raise ConfigError(f"{prefix}.z must be > 0")
-        if not self.repeat_ngrams or any(n < 1 for n in self.repeat_ngrams):
-            raise ConfigError(f"{prefix}.repeat_ngrams must be a non-empty list of n >= 1")
-        if not 0.0 < self.length_min_ratio < 1.0 < self.length_max_ratio:
-            raise ConfigError(f"{prefix}: need 0 < length_min_ratio < 1 < length_max_ratio")
-        if not 0.0 < self.entropy_min_ratio < 1.0:
-            raise ConfigError(f"{prefix}.entropy_min_ratio must be in (0, 1)")
-        if self.value_loss_max_ratio <= 1.0:
-            raise ConfigError(f"{prefix}.value_loss_max_ratio must be > 1")
-        for name in ("kl_max", "clipfrac_max", "approx_kl_max"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{prefix}.{name} must be > 0")
-        if self.repeat_min_rise < 0 or self.judge_min_drop < 0 or self.repeat_min_count < 0:
-            raise ConfigError(f"{prefix}: repeat_min_rise, repeat_min_count and judge_min_drop must be >= 0")
-        if self.min_window_responses < 1 or self.examples < 0:
-            raise ConfigError(f"{prefix}: min_window_responses must be >= 1 and examples >= 0")
-        for name in ("off", "stop_on"):
-            unknown = [d for d in getattr(self, name) if d not in DIAGNOSTICS]
-            if unknown:
-                raise ConfigError(f"{prefix}.{name}: unknown diagnostics {unknown} (known: {', '.join(DIAGNOSTICS)})")
-        both = sorted(set(self.off) & set(self.stop_on))
-        if both:
-            raise ConfigError(f"{prefix}: {both} are in both off and stop_on; a diagnostic that is off never fires")
 
 
 # ------------------------------------------------------------------------------------------- statistics (pure)

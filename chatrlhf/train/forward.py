@@ -8,7 +8,7 @@ import torch
 
 from chatrlhf.data.collate import position_ids
 from chatrlhf.models.load import ValueModel
-from chatrlhf.rlhf import last_token_index, lm_loss, masked_sum, token_logprobs
+from chatrlhf.rlhf import entropy_from_logits, last_token_index, lm_loss, masked_sum, token_logprobs
 
 
 def shifted_lm_loss(model, ids, attn, loss_mask, total_tokens: float | None = None) -> torch.Tensor:
@@ -22,14 +22,27 @@ def shifted_lm_loss(model, ids, attn, loss_mask, total_tokens: float | None = No
 def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
     """(B, R) log π(a_t | s_t) of the last `width` tokens of each sequence (a left-padded prompt followed by an
     R = `width`-token response); logits are computed for the response positions only."""
-    logits = model(
+    return token_logprobs(_response_logits(model, sequences, attention_mask, width), sequences[:, -width:])
+
+
+def response_logprobs_and_entropy(
+    model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` and, from the same forward, the entropy H_t (nats) of π(· | s_t) at each response
+    position: (B, R) each."""
+    logits = _response_logits(model, sequences, attention_mask, width)
+    return token_logprobs(logits, sequences[:, -width:]), entropy_from_logits(logits)
+
+
+def _response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, R, V) the logits that predict the last `width` tokens."""
+    return model(
         input_ids=sequences,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         use_cache=False,
         logits_to_keep=width + 1,
     ).logits[:, :-1]
-    return token_logprobs(logits, sequences[:, -width:])
 
 
 def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from chatrlhf.engine.generation import HFGenerator
 from chatrlhf.engine.vllm import check_vllm_support
 from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import compare, sample_and_score
+from chatrlhf.eval.report import write_report
 from chatrlhf.models.load import (
     check_value_model_support,
     load_causal_lm,
@@ -146,6 +147,7 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     }
     write_summary(run_dir / "summary.json", summary)
     print_table(summary)
+    print(f"report: {write_report(run_dir)}")
     return summary
 
 
@@ -188,6 +190,7 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
             reward_model=str(rm_dir / "model") if rm_dir else "",
             reward_functions=cfg.reward_functions,
             reward_weights=cfg.reward_weights,
+            judge=cfg.eval.judge,
             output_dir=str(rl_dir),
             data=stage_data_cfg,
             train=cfg.rl,

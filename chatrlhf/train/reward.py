@@ -9,13 +9,16 @@ supervised stages' shared one (train/supervised.py).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from chatrlhf import distributed as dist
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import to_pair
 from chatrlhf.data.collate import encode_all, encode_pair, pad
+from chatrlhf.eval.report import EVAL_SCORES
 from chatrlhf.models.load import ValueModel, load_tokenizer, load_value_model, resolve_model
 from chatrlhf.models.training import prepare_for_training
 from chatrlhf.rlhf import pairwise_loss
@@ -37,7 +40,8 @@ def pair_scores(model: ValueModel, batch: list[EncodedPair], pad_id: int, device
 
 
 @torch.no_grad()
-def evaluate_pairs(model: ValueModel, pairs: list[EncodedPair], batch_size: int, pad_id: int, device) -> dict:
+def all_pair_scores(model: ValueModel, pairs: list[EncodedPair], batch_size: int, pad_id: int, device):
+    """(N,) chosen and (N,) rejected end scores of every pair, in eval mode."""
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
@@ -46,7 +50,11 @@ def evaluate_pairs(model: ValueModel, pairs: list[EncodedPair], batch_size: int,
         chosen.append(c)
         rejected.append(r)
     model.train(was_training)
-    c, r = torch.cat(chosen), torch.cat(rejected)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def evaluate_pairs(model: ValueModel, pairs: list[EncodedPair], batch_size: int, pad_id: int, device) -> dict:
+    c, r = all_pair_scores(model, pairs, batch_size, pad_id, device)
     return {
         "eval/accuracy": float((c > r).float().mean()),
         "eval/chosen_score": float(c.mean()),
@@ -82,6 +90,13 @@ def _run_reward(cfg: RewardConfig, out: Path, device: torch.device, raws, eval_r
         # the batch's mean loss, weighted by its share of the step's pairs
         return pairwise_loss(c, r) * (len(batch) / step_pairs), {"train/accuracy": float((c > r).sum())}
 
+    def write_scores(model, out: Path) -> None:
+        """`eval_scores.jsonl`: each held-out pair's chosen and rejected score (the report's histograms)."""
+        c, r = all_pair_scores(model, eval_pairs, train.batch_size, tok.pad_token_id, device)
+        if dist.is_main():
+            lines = (json.dumps({"chosen": float(a), "rejected": float(b)}) for a, b in zip(c, r))
+            (out / EVAL_SCORES).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
     task = SupervisedTask(
         name="reward",
         items=train_pairs,
@@ -92,5 +107,6 @@ def _run_reward(cfg: RewardConfig, out: Path, device: torch.device, raws, eval_r
         evaluate=lambda model: evaluate_pairs(model, eval_pairs, train.batch_size, tok.pad_token_id, device),
         progress_keys=("loss/train", "train/accuracy"),
         done=lambda s: f"held-out accuracy {s.get('eval/accuracy')}, gap {s.get('eval/score_gap')}",
+        finish=write_scores,
     )
     return train_supervised(cfg, out, task, model, tok, clock)

@@ -30,7 +30,10 @@ import torch
 from chatrlhf import distributed as dist
 from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_prompt
+from chatrlhf.engine.checkpoint import save_checkpoint
 from chatrlhf.errors import UserError
+from chatrlhf.eval.doctor import Checkup, Doctor, DoctorStop
+from chatrlhf.eval.report import write_report
 from chatrlhf.models.load import save_model_dir
 from chatrlhf.rlhf import (
     KL_ESTIMATORS,
@@ -45,6 +48,7 @@ from chatrlhf.train.data import stage_records
 from chatrlhf.train.forward import shifted_lm_loss
 from chatrlhf.train.outputs import Stopwatch, save_trained, write_summary
 from chatrlhf.train.resume import checkpoint_if_due, open_loop
+from chatrlhf.train.rl_eval import append_samples, evaluate_held_out, held_out
 from chatrlhf.train.rl_models import Models, PTXBatches, build_models, check_ranks, ptx_batches, updates_per_epoch
 from chatrlhf.train.rollout import (
     Evaluated,
@@ -54,7 +58,9 @@ from chatrlhf.train.rollout import (
     gather_rollout,
     generate_rollout,
     prompt_stream,
+    response_texts,
     rollout_logprobs,
+    rollout_logprobs_and_entropy,
     rollout_values,
     score_rollout,
     to_prompts,
@@ -79,9 +85,11 @@ def evaluate_rollout(
         scores = score_rollout(m.scorer, rollout, m.tok)
     with m.resident([m.reference]):
         ref_logprobs = rollout_logprobs(m.reference, rollout)
+    old_logprobs, entropy = rollout_logprobs_and_entropy(m.actor_engine.module, rollout)
     return Evaluated(
         scores=scores,
-        old_logprobs=rollout_logprobs(m.actor_engine.module, rollout),
+        old_logprobs=old_logprobs,
+        entropy=entropy,
         ref_logprobs=ref_logprobs,
         values=rollout_values(m.critic_engine.module, rollout) if m.critic_engine else None,
         greedy_scores=greedy_scores,
@@ -211,6 +219,8 @@ def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, train: RLT
         metrics["values/mean"] = float(masked_mean(ev.values, mask))
     if ev.greedy_scores is not None:
         metrics["reward/greedy_mean"] = float(ev.greedy_scores.mean())
+    if ev.entropy is not None:
+        metrics["policy/entropy"] = float(masked_mean(ev.entropy, mask))
     if rollout.rollout_logprobs is not None:
         # the engine mismatch: the same tokens, the same definition of log π, the trainer's weights vs the rollout's
         diff = (ev.old_logprobs - rollout.rollout_logprobs).abs()
@@ -231,17 +241,6 @@ def check_rollout_freshness(metrics: dict[str, float], bound: float | None, it: 
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-
-
-@torch.no_grad()
-def held_out_score(m: Models, prompts: list[Prompt], batch_size: int, device) -> float:
-    """Mean summed reward of one sampled response per held-out prompt."""
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        rollout = generate_rollout(m.actor, prompts[i : i + batch_size], 1, m.tok, device)
-        with m.resident(m.scorer.modules()):
-            scores.append(score_rollout(m.scorer, rollout, m.tok).total)
-    return float(torch.cat(scores).mean())
 
 
 def check_finite(metrics: dict[str, float], it: int, skipped_step: bool) -> None:
@@ -305,36 +304,69 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
 
     stream = prompt_stream(prompts, train.rollout_batch_size, cfg.run.seed)
     state = LoopState(kl_coef=train.ppo.kl_coef, history=[])
+    doctor = Doctor(train.doctor)
+    held = held_out(
+        to_prompts(tok, eval_recs, train.max_prompt_len), cfg.judge, train.eval_prompts, train.rollout_batch_size,
+        cfg.run.seed + 7,
+    )  # fmt: skip
     if resumed:
         state = LoopState(
             kl_coef=resumed["kl_coef"], history=resumed["history"], skipped_rollouts=resumed["skipped_rollouts"]
         )
         if ema is not None:
             ema.load_state_dict(resumed["ema"])
+        if "doctor" in resumed:  # checkpoints of earlier versions have no doctor state
+            doctor.load_state_dict(resumed["doctor"])
         for _ in range(start):
             next(stream)
         if ptx is not None:  # checkpoints of earlier versions did not count the PTX batches: one per update
             ptx.skip_to(resumed.get("ptx_drawn", start * train.ppo.ppo_epochs * updates_per_epoch(train)))
+    samples = out / "samples.jsonl"
+    append_samples(samples, [], resumed_at=start)  # a fresh or resumed run: no rows after its starting point
     for it in range(start + 1, train.iterations + 1):
-        metrics = iteration(m, algo, cfg, it, next(stream), state, ptx, ema)
-        log.log(it, metrics, write=it % cfg.run.log_every == 0 or it == train.iterations)  # 8
+        metrics, rollout = iteration(m, algo, cfg, it, next(stream), state, ptx, ema)
+        evaluated = held is not None and train.eval_every > 0 and it % train.eval_every == 0
+        if evaluated:  # 8. the held-out evaluation (the doctor compares the judge with the reward)
+            scores, rows = evaluate_held_out(m, held, it)
+            metrics.update(scores)
+            append_samples(samples, rows)
+        checkup = check_up(doctor, it, metrics, rollout, tok)
+        written = evaluated or it % cfg.run.log_every == 0 or it == train.iterations or bool(checkup.findings)
+        log.log(it, metrics, write=written)  # 8
         log.advance()
         saved = {"kl_coef": state.kl_coef, "history": state.history, "skipped_rollouts": state.skipped_rollouts}
         saved["ptx_drawn"] = ptx.drawn if ptx is not None else 0
+        saved["doctor"] = doctor.state_dict()
         if ema is not None:
             saved["ema"] = ema.state_dict()
-        checkpoint_if_due(cfg, out, it, train.iterations, m.engines, saved)
+        if checkup.stops:
+            save_checkpoint(out, it, m.engines, saved, cfg.checkpoint.keep)  # the run can be resumed from here
+        else:
+            checkpoint_if_due(cfg, out, it, train.iterations, m.engines, saved)
+        if dist.is_main() and (written or checkup.findings):
+            doctor.write(out / "doctor.json")
+        if checkup.stops:
+            log.close()
+            if dist.is_main():
+                write_report(out)
+            raise DoctorStop(checkup.stops)
     log.close()
     save_models(m, ema, out)
     tail = state.history[-max(1, len(state.history) // 10) :]
     summary = {"stage": "rl", "algo": train.algo, "iterations": train.iterations, "prompts": len(prompts)}
     summary.update({f"final/{k}": sum(h[k] for h in tail if k in h) / len(tail) for k in tail[0]})
-    if eval_recs:
-        held_out = to_prompts(tok, eval_recs, train.max_prompt_len)
-        summary["eval/prompts"] = len(held_out)
-        summary["eval/score_mean"] = held_out_score(m, held_out, train.rollout_batch_size, device)
+    if held is not None:
+        scores, rows = evaluate_held_out(m, held, train.iterations)
+        summary["eval/prompts"] = len(held.prompts)
+        summary.update(scores)
+        if not (train.eval_every > 0 and train.iterations % train.eval_every == 0):
+            append_samples(samples, rows)  # the last evaluation, unless the loop's was already at this iteration
+    summary["doctor/findings"] = [f.name for f in doctor.findings]
     summary["time/total_s"] = clock.elapsed()
     write_summary(out / "summary.json", summary)
+    if dist.is_main():
+        doctor.write(out / "doctor.json")
+        write_report(out)
     print(
         f"rl: done in {summary['time/total_s']:.1f}s; final reward {summary['final/reward/score_mean']:.3f}, "
         f"KL {summary['final/kl/mean']:.3f}"
@@ -351,8 +383,9 @@ def iteration(
     state: LoopState,
     ptx: PTXBatches | None,
     ema: torch.nn.Module | None,
-) -> dict[str, float]:
-    """Steps 1–7 of iteration `it` on the global prompt `batch`; updates `state` and returns the metrics."""
+) -> tuple[dict[str, float], Rollout]:
+    """Steps 1–7 of iteration `it` on the global prompt `batch`; updates `state` and returns the metrics and the
+    (gathered) rollout."""
     train = cfg.train
     tok = m.tok
     started = time.time()
@@ -394,5 +427,15 @@ def iteration(
     )
     metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (trained - started)
     check_finite(metrics, it, skipped_step=sum(e.bad_steps for e in m.engines) > bad_before)
-    state.history.append(metrics)
-    return metrics
+    state.history.append(metrics)  # the doctor's and the evaluation's metrics join this dict afterwards
+    return metrics, rollout
+
+
+def check_up(doctor: Doctor, it: int, metrics: dict[str, float], rollout: Rollout, tok) -> Checkup:
+    """The RL doctor's look at iteration `it` (eval/doctor.py): its metrics join `metrics`, and each finding that
+    fires is printed once. Every rank sees the same gathered rollout, so every rank's doctor agrees."""
+    checkup = doctor.observe(it, metrics, response_texts(rollout, tok), [p.text for p in rollout.prompts])
+    metrics.update(checkup.metrics)
+    for finding in checkup.findings:
+        print(f"warning: rl: doctor: {finding.message}")
+    return checkup

@@ -86,6 +86,8 @@ class Evaluated:
     """V_old(s_t), the critic's value of the state before token t (PPO only)."""
     greedy_scores: torch.Tensor | None
     """(B,) reward of the greedy response (ReMax only)."""
+    entropy: torch.Tensor | None = None
+    """(B, R) entropy of π_old(· | s_t) in nats, from the same forward as `old_logprobs`."""
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -128,10 +130,15 @@ def generate_rollout(
     )
 
 
+def response_texts(rollout: Rollout, tok) -> list[str]:
+    """The decoded text of each response (EOS and padding left out), as reward functions and the doctor see it."""
+    lengths = rollout.response_mask.sum(1).long().tolist()
+    return [tok.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(rollout.response, lengths)]
+
+
 def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
     """3. The summed reward of each response (decoded text for functions, tokens for a shared-vocabulary RM)."""
-    lengths = rollout.response_mask.sum(1).long().tolist()
-    texts = [tok.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(rollout.response, lengths)]
+    texts = response_texts(rollout, tok)
     return scorer(
         ScoringBatch(
             sequences=rollout.sequences,
@@ -147,6 +154,13 @@ def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
 def rollout_logprobs(model, rollout: Rollout) -> torch.Tensor:
     """(B, R) log π(a_t | s_t) of the response tokens under `model`."""
     return forward.response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.response.shape[1])
+
+
+def rollout_logprobs_and_entropy(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log π(a_t | s_t) and the entropy of π(· | s_t) at each response position, from one forward."""
+    return forward.response_logprobs_and_entropy(
+        model, rollout.sequences, rollout.attention_mask, rollout.response.shape[1]
+    )
 
 
 def rollout_values(critic: ValueModel, rollout: Rollout) -> torch.Tensor:
@@ -175,6 +189,7 @@ def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group
         ref_logprobs=g(ev.ref_logprobs, 0.0),
         values=g(ev.values, 0.0) if ev.values is not None else None,
         greedy_scores=g(ev.greedy_scores, 0.0) if ev.greedy_scores is not None else None,
+        entropy=g(ev.entropy, 0.0) if ev.entropy is not None else None,
     )
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from chatrlhf import distributed as dist
 from chatrlhf.engine.factory import build_engine
+from chatrlhf.eval.report import write_report
 from chatrlhf.train.outputs import Stopwatch, save_trained, write_summary
 from chatrlhf.train.resume import checkpoint_if_due, open_loop
 
@@ -54,6 +55,9 @@ class SupervisedTask(Generic[T]):
     """Metrics shown on the progress bar."""
     done: Callable[[dict], str]
     """The closing message from the summary."""
+    finish: Callable[[nn.Module, Path], None] | None = None
+    """Called on every rank after the final evaluation with the model and the run directory, to write what the
+    stage leaves beside its summary (the reward model's held-out scores); the main rank writes."""
 
 
 def train_supervised(cfg, out: Path, task: SupervisedTask, model: nn.Module, tok, clock: Stopwatch) -> dict:
@@ -101,10 +105,14 @@ def train_supervised(cfg, out: Path, task: SupervisedTask, model: nn.Module, tok
         final = task.evaluate(engine.model)
         summary.update(final)
         log.log(step, final)
+        if task.finish is not None:
+            task.finish(engine.model, out)
     log.close()
     save_trained(engine, tok, out)
     summary["time/total_s"] = clock.elapsed()
     write_summary(out / "summary.json", summary)
+    if dist.is_main():
+        write_report(out)
     print(f"{task.name}: done in {summary['time/total_s']:.1f}s; {task.done(summary)}")
     return summary
 

@@ -46,8 +46,8 @@ STEPS = {"sft": 16, "reward": 12, "dpo": 12, "rl": 12}
 
 def stage_args(stage: str, out: Path, base: Path) -> list[str]:
     """A small run of `stage` in `out`: SFT crosses an epoch boundary with gradient accumulation; RL is PPO with
-    a critic, sampling, mini-batches, an adaptive KL coefficient and an EMA actor, so every piece of driver state
-    that a checkpoint carries is exercised."""
+    a critic, sampling, mini-batches, an adaptive KL coefficient, an EMA actor, a held-out evaluation with a judge
+    every 3 iterations and the doctor, so every piece of driver state that a checkpoint carries is exercised."""
     if stage == "sft":
         return ["sft", "--model", TINY, "--output_dir", str(out), *SUPERVISED, "--train.grad_accum", "2",
                 "--train.epochs", "2"]  # fmt: skip  # 61 train records / 4 per micro-batch / 2 → 8 steps per epoch
@@ -59,7 +59,8 @@ def stage_args(stage: str, out: Path, base: Path) -> list[str]:
                 "--train.rollout_batch_size", "4", "--train.ppo.mini_batch_size", "2", "--train.max_prompt_len", "64",
                 "--train.generation.max_new_tokens", "8", "--train.actor_optim.lr", "1e-3",
                 "--train.critic_optim.lr", "1e-3", "--train.ppo.kl_target", "0.5", "--train.ema", "True",
-                "--train.ema_decay", "0.9"]  # fmt: skip
+                "--train.ema_decay", "0.9", "--train.eval_every", "3", "--train.eval_prompts", "4",
+                "--judge", "chatrlhf.demo.task:judge"]  # fmt: skip
     assert stage == "pipeline"
     return ["pipeline", "--model", TINY, "--run_dir", str(out), "--data.paths", "demo:pairs:200:0",
             "--sft.max_steps", "8", "--sft.batch_size", "4", "--sft.max_seq_len", "128",
@@ -196,6 +197,10 @@ def assert_same_results(reference: Path, resumed: Path) -> None:
     for rel in sorted(p.relative_to(reference) for p in reference.rglob("summary.json")):
         want = without_noise(json.loads((reference / rel).read_text()))
         assert without_noise(json.loads((resumed / rel).read_text())) == want, rel
+    # the RL held-out samples and the doctor's findings, and the reward model's held-out scores
+    for name in ("samples.jsonl", "doctor.json", "eval_scores.jsonl"):
+        for rel in sorted(p.relative_to(reference) for p in reference.rglob(name)):
+            assert (resumed / rel).read_text() == (reference / rel).read_text(), rel
     weights = sorted(p.relative_to(reference) for p in reference.rglob("*.safetensors"))
     assert weights == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors"))
     for rel in weights:
