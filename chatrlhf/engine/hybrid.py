@@ -19,6 +19,7 @@ wakes the colocated vLLM engine, loads those weights into it in place and checks
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
@@ -47,6 +48,9 @@ class HybridEngine:
         self.generation = generation
         self.rollout_engine = rollout_engine
         self._generator: Generator | None = None
+        self.setup_s = 0.0
+        """Seconds the last `generation_mode()` took to get ready: LoRA merge, ZeRO-3 gather, and for vLLM the
+        wake-up and the weight sync (`time/sync_s`)."""
 
     @property
     def backend(self) -> str:
@@ -61,6 +65,7 @@ class HybridEngine:
         model.eval()
         model.config.use_cache = True
         torch.set_grad_enabled(False)
+        started = time.perf_counter()
         try:
             with ExitStack() as stack:
                 if is_lora(model):
@@ -74,6 +79,7 @@ class HybridEngine:
                     stack.enter_context(self.rollout_engine.awake())
                     self.rollout_engine.sync(plain_state_dict(weights), reference=weights)
                     self._generator = self.rollout_engine
+                self.setup_s = time.perf_counter() - started
                 yield self
         finally:
             self._generator = None

@@ -71,9 +71,11 @@ from chatrlhf.train.stage import run_stage
 
 @torch.no_grad()
 def evaluate_rollout(
-    m: Models, rollout: Rollout, batch: list[Prompt], algo: Algorithm, train: RLTrainConfig
+    m: Models, rollout: Rollout, batch: list[Prompt], algo: Algorithm, train: RLTrainConfig, times: dict[str, float]
 ) -> Evaluated:
-    """3–4. Rewards, then one no-grad forward per model (and ReMax's greedy baseline)."""
+    """3–4. Rewards (and ReMax's greedy baseline), then one no-grad forward per model; the seconds of each part
+    go into `times` (`score`, `forward`)."""
+    started = time.perf_counter()
     greedy_scores = None
     device = rollout.response.device
     if algo.needs_greedy:
@@ -83,15 +85,18 @@ def evaluate_rollout(
             greedy_scores = score_rollout(m.scorer, greedy, m.tok).total
     with m.resident(m.scorer.modules()):
         scores = score_rollout(m.scorer, rollout, m.tok)
+    scored = time.perf_counter()
     with m.resident([m.reference]):
         ref_logprobs = rollout_logprobs(m.reference, rollout)
     old_logprobs, entropy = rollout_logprobs_and_entropy(m.actor_engine.module, rollout)
+    values = rollout_values(m.critic_engine.module, rollout) if m.critic_engine else None
+    times.update(score=scored - started, forward=time.perf_counter() - scored)
     return Evaluated(
         scores=scores,
         old_logprobs=old_logprobs,
         entropy=entropy,
         ref_logprobs=ref_logprobs,
-        values=rollout_values(m.critic_engine.module, rollout) if m.critic_engine else None,
+        values=values,
         greedy_scores=greedy_scores,
     )
 
@@ -394,7 +399,10 @@ def iteration(
     logprobs = train.ppo.tis_cap is not None or m.actor.backend != "hf"  # vLLM's log-probs cost nothing
     rollout = generate_rollout(m.actor, mine, train.group_size, tok, m.device, logprobs=logprobs, width=width)  # 2
     generated = time.time()
-    ev = evaluate_rollout(m, rollout, mine, algo, train)  # 3–4
+    sync_s = m.actor.setup_s
+    times: dict[str, float] = {}
+    ev = evaluate_rollout(m, rollout, mine, algo, train, times)  # 3–4
+    evaluated = time.time()
     rollout, ev = gather_rollout(rollout, ev, batch, train.group_size, tok.pad_token_id)
     inputs = AdvantageInputs(
         scores=ev.scores.total,
@@ -406,7 +414,6 @@ def iteration(
         greedy_scores=ev.greedy_scores,
     )
     adv = algo.advantages(inputs, train)  # 5–6
-    scored = time.time()
     metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id)
     check_rollout_freshness(metrics, train.rollout.max_logprob_diff, it)
     bad_before = sum(e.bad_steps for e in m.engines)
@@ -423,7 +430,13 @@ def iteration(
     if ppo.kl_target is not None:
         state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["kl/mean"], ppo.kl_target, ppo.kl_horizon, len(batch))
     metrics.update(
-        {"time/generate_s": generated - started, "time/score_s": scored - generated, "time/train_s": trained - scored}
+        {
+            "time/generate_s": generated - started,
+            "time/sync_s": sync_s,
+            "time/score_s": times["score"],
+            "time/forward_s": times["forward"],
+            "time/train_s": trained - evaluated,
+        }
     )
     metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (trained - started)
     check_finite(metrics, it, skipped_step=sum(e.bad_steps for e in m.engines) > bad_before)
