@@ -424,55 +424,41 @@ def _bound_rule(points: Points, bound: float, c: DoctorConfig) -> tuple[Points, 
     return (recent, m) if m >= bound else None
 
 
-def check_kl_blowup(h: History, c: DoctorConfig) -> Fired | None:
-    """Mean `kl/mean` over the recent window ≥ kl_max."""
-    r = _bound_rule(h.get(KL), c.kl_max, c)
+def _bound_finding(h: History, key: str, bound: float, c: DoctorConfig, shown: list[str], say) -> Fired | None:
+    """A finding when the recent window's mean of `key` is at least `bound`; `say(mean, first, last)` words it."""
+    r = _bound_rule(h.get(key), bound, c)
     if r is None:
         return None
     recent, m = r
-    return Fired(
-        recent[0][0],
-        recent[-1][0],
-        f"kl_blowup: KL to the reference averaged {m:.2f} nats per response over iterations {recent[0][0]}–"
-        f"{recent[-1][0]} (bound {c.kl_max:g}): the policy is running away from the reference",
-        [KL],
-        {"recent_mean": m, "bound": c.kl_max},
-        [_span(recent)],
-    )
+    first, last = recent[0][0], recent[-1][0]
+    return Fired(first, last, say(m, first, last), shown, {"recent_mean": m, "bound": bound}, [_span(recent)])
+
+
+def check_kl_blowup(h: History, c: DoctorConfig) -> Fired | None:
+    """Mean `kl/mean` over the recent window ≥ kl_max."""
+    return _bound_finding(
+        h, KL, c.kl_max, c, [KL],
+        lambda m, a, b: f"kl_blowup: KL to the reference averaged {m:.2f} nats per response over iterations {a}–{b} "
+        f"(bound {c.kl_max:g}): the policy is running away from the reference",
+    )  # fmt: skip
 
 
 def check_clipfrac_high(h: History, c: DoctorConfig) -> Fired | None:
     """Mean `policy/clipfrac` over the recent window ≥ clipfrac_max."""
-    r = _bound_rule(h.get(CLIPFRAC), c.clipfrac_max, c)
-    if r is None:
-        return None
-    recent, m = r
-    return Fired(
-        recent[0][0],
-        recent[-1][0],
-        f"clipfrac_high: the policy clip fraction averaged {m:.3f} over iterations {recent[0][0]}–{recent[-1][0]} "
+    return _bound_finding(
+        h, CLIPFRAC, c.clipfrac_max, c, [CLIPFRAC],
+        lambda m, a, b: f"clipfrac_high: the policy clip fraction averaged {m:.3f} over iterations {a}–{b} "
         f"(bound {c.clipfrac_max:g}): each rollout is overtrained",
-        [CLIPFRAC],
-        {"recent_mean": m, "bound": c.clipfrac_max},
-        [_span(recent)],
-    )
+    )  # fmt: skip
 
 
 def check_approx_kl_high(h: History, c: DoctorConfig) -> Fired | None:
     """Mean `policy/approx_kl` over the recent window ≥ approx_kl_max."""
-    r = _bound_rule(h.get(APPROX_KL), c.approx_kl_max, c)
-    if r is None:
-        return None
-    recent, m = r
-    return Fired(
-        recent[0][0],
-        recent[-1][0],
-        f"approx_kl_high: the policy moved {m:.4f} nats/token (approx. KL) within each update over iterations "
-        f"{recent[0][0]}–{recent[-1][0]} (bound {c.approx_kl_max:g}): the updates are too large",
-        [APPROX_KL, CLIPFRAC],
-        {"recent_mean": m, "bound": c.approx_kl_max},
-        [_span(recent)],
-    )
+    return _bound_finding(
+        h, APPROX_KL, c.approx_kl_max, c, [APPROX_KL, CLIPFRAC],
+        lambda m, a, b: f"approx_kl_high: the policy moved {m:.4f} nats/token (approx. KL) within each update over "
+        f"iterations {a}–{b} (bound {c.approx_kl_max:g}): the updates are too large",
+    )  # fmt: skip
 
 
 def check_value_loss_rising(h: History, c: DoctorConfig) -> Fired | None:

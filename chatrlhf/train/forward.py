@@ -63,14 +63,7 @@ def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, response_mas
     first = int(response_mask.float().argmax(dim=1).min())  # the earliest response token of the batch
     if first == 0:
         raise ValueError("a response starts at position 0: no prompt token precedes it to predict it")
-    width = ids.shape[1] - first
-    logits = model(
-        input_ids=ids,
-        attention_mask=attn,
-        position_ids=position_ids(attn),
-        use_cache=False,
-        logits_to_keep=width + 1,
-    ).logits[:, :-1]
+    logits = _response_logits(model, ids, attn, ids.shape[1] - first)
     # logits[:, j] sit at position first − 1 + j and predict token first + j
     logp = token_logprobs(logits, ids[:, first:])
     return masked_sum(logp, response_mask[:, first:].float(), dim=1)
