@@ -15,6 +15,7 @@ columns: the cache is as trusted as the Python environment that wrote it.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import xxhash
+
+from chatrlhf.errors import UserError
 
 CACHE_SUBDIR = "chatrlhf"
 """The folder of chatrlhf's entries inside the `datasets` cache."""
@@ -54,6 +57,25 @@ class Prep:
         import datasets
 
         return Path(datasets.config.HF_DATASETS_CACHE) / CACHE_SUBDIR
+
+    def folder(self, name: str) -> Path:
+        """The cache's subfolder `name`, created if need be."""
+        path = self.root() / name
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self.unwritable(e) from None
+        return path
+
+    def unwritable(self, e: OSError) -> UserError:
+        """The error for a cache that cannot be written (a file in the way, no permission, a full disk)."""
+        where = f"data.cache_dir={self.cache_dir}" if self.cache_dir else f"the data cache {self.root()}"
+        fix = "choose a writable folder with data.cache_dir" if not self.cache_dir else "choose a writable folder"
+        return UserError(f"{where}: cannot write prepared data there ({e.strerror or e}); {fix}")
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+"""The errors of a write that say the cache cannot be written (rather than a bug): full, not permitted, read-only."""
 
 
 def digest(*parts: str | bytes) -> str:
@@ -150,21 +172,25 @@ def cached_map(dataset, function, key: str, prep: Prep, desc: str, features):
     """`dataset.map(function)` in batches of Arrow tables with indices, its output cached under `key`: the files
     `maps/KEY.arrow` (or one per process) in the cache. A second call with the same key reads them back. With
     `prep.num_proc` > 1 the records are shared out among that many processes, at most one per batch."""
-    path = prep.root() / "maps" / f"{key}.arrow"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = prep.folder("maps") / f"{key}.arrow"
     num_proc = min(prep.num_proc, -(-len(dataset) // BATCH))
-    with progress(len(dataset)):
-        return dataset.with_format("arrow").map(
-            function,
-            with_indices=True,
-            batched=True,
-            batch_size=BATCH,
-            writer_batch_size=BATCH,
-            num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=dataset.column_names,
-            features=features,
-            cache_file_name=str(path),
-            new_fingerprint=key,
-            load_from_cache_file=True,
-            desc=desc,
-        )
+    try:
+        with progress(len(dataset)):
+            return dataset.with_format("arrow").map(
+                function,
+                with_indices=True,
+                batched=True,
+                batch_size=BATCH,
+                writer_batch_size=BATCH,
+                num_proc=num_proc if num_proc > 1 else None,
+                remove_columns=dataset.column_names,
+                features=features,
+                cache_file_name=str(path),
+                new_fingerprint=key,
+                load_from_cache_file=True,
+                desc=desc,
+            )
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise prep.unwritable(e) from None
+        raise

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from chatrlhf.data.cache import BATCH, Prep, code_digest, digest, written
+from chatrlhf.data.cache import BATCH, WRITE_ERRNOS, Prep, code_digest, digest, written
 from chatrlhf.data.formats import FORMATS, detect_columns, tree_record
 from chatrlhf.data.hub import is_hub_spec, load_hub
 from chatrlhf.data.raw import NATIVE_FORMAT, RawRecord
@@ -39,7 +39,7 @@ __all__ = ["SUPPORTED", "RawRecord", "Source", "load_source", "read_source"]
 
 SUPPORTED = ".jsonl, .json, .parquet, .csv, or a directory written by datasets' save_to_disk"
 
-CHUNK = 1 << 24
+CHUNK = 1 << 20
 """Bytes read at a time when a file is checked and hashed."""
 TEXT_BATCH_BYTES = 1 << 26
 """A record batch of JSON text is written once it holds this much, even before BATCH records."""
@@ -193,16 +193,21 @@ def _cached_file(spec: str, path: Path, suffix: str, prep: Prep) -> tuple[Source
     import datasets
 
     key = digest("source", suffix, _content_digest(spec, path), code_digest())
-    entry = prep.root() / "sources" / key
+    entry = prep.folder("sources") / key
     if not (entry / "meta.json").is_file():
-        if suffix == ".parquet":
-            meta = _copy_parquet(spec, path, entry / "rows.arrow")
-        else:
-            _check_text(spec, path)
-            readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
-            meta = _write_text_rows(entry / "rows.arrow", *readers[suffix](spec, path))
-        with written(entry / "meta.json") as tmp:
-            tmp.write_text(json.dumps(meta))
+        try:
+            if suffix == ".parquet":
+                meta = _copy_parquet(spec, path, entry / "rows.arrow")
+            else:
+                _check_text(spec, path)
+                readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows}
+                meta = _write_text_rows(entry / "rows.arrow", *readers[suffix](spec, path))
+            with written(entry / "meta.json") as tmp:
+                tmp.write_text(json.dumps(meta))
+        except OSError as e:
+            if e.errno in WRITE_ERRNOS:
+                raise prep.unwritable(e) from None
+            raise
     meta = json.loads((entry / "meta.json").read_text())
     rows = datasets.Dataset.from_file(str(entry / "rows.arrow"))
     if meta["position"] is None:
@@ -266,6 +271,8 @@ def _copy_parquet(spec: str, path: Path, out: Path) -> dict:
                 for batch in parquet.iter_batches(batch_size=BATCH):
                     writer.write_batch(batch)
     except (pa.ArrowException, OSError) as e:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise  # writing the copy failed, not reading the file
         raise DataError(spec, None, None, f"not a readable Parquet file: {e}") from None
     return {"position": None}
 

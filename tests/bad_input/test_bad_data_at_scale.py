@@ -41,3 +41,15 @@ def test_a_file_fixed_after_a_failed_run_is_read_again(tmp_path, sft, fail):
     assert re.search(r"data\.jsonl:line 2: field 'response'", fail(sft(data)))
     jsonl(data, [GOOD, GOOD, BAD])  # the same path and size, other bytes
     assert re.search(r"data\.jsonl:line 3: field 'response'", fail(sft(data)))
+
+
+def test_a_cache_folder_that_cannot_be_written(tmp_path, sft, fail):
+    data = jsonl(tmp_path / "data.jsonl", [GOOD] * 4)
+    in_the_way = tmp_path / "cache"
+    in_the_way.write_text("a file, not a folder")
+    err = fail(sft(data, "--data.cache_dir", str(in_the_way)))
+    assert re.search(
+        rf"data\.cache_dir={re.escape(str(in_the_way))}: cannot write prepared data there \(.*\); choose a writable "
+        "folder",
+        err,
+    ), err

@@ -101,8 +101,8 @@ def test_oasst_trees_from_json_lines_are_the_parquet_trees(tmp_path, prep):
 
 
 def test_the_first_invalid_record_by_file_is_named_and_the_others_counted(tmp_path, prep):
-    a = write_jsonl([*pairs(3), {"prompt": "p"}, *pairs(2), {"prompt": "p", "chosen": "x", "rejected": "x"}],
-                    tmp_path / "a.jsonl")  # fmt: skip
+    same = {"prompt": "p", "chosen": "x", "rejected": "x"}
+    a = write_jsonl([*pairs(3), {"prompt": "p"}, *pairs(2), same], tmp_path / "a.jsonl")
     b = write_jsonl([{"chosen": "c"}, *pairs(5)], tmp_path / "b.jsonl")
     rows = load_raw([str(b), str(a)], None, seed=0, workdir=tmp_path, prep=prep)
     with pytest.raises(DataError) as info:
@@ -125,9 +125,8 @@ def test_an_up_sampled_invalid_record_is_counted_each_time_it_is_drawn(tmp_path,
 
 
 def test_encoding_errors_name_the_first_record_of_the_file(tmp_path, prep):
-    rows = [*pairs(3), {"prompt": "p" * 80, "chosen": "a", "rejected": "b"}, *pairs(3), {"prompt": "q" * 90,
-            "chosen": "a", "rejected": "b"}]  # fmt: skip
-    data = write_jsonl(rows, tmp_path / "d.jsonl")
+    long = [{"prompt": c * 90, "chosen": "a", "rejected": "b"} for c in "pq"]
+    data = write_jsonl([*pairs(3), long[0], *pairs(3), long[1]], tmp_path / "d.jsonl")
     records, _ = validate_rows(load_raw([str(data)], None, 9, tmp_path, prep=prep), to_pair)
     with pytest.raises(DataError) as info:
         encode_all(records, encode_pair, byte_tokenizer(), max_len=64)
@@ -238,8 +237,14 @@ def test_items_index_like_a_list(tmp_path, prep):
         '\u00a0[{"a": 1}]',
         '[\n  {"a": 1},\n  {"a": [1, {"b": "c"}]\n]',
     ],
-    ids=["missing comma", "trailing comma", "extra data", "syntax error after a non-object", "non-JSON space",
-         "unclosed"],  # fmt: skip
+    ids=[
+        "missing comma",
+        "trailing comma",
+        "extra data",
+        "syntax error after a non-object",
+        "non-JSON space",
+        "unclosed",
+    ],
 )
 def test_json_array_syntax_errors_are_those_of_json_loads(tmp_path, prep, text):
     path = tmp_path / "d.json"
