@@ -747,7 +747,8 @@ class EvaluateConfig(BackendOptions):
     """Judge functions `module:function(prompt, response, **fields) -> float`; each scores every response."""
     verifiers: list[str] = field(default_factory=list)
     """Verifiable reward functions `module:function(prompt, response, **fields) -> float`: a response passes when
-    its score is >= `pass_threshold`; pass@k is reported for each k in `pass_at` (and the mean score, as a judge's)."""
+    its score is >= `pass_threshold`; pass@k is reported for each k in `pass_at` (and the mean score, as a judge's).
+    A function may be both a judge and a verifier."""
     pass_threshold: float = 1.0
     """The score at which a verifier passes a response."""
     pass_at: list[int] = field(default_factory=lambda: [1])
@@ -788,6 +789,11 @@ class EvaluateConfig(BackendOptions):
             raise ConfigError(f"names has {len(self.names)} values for {len(self.models)} models; give one per model")
         if len(set(self.names)) != len(self.names):
             raise ConfigError(f"names must differ from each other, got {self.names}")
+        for name in ("judges", "verifiers"):
+            given = getattr(self, name)
+            twice = sorted({f for f in given if given.count(f) > 1})
+            if twice:
+                raise ConfigError(f"{name} names {', '.join(twice)} more than once")
         if (self.judges or self.verifiers) and not side_by_side:
             raise ConfigError("judges and verifiers score side-by-side responses: give models and prompts too")
         if self.pairs and not self.reward_model:
