@@ -161,18 +161,18 @@ def _exception(e: Exception) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def load_function(spec: str) -> Callable:
-    """`package.module:function` → the function."""
+def load_function(spec: str, role: str = "reward function") -> Callable:
+    """`package.module:function` → the function (`role` names it in messages: a reward function, a judge, ...)."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise UserError(f"reward function '{spec}': expected module:function")
+        raise UserError(f"{role} '{spec}': expected module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"reward function '{spec}': cannot import: {e}") from None
+        raise UserError(f"{role} '{spec}': cannot import: {e}") from None
     if not callable(fn):
         raise UserError(
-            f"reward function '{spec}': '{name}' is not callable (found {type(fn).__name__}); expected a function "
+            f"{role} '{spec}': '{name}' is not callable (found {type(fn).__name__}); expected a function "
             "f(prompt, response, **fields) -> float"
         )
     return fn

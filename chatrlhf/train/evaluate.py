@@ -18,6 +18,7 @@ self-contained page); the tables are printed.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def side_by_side(
         keys[: len(judge_names)] = judge_names
     key = dict(zip(specs, keys))
     roles = {spec: "judge" if spec in cfg.judges else "verifier" for spec in specs}
-    scorers = [FunctionReward(load_function(spec), key[spec], spec, roles[spec]) for spec in specs]
+    scorers = [FunctionReward(load_function(spec, roles[spec]), key[spec], spec, roles[spec]) for spec in specs]
     reward_models: list[tuple] = []  # (tokenizer, source): one reward-model source per vocabulary
     samples: dict[str, ModelSamples] = {}
     for name, path in zip(names, cfg.models):
@@ -178,6 +179,16 @@ def run_eval(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     clock = Stopwatch()
     out = output_directory(cfg)
+    created = not out.exists()
+    try:
+        return _run_eval(cfg, out, clock)
+    except BaseException:
+        if created:  # a failed evaluation leaves nothing behind (generated prompt files included)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_eval(cfg: EvaluateConfig, out: Path, clock: Stopwatch) -> dict:
     for path in [*cfg.models, *([cfg.reward_model] if cfg.reward_model else [])]:
         if not Path(path).is_dir():
             raise UserError(f"model '{path}': not a directory (give a model directory written by chatrlhf)")
