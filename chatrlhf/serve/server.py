@@ -97,23 +97,12 @@ async def stream(batcher: Batcher, job: api.Job, reply: api.Reply) -> AsyncItera
     yield api.sse("[DONE]")
 
 
-def build_app(opened: Opened, name: str, api_key: str, cfg: ServeConfig):
-    """The FastAPI application serving `opened` as model `name`."""
-    served = api.Served(name, opened.tokenizer, opened.context, cfg.max_n)
-    batcher = Batcher(opened.generator, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
-    created = int(time.time())
+def error(e: api.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
-    @asynccontextmanager
-    async def lifespan(app):
-        batcher.start()
-        yield
-        batcher.close()  # after uvicorn has finished the requests in flight
 
-    app = FastAPI(title="chatrlhf serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
-
-    def error(e: api.ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+def errors_in_openai_shape(app: FastAPI) -> None:
+    """Every error the app answers — ours, routing's (404, 405), anything unexpected (500) — in OpenAI's shape."""
 
     @app.exception_handler(api.ApiError)
     async def api_error(request: Request, e: api.ApiError):
@@ -131,9 +120,13 @@ def build_app(opened: Opened, name: str, api_key: str, cfg: ServeConfig):
     async def server_error(request: Request, e: Exception):
         return error(api.ApiError(500, f"{type(e).__name__}: {e}", kind="server_error"))
 
+
+def require_api_key(app: FastAPI, api_key: str) -> None:
+    """`Authorization: Bearer KEY` on every /v1/ request (compared in constant time); /health stays open."""
+
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
             if not given.startswith("Bearer "):
                 message = "You didn't provide an API key: send the header 'Authorization: Bearer KEY'."
@@ -141,6 +134,26 @@ def build_app(opened: Opened, name: str, api_key: str, cfg: ServeConfig):
             if not hmac.compare_digest(given[len("Bearer ") :].encode(), api_key.encode()):
                 return error(api.ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
         return await call_next(request)
+
+
+def build_app(opened: Opened, name: str, api_key: str, cfg: ServeConfig):
+    """The FastAPI application serving `opened` as model `name`."""
+    served = api.Served(name, opened.tokenizer, opened.context, cfg.max_n)
+    batcher = Batcher(opened.generator, cfg.max_batch_size, cfg.batch_wait_ms / 1000)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.close()  # after uvicorn has finished the requests in flight
+
+    app = FastAPI(title="chatrlhf serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+
+    errors_in_openai_shape(app)
+    if api_key:
+        require_api_key(app, api_key)
 
     @app.get("/health")
     async def health():
