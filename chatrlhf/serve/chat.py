@@ -141,6 +141,8 @@ class Chat:
             self.say("\n(interrupted; this turn is forgotten)")
             return
         self.say()
+        if not done.text.strip():
+            self.say("(an empty reply: the model ended its turn at once)")
         if done.finish_reason == "length":
             self.say(f"(cut at {len(done.tokens)} tokens: /set max_new_tokens for longer replies)")
         self.conversation.turns += [
