@@ -46,7 +46,8 @@ def send(child: pexpect.spawn, line: str) -> str:
 
 
 def reply(out: str) -> str:
-    return out.split("model> ", 1)[1].rstrip("\n")
+    """The reply's text (one line for these models; the chat's notes follow on their own lines)."""
+    return out.split("model> ", 1)[1].split("\n", 1)[0]
 
 
 @pytest.fixture(scope="module")
