@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed requests per client before the timed ones")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=32, help="the server's --max_batch_size")
-    p.add_argument("--threads", type=int, default=0, help="the server's --run.threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="hf only: the server's --run.threads (0: torch's default)")
     p.add_argument("--workdir", type=Path, help="default: a new temporary directory")
     p.add_argument("--json", type=Path, help="default: WORKDIR/serve_load.json")
     return p.parse_args(argv)
@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         "workdir": str(workdir), "json": None}, "backends": {}}  # fmt: skip
     for backend in args.backends:
         cmd = [sys.executable, "-m", "chatrlhf", "serve", model, "--backend", backend, "--port", "0",
-               "--max_batch_size", str(args.max_batch_size), "--run.threads", str(args.threads),
-               "--cpu_kv_cache_gib", "1"]  # fmt: skip
+               "--max_batch_size", str(args.max_batch_size), "--cpu_kv_cache_gib", "1"]  # fmt: skip
+        if backend == "hf" and args.threads:
+            cmd += ["--run.threads", str(args.threads)]
         print(f"{backend}: {' '.join(cmd)}", flush=True)
         server = Server(cmd, env)
         try:

@@ -632,7 +632,8 @@ class RunOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the models are loaded in (float16 is refused on the CPU, where sampling in it fails)."""
     threads: int = 0
-    """torch intra-op threads on CPU; 0 keeps torch's default (one per core)."""
+    """torch intra-op threads on CPU; 0 keeps torch's default (one per core). Backend hf only: vLLM's CPU build
+    sets its own (VLLM_CPU_OMP_THREADS_BIND, or OMP_NUM_THREADS)."""
 
 
 @dataclass
@@ -862,6 +863,13 @@ def _validate_backend(o: BackendOptions) -> None:
         raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {o.gpu_memory_utilization}")
     if o.run.threads < 0:
         raise ConfigError(f"run.threads must be >= 0 (0 = torch's default), got {o.run.threads}")
+    if o.backend == "vllm" and o.run.threads:
+        # vLLM's CPU build sizes its attention for the threads it sets itself at start; another count set around
+        # it makes its kernels fail (thread_num mismatch)
+        raise ConfigError(
+            f"run.threads={o.run.threads} applies to backend hf; vLLM's CPU build sets its own threads "
+            "(VLLM_CPU_OMP_THREADS_BIND, or OMP_NUM_THREADS): leave run.threads at 0 with backend vllm"
+        )
 
 
 def _validate_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int, prefix: str) -> None:

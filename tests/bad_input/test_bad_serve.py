@@ -56,8 +56,9 @@ def test_bad_chat(flags, message, fail, tiny_dirs, tmp_path):
         (["--host", ""], "host is empty"),
         (["--host", "no.such.host.invalid"], "cannot listen on no.such.host.invalid:8000: Name or service not known"),
         (["--cpu_kv_cache_gib", "0"], "cpu_kv_cache_gib must be > 0, got 0.0"),
+        (["--backend", "vllm", "--run.threads", "1"], "run.threads=1 applies to backend hf"),
     ],
-    ids=["port", "batch size", "batch wait", "empty host", "unknown host", "kv cache"],
+    ids=["port", "batch size", "batch wait", "empty host", "unknown host", "kv cache", "vllm threads"],
 )
 def test_bad_serve(flags, message, fail, tiny_dirs):
     assert message in fail(["serve", str(tiny_dirs["llama"]), *flags])
