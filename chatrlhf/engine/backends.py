@@ -31,6 +31,13 @@ class Opened:
     context: int
     """Most tokens (prompt + response) a request may hold."""
 
+    def close(self) -> None:
+        """Release the engine: a vLLM engine shuts down (`VLLMGenerator.close`) so that another may start; a model
+        loaded for `hf` is freed with this object."""
+        close = getattr(self.generator, "close", None)
+        if close is not None:
+            close()
+
 
 def model_context(path: str, asked: int) -> int:
     """The context length to serve `path` with: `asked` (0 = the model's own), never more than the model's."""

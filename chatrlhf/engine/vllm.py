@@ -138,6 +138,16 @@ class VLLMGenerator:
         if self.sleeps:
             self.llm.sleep(level=1)
 
+    def close(self) -> None:
+        """Shut the engine down and release what it holds — its memory, and the process group vLLM created in this
+        process (which would otherwise outlive it) — so that another engine can start here (`chatrlhf eval` runs
+        one model after another). For the commands that only generate: a trainer's own process group would go too."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        cleanup_dist_env_and_memory()
+
     @contextmanager
     def awake(self) -> Iterator[VLLMGenerator]:
         """The engine's memory is taken back for the block (GPU sleep mode) and released again after it."""

@@ -117,6 +117,7 @@ def side_by_side(
             extras=extras,
             device=device,
         )
+        opened.close()  # one model at a time: a vLLM engine's memory goes before the next model's engine starts
     verifiers = {key[spec]: cfg.pass_threshold for spec in cfg.verifiers}
     report = compare_models(samples, verifiers, cfg.pass_at)
     report.update(prompts=len(records), samples_per_prompt=cfg.samples_per_prompt)

@@ -209,7 +209,10 @@ def vllm(sft_llama):
 
     tok = load_tokenizer(str(sft_llama))
     rollout = RolloutConfig(backend="vllm", cpu_kv_cache_gib=0.25)
-    return VLLMGenerator(str(sft_llama), tok, GenerationConfig(max_new_tokens=24), rollout, "float32", 128, CPU)
+    gen = VLLMGenerator(str(sft_llama), tok, GenerationConfig(max_new_tokens=24), rollout, "float32", 128, CPU)
+    yield gen
+    gen.close()  # the engine's process group would otherwise outlive the module (and later in-process runs)
+    assert not torch.distributed.is_initialized()
 
 
 def test_vllm_greedy_completions_are_hfs(hf, vllm):

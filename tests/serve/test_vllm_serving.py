@@ -8,6 +8,7 @@ Needs vLLM (the CPU build); CI sets CHATRLHF_REQUIRE_VLLM=1 so that these fail t
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -113,3 +114,21 @@ def test_a_chatrlhf_model_directory_serves_under_vllms_own_server(sft_llama, exp
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_eval_with_the_vllm_backend_gives_the_hf_backends_greedy_answers(sft_llama, tmp_path):
+    """`chatrlhf eval --backend vllm` with two models (two vLLM engines, one after the other in one process) answers
+    as `--backend hf` does when decoding greedily."""
+    texts = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / backend
+        args = ["-m", "chatrlhf", "eval", "--backend", backend, "--cpu_kv_cache_gib", "0.25",
+                "--models", str(sft_llama), str(sft_llama), "--names", "a", "b", "--prompts", "demo:prompts:6:3",
+                "--samples_per_prompt", "1", "--generation.do_sample", "False", "--generation.max_new_tokens", "24",
+                "--judges", "chatrlhf.demo.task:judge", "--output_dir", str(out)]  # fmt: skip
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env(), cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        texts[backend] = [(r["a"], r["b"], r["scores"]["a"]["judge"]) for r in rows]
+    assert texts["vllm"] == texts["hf"] and len(texts["hf"]) == 6
+    assert all(a == b for a, b, _ in texts["hf"]) and len({a for a, _, _ in texts["hf"]}) > 1
