@@ -1,8 +1,8 @@
-"""`chatrlhf sft | reward | rl | dpo | pipeline | report`.
+"""`chatrlhf sft | reward | rl | dpo | pipeline | eval | chat | serve | report`.
 
-Each stage takes its typed config (chatrlhf/config.py): defaults, then `--recipe FILE.yaml`, then flags such as
-`--train.optim.lr 1e-5` (run `chatrlhf STAGE --help` for every field). User errors print one message and exit 2;
-a numerical failure (NaN/inf) exits 3.
+Each command takes its typed config (chatrlhf/config.py): defaults, then `--recipe FILE.yaml`, then flags such as
+`--train.optim.lr 1e-5` (run `chatrlhf COMMAND --help` for every field); `chat` and `serve` take the model
+directory as their first argument. User errors print one message and exit 2; a numerical failure (NaN/inf) exits 3.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 
 from chatrlhf.errors import UserError
 
-USAGE = """usage: chatrlhf {sft,reward,rl,dpo,pipeline} [--recipe FILE.yaml] [--FIELD VALUE ...]
+USAGE = """usage: chatrlhf {sft,reward,rl,dpo,pipeline,eval} [--recipe FILE.yaml] [--FIELD VALUE ...]
+       chatrlhf {chat,serve} MODEL_DIR [--FIELD VALUE ...]
        chatrlhf report RUN_DIR
 
   sft        step 1: supervised fine-tuning on prompt/response records
@@ -22,9 +23,12 @@ USAGE = """usage: chatrlhf {sft,reward,rl,dpo,pipeline} [--recipe FILE.yaml] [--
   rl         step 3: RLHF with PPO (actor, critic, reference, reward model)
   dpo        DPO on prompt/chosen/rejected pairs: steps 2+3 in one, without a reward model
   pipeline   steps 1-3 (or SFT then DPO: --method dpo), then SFT vs the result on held-out prompts
+  eval       perplexity, reward-model accuracy, and models side by side (scores, win rates, pass@k)
+  chat       talk to a model in the terminal, replies streamed as they are generated
+  serve      an OpenAI-compatible HTTP server for a model (/v1/chat/completions, /v1/completions)
   report     rebuild RUN_DIR/report.html and its plots from a run's files (finished, running or resumed)
 
-`chatrlhf STAGE --help` lists every option with its default and meaning."""
+`chatrlhf COMMAND --help` lists every option with its default and meaning."""
 
 
 # stage → (config class name in chatrlhf.config, driver module, driver function); drivers are imported only when
@@ -35,7 +39,13 @@ STAGES = {
     "rl": ("RLConfig", "chatrlhf.train.rl", "run_rl"),
     "dpo": ("DPOConfig", "chatrlhf.train.dpo", "run_dpo"),
     "pipeline": ("PipelineConfig", "chatrlhf.train.pipeline", "run_pipeline"),
+    "eval": ("EvaluateConfig", "chatrlhf.train.evaluate", "run_eval"),
+    "chat": ("ChatConfig", "chatrlhf.serve.chat", "run_chat"),
+    "serve": ("ServeConfig", "chatrlhf.serve.server", "run_serve"),
 }
+
+MODEL_FIRST = ("chat", "serve")
+"""Commands whose first argument, when it is not a flag, is the model directory (`--model`)."""
 
 
 def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
@@ -65,12 +75,14 @@ def parse(stage: str, args: list[str]):
 
     cls = getattr(config, STAGES[stage][0])
     recipe, rest = _split_recipe(args)
+    if stage in MODEL_FIRST and rest and not rest[0].startswith("-"):
+        rest = ["--model", rest[0], *rest[1:]]
     default = load_recipe(cls, recipe) if recipe else cls()
     return tyro.cli(
         cls,
         default=default,
         args=rest,
-        prog=f"chatrlhf {stage}",
+        prog=f"chatrlhf {stage} MODEL_DIR" if stage in MODEL_FIRST else f"chatrlhf {stage}",
         use_underscores=True,
         config=(tyro.conf.FlagConversionOff,),
     )
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         cfg = parse(stage, args)
-        _quiet_libraries(cfg.engine.kind)
+        _quiet_libraries(cfg.engine.kind if hasattr(cfg, "engine") else "single")
         _, module, function = STAGES[stage]
         getattr(importlib.import_module(module), function)(cfg)
     except UserError as e:

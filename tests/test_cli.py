@@ -210,6 +210,15 @@ def test_pipeline_on_a_reduced_demo_budget(tmp_path):
     for stage in ("sft", "reward", "rl"):
         assert (run / stage / "model" / "config.json").is_file()
     assert (run / "data" / "demo-pairs-600-0.jsonl").is_file()
+    # the comparison is `chatrlhf eval`'s side by side: its win rate, and every sample with its scores for the report
+    win = judge["rlhf_win_rate"]
+    assert 0.0 <= win["mean"] <= 1.0 and win["n"] == 8
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 * 2 and [r["sample"] for r in rows[:2]] == [0, 1]
+    assert all(set(r["scores"]["sft"]) == set(r["scores"]["rlhf"]) == {"judge", "reward_model"} for r in rows)
+    per_prompt = [sum(r["scores"]["rlhf"]["judge"] for r in rows[i : i + 2]) / 2 for i in range(0, 16, 2)]
+    assert judge["rlhf"]["mean"] == pytest.approx(sum(per_prompt) / 8)
+    assert rows[0]["sft"] == summary["comparison"]["examples"][0]["sft"]
 
 
 def test_grpo_pipeline_rewarded_by_a_function(tmp_path):

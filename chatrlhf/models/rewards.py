@@ -104,10 +104,12 @@ class ForeignRewardModel:
 
 
 class FunctionReward:
-    def __init__(self, fn: Callable[..., float], name: str, spec: str | None = None):
+    def __init__(self, fn: Callable[..., float], name: str, spec: str | None = None, role: str = "reward function"):
         self.fn, self.name = fn, name
         self.spec = spec or name
         """`module:function` as the user wrote it, for error messages (`name` is the metric key)."""
+        self.role = role
+        """What the function is to the run, in error messages: a reward function, or the evaluation's judge."""
 
     def score(self, batch: ScoringBatch) -> torch.Tensor:
         values = []
@@ -116,10 +118,10 @@ class FunctionReward:
             clash = {"prompt", "response"} & extra.keys()
             if clash:
                 raise UserError(
-                    f"reward function {self.name}: the record's field(s) {sorted(clash)} would shadow the "
+                    f"{self.role} {self.name}: the record's field(s) {sorted(clash)} would shadow the "
                     "prompt/response arguments; rename them in the data"
                 )
-            values.append(call_score(self.fn, f"reward function '{self.spec}'", p, r, extra))
+            values.append(call_score(self.fn, f"{self.role} '{self.spec}'", p, r, extra))
         return torch.tensor(values, dtype=torch.float32, device=batch.sequences.device)
 
 
@@ -159,18 +161,18 @@ def _exception(e: Exception) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def load_function(spec: str) -> Callable:
-    """`package.module:function` → the function."""
+def load_function(spec: str, role: str = "reward function") -> Callable:
+    """`package.module:function` → the function (`role` names it in messages: a reward function, a judge, ...)."""
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise UserError(f"reward function '{spec}': expected module:function")
+        raise UserError(f"{role} '{spec}': expected module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"reward function '{spec}': cannot import: {e}") from None
+        raise UserError(f"{role} '{spec}': cannot import: {e}") from None
     if not callable(fn):
         raise UserError(
-            f"reward function '{spec}': '{name}' is not callable (found {type(fn).__name__}); expected a function "
+            f"{role} '{spec}': '{name}' is not callable (found {type(fn).__name__}); expected a function "
             "f(prompt, response, **fields) -> float"
         )
     return fn

@@ -43,9 +43,9 @@ def load_raw(
     return Rows(tuple(sources), part, unit, prep)
 
 
-def read_all(paths: Sequence[str], workdir: Path, prep: Prep) -> Rows:
-    """Every record of the sources, in their order, without a shuffle."""
-    return Rows.every([read_source(resolve_generated(p, workdir / "data"), prep=prep) for p in paths], prep)
+def read_all(paths: Sequence[str], workdir: Path, prep: Prep, format: str = "auto") -> Rows:
+    """Every record of the sources in `format`, in their order, without a shuffle."""
+    return Rows.every([read_source(resolve_generated(p, workdir / "data"), format, prep) for p in paths], prep)
 
 
 def convert(rows: Rows, to: Callable, skip_invalid: bool, what: str) -> Records:

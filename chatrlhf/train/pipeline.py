@@ -18,27 +18,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatrlhf import distributed as dist
-from chatrlhf.config import DataConfig, DPOConfig, PipelineConfig, RewardConfig, RLConfig, SFTConfig
+from chatrlhf.config import (
+    DataConfig,
+    DPOConfig,
+    EvaluateConfig,
+    PipelineConfig,
+    RewardConfig,
+    RLConfig,
+    RunOptions,
+    SFTConfig,
+)
 from chatrlhf.data import parse_split, to_prompt
 from chatrlhf.data.blend import split_indices
-from chatrlhf.data.collate import encode_all, encode_prompt
 from chatrlhf.data.prepare import Rows
 from chatrlhf.engine import factory
-from chatrlhf.engine.generation import HFGenerator
 from chatrlhf.engine.vllm import check_vllm_support
 from chatrlhf.errors import UserError
-from chatrlhf.eval.compare import compare, sample_and_score
+from chatrlhf.eval.compare import pipeline_view, write_samples
 from chatrlhf.eval.report import write_report
-from chatrlhf.models.load import (
-    check_value_model_support,
-    load_causal_lm,
-    load_tokenizer,
-    load_value_model,
-    pick_device,
-)
-from chatrlhf.models.rewards import load_function
+from chatrlhf.models.load import check_value_model_support, pick_device
 from chatrlhf.train.data import convert, load_raw, prep_of, read_all, train_eval_split
 from chatrlhf.train.dpo import run_dpo
+from chatrlhf.train.evaluate import side_by_side
 from chatrlhf.train.outputs import Stopwatch, write_summary
 from chatrlhf.train.reward import run_reward
 from chatrlhf.train.rl import run_rl
@@ -246,9 +247,10 @@ def dpo_step(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_da
 
 
 def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Path, rm_dir: Path | None) -> dict:
-    """Sample k responses per held-out prompt from the SFT model and the tuned policy at `policy_dir`; score them
-    with the reward model at `rm_dir` (if any) and the judge (if any). The report calls the tuned policy `rlhf`
-    whatever the method."""
+    """The final comparison is `chatrlhf eval`'s side by side (train/evaluate.py:side_by_side): the SFT model and
+    the tuned policy at `policy_dir` sample k responses per held-out prompt with the RL generation settings, scored
+    by the reward model at `rm_dir` (if any) and the judge (if any). Writes `run_dir/samples.jsonl` (every response
+    with its scores, for the run report). The report calls the tuned policy `rlhf` whatever the method."""
     e = cfg.eval
     device = pick_device(cfg.run.device)
     raws = eval_raws
@@ -257,33 +259,27 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Pa
     if not raws:
         raise UserError("no held-out prompts to evaluate: set eval.prompts or data.eval_fraction > 0")
     recs = convert(raws, to_prompt, cfg.data.skip_invalid, "evaluation prompt").head(e.num_prompts)
-    tok = load_tokenizer(str(run_dir / "sft" / "model"))
-    prompts = encode_all(recs, encode_prompt, tok, max_len=cfg.rl.max_prompt_len)
-    texts = [r.prompt if r.prompt is not None else r.messages[-1]["content"] for r in recs]
-    extras = [r.extra for r in recs]
-    judge = load_function(e.judge) if e.judge else None
-    rm = load_value_model(str(rm_dir), tok, cfg.run.dtype, device).eval() if rm_dir is not None else None
-    results = {}
-    for name, path in (("sft", run_dir / "sft" / "model"), ("rlhf", policy_dir)):
-        model = load_causal_lm(str(path), tok, cfg.run.dtype, device).eval()
-        results[name] = sample_and_score(
-            HFGenerator(model, tok, cfg.rl.generation),
-            tok,
-            prompts,
-            samples=e.samples_per_prompt,
-            batch_size=e.batch_size,
-            seed=cfg.run.seed + 1,
-            reward_model=rm,
-            judge=judge,
-            texts=texts,
-            extras=extras,
-        )
-    report = compare(results["sft"], results["rlhf"])
-    report["prompts"] = len(prompts)
+    names = ["sft", "rlhf"]
+    spec = EvaluateConfig(
+        models=[str(run_dir / "sft" / "model"), str(policy_dir)],
+        names=names,
+        reward_model=str(rm_dir) if rm_dir is not None else "",
+        judges=[e.judge] if e.judge else [],
+        num_prompts=len(recs),
+        samples_per_prompt=e.samples_per_prompt,
+        batch_size=e.batch_size,
+        max_prompt_len=cfg.rl.max_prompt_len,
+        generation=cfg.rl.generation,
+        run=RunOptions(seed=cfg.run.seed + 1, device=cfg.run.device, dtype=cfg.run.dtype),
+    )
+    result = side_by_side(spec, recs, names, device, judge_names=["judge"])
+    write_samples(run_dir / "samples.jsonl", result.texts, result.samples)
+    report = pipeline_view(result.report)
+    report["prompts"] = len(recs)
     report["samples_per_prompt"] = e.samples_per_prompt
+    sft, tuned = result.samples["sft"], result.samples["rlhf"]
     report["examples"] = [
-        {"prompt": texts[i], "sft": results["sft"].texts[i][0], "rlhf": results["rlhf"].texts[i][0]}
-        for i in range(min(5, len(prompts)))
+        {"prompt": result.texts[i], "sft": sft.texts[i][0], "rlhf": tuned.texts[i][0]} for i in range(min(5, len(recs)))
     ]
     return report
 
