@@ -20,6 +20,7 @@ import yaml
 from chatrlhf.data.blend import parse_split
 from chatrlhf.data.formats import FORMAT_CHOICES
 from chatrlhf.errors import ConfigError
+from chatrlhf.trackers import TRACKERS
 
 
 @dataclass
@@ -40,8 +41,14 @@ class RunConfig:
     """Write a metrics line (metrics.jsonl) every this many optimizer steps / RL iterations."""
     progress: bool = True
     """Show a progress bar with the key metrics."""
-    tensorboard: bool = False
-    """Also write every logged metric as TensorBoard events in `<run dir>/tensorboard/` (needs `tensorboard`)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also receive every logged metric and the RL stage's held-out samples: any of
+    `tensorboard` (events in `<stage dir>/tensorboard/`), `wandb`, `mlflow`, `trackio`; each is an optional extra
+    (`pip install 'chatrlhf[wandb]'`) configured by its own environment variables (docs/metrics.md#trackers)."""
+    project: str = "chatrlhf"
+    """The trackers' project (W&B and Trackio project, MLflow experiment)."""
+    name: str = ""
+    """The run's name in the trackers; empty: the run directory's name (a pipeline's stages: `NAME/sft`, ...)."""
     overwrite: bool = False
     """Allow writing into an output directory that already holds a finished run (its model is replaced)."""
     max_bad_steps: int = 0
@@ -951,6 +958,9 @@ def _validate_options(o: StageOptions) -> None:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {o.lora.dropout}")
     if o.checkpoint.every < 0 or o.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    unknown = [t for t in o.run.report_to if t not in TRACKERS]
+    if unknown or len(set(o.run.report_to)) != len(o.run.report_to):
+        raise ConfigError(f"run.report_to: {o.run.report_to} — give each of {', '.join(TRACKERS)} at most once")
     if o.run.max_bad_steps < 0:
         raise ConfigError(f"run.max_bad_steps must be >= 0, got {o.run.max_bad_steps}")
     if e.kind == "deepspeed" and o.run.max_bad_steps > 0:

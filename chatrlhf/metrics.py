@@ -1,5 +1,6 @@
 """Metrics: one JSON line per logged step in `metrics.jsonl`, a progress bar showing the key ones, and — with
-`run.tensorboard` — the same scalars as TensorBoard events in `<run dir>/tensorboard/`.
+`run.report_to` — the same scalars (and the RL stage's held-out samples) sent to experiment trackers
+(trackers.py).
 
 Every key is documented in docs/metrics.md; keys are namespaced (`loss/policy`, `reward/score_mean`,
 `time/generate_s`).
@@ -15,12 +16,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chatrlhf import distributed as dist
-from chatrlhf.errors import UserError
+from chatrlhf.trackers import Tracker
 
 
 class MetricsLogger:
     """Writes on the main rank only (other ranks' calls do nothing). `start`: the step a resumed run continues
-    after (the progress bar starts there; metrics.jsonl was already cut back to it)."""
+    after (the progress bar starts there; metrics.jsonl was already cut back to it). `trackers` (main rank only)
+    receive every line written to metrics.jsonl, without the non-finite values."""
 
     def __init__(
         self,
@@ -29,7 +31,7 @@ class MetricsLogger:
         total: int,
         show: bool,
         keys: tuple[str, ...],
-        tensorboard: bool = False,
+        trackers: list[Tracker] | None = None,
         start: int = 0,
     ):
         self.path = path
@@ -37,7 +39,7 @@ class MetricsLogger:
         self.keys = keys
         self.start = time.time()
         self.enabled = dist.is_main()
-        self.writer = _tensorboard_writer(path.parent / "tensorboard") if tensorboard and self.enabled else None
+        self.trackers = list(trackers or []) if self.enabled else []
         self.file = open(path, "a", encoding="utf-8") if self.enabled else None
         self.bar = tqdm(total=total, initial=start, desc=stage, disable=not (show and self.enabled), dynamic_ncols=True)
 
@@ -50,10 +52,14 @@ class MetricsLogger:
             line.update({k: _plain(v) for k, v in metrics.items()})
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
-            if self.writer is not None:
-                for k, v in metrics.items():
-                    self.writer.add_scalar(k, float(v), step)
-                self.writer.flush()
+            scalars = {k: v for k, v in line.items() if k not in ("stage", "step") and v is not None}
+            for tracker in self.trackers:
+                tracker.log(scalars, step)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Send sample responses (dicts of `trackers.SAMPLE_COLUMNS`) to the trackers."""
+        for tracker in self.trackers:
+            tracker.log_samples(rows, step)
 
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)
@@ -62,18 +68,9 @@ class MetricsLogger:
         self.bar.close()
         if self.file is not None:
             self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _tensorboard_writer(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError(
-            "run.tensorboard is true but the tensorboard package is not installed: pip install 'chatrlhf[tensorboard]'"
-        ) from None
-    return SummaryWriter(log_dir=str(log_dir))
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _plain(v: float) -> float | None:

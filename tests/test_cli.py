@@ -239,13 +239,13 @@ def test_grpo_pipeline_rewarded_by_a_function(tmp_path):
 
 
 def test_tensorboard_events_match_metrics(tmp_path, pairs_file, tiny_dirs):
-    """With run.tensorboard every logged scalar is also a TensorBoard event."""
+    """With run.report_to tensorboard every logged scalar is also a TensorBoard event."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
     ok(chatrlhf("sft", "--model", str(tiny_dirs["gpt2"]), "--output_dir", str(out), "--data.paths", str(pairs_file),
                 "--train.max_steps", "3", "--train.batch_size", "8", "--train.max_seq_len", "96",
-                "--run.tensorboard", "True", *QUIET))  # fmt: skip
+                "--run.report_to", "tensorboard", *QUIET))  # fmt: skip
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     logged = [m["loss/train"] for m in metrics(out) if "loss/train" in m]

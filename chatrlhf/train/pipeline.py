@@ -14,6 +14,7 @@ Output: `run_dir/{sft,reward,rl}/` (or `{sft,dpo}/`; each with `model/`, metrics
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,11 @@ def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, Rows]:
     return out
 
 
-def options(cfg: PipelineConfig) -> dict:
-    """What every stage takes from the pipeline's config as is: engine, LoRA, checkpoints, resume, run settings."""
-    return {"engine": cfg.engine, "lora": cfg.lora, "checkpoint": cfg.checkpoint, "resume": cfg.resume, "run": cfg.run}
+def options(cfg: PipelineConfig, stage: str) -> dict:
+    """What every stage takes from the pipeline's config as is: engine, LoRA, checkpoints, resume, run settings
+    (the stage's tracker run named `NAME/stage`)."""
+    run = dataclasses.replace(cfg.run, name=f"{cfg.run.name or Path(cfg.run_dir).name}/{stage}")
+    return {"engine": cfg.engine, "lora": cfg.lora, "checkpoint": cfg.checkpoint, "resume": cfg.resume, "run": run}
 
 
 @dataclass
@@ -128,7 +131,7 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     sft_dir = run_dir / "sft"
     clock = Stopwatch()
     sft = run_sft(
-        SFTConfig(model=cfg.model, output_dir=str(sft_dir), data=stage_data_cfg, train=cfg.sft, **options(cfg)),
+        SFTConfig(model=cfg.model, output_dir=str(sft_dir), data=stage_data_cfg, train=cfg.sft, **options(cfg, "sft")),
         raws=data["sft"],
     )
     times["sft"] = clock.elapsed()
@@ -167,7 +170,7 @@ def train_reward_model(cfg: PipelineConfig, run_dir: Path, data: dict[str, list]
             output_dir=str(rm_dir),
             data=stage_data_cfg,
             train=cfg.reward,
-            **options(cfg),
+            **options(cfg, "reward"),
         ),
         raws=data["reward"],
     )
@@ -200,7 +203,7 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
             output_dir=str(rl_dir),
             data=stage_data_cfg,
             train=cfg.rl,
-            **options(cfg),
+            **options(cfg, "rl"),
         ),
         raws=rl_train,
         eval_raws=rl_eval,
@@ -231,7 +234,7 @@ def dpo_step(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_da
             output_dir=str(dpo_dir),
             data=stage_data_cfg,
             train=cfg.dpo,
-            **options(cfg),
+            **options(cfg, "dpo"),
         ),
         raws=dpo_train,
         eval_raws=dpo_eval,

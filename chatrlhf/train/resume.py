@@ -3,11 +3,15 @@ cut metrics.jsonl back to it, open the metrics logger there, and checkpoint on s
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+from chatrlhf import distributed as dist
 
 from chatrlhf.engine.base import TrainEngine
 from chatrlhf.engine.checkpoint import due, load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics
 from chatrlhf.metrics import MetricsLogger
+from chatrlhf.trackers import open_trackers
 
 
 def resume_state(cfg, out: Path, engines: list[TrainEngine]) -> dict | None:
@@ -23,13 +27,17 @@ def resume_state(cfg, out: Path, engines: list[TrainEngine]) -> dict | None:
 
 
 def open_loop(cfg, out: Path, stage: str, engines: list[TrainEngine], total: int, keys: tuple[str, ...]):
-    """Resume the engines if `cfg.resume` says so, and open the metrics logger there.
+    """Resume the engines if `cfg.resume` says so, and open the metrics logger there (with the trackers of
+    `run.report_to`, continuing a resumed stage's tracker runs).
     Returns (the checkpoint's driver state or None, the step to continue after, the logger)."""
     resumed = resume_state(cfg, out, engines)
     start = resumed["step"] if resumed else 0
-    log = MetricsLogger(
-        out / "metrics.jsonl", stage, total, cfg.run.progress, keys, tensorboard=cfg.run.tensorboard, start=start
-    )
+    trackers = []
+    if cfg.run.report_to and dist.is_main():
+        name = cfg.run.name or out.name
+        config = dataclasses.asdict(cfg)
+        trackers = open_trackers(cfg.run.report_to, out, name, stage, cfg.run.project, config, resumed is not None)
+    log = MetricsLogger(out / "metrics.jsonl", stage, total, cfg.run.progress, keys, trackers=trackers, start=start)
     return resumed, start, log
 
 

@@ -335,6 +335,7 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
             scores, rows = evaluate_held_out(m, held, it)
             metrics.update(scores)
             append_samples(samples, rows)
+            log.log_samples(it, rows)
         checkup = check_up(doctor, it, metrics, rollout, tok)
         written = evaluated or it % cfg.run.log_every == 0 or it == train.iterations or bool(checkup.findings)
         log.log(it, metrics, write=written)  # 8
