@@ -289,6 +289,9 @@ Diagnostic = Literal[
     "clipfrac_high",
     "approx_kl_high",
     "value_loss_rising",
+    "logprob_mismatch",
+    "reward_dominance",
+    "reward_at_clip",
 ]
 DIAGNOSTICS: tuple[str, ...] = get_args(Diagnostic)
 """The RL doctor's diagnostics (chatrlhf/eval/doctor.py, docs/report.md)."""
@@ -334,6 +337,20 @@ class DoctorConfig:
     value_loss_max_ratio: float = 10.0
     """`value_loss_rising`: fires when the recent window's mean `loss/value` ≥ this × the lowest mean of an earlier
     window."""
+    mismatch_min: float = 1e-3
+    """`logprob_mismatch`: the recent window's mean `rollout/logprob_diff` (nats/token) must be at least this: below
+    it the trainer/rollout mismatch is rounding (a float32 vLLM engine agrees with the trainer to about 1e-7 per
+    token on the demo, docs/rollout.md)."""
+    mismatch_max_ratio: float = 10.0
+    """`logprob_mismatch`: fires when the recent window's mean `rollout/logprob_diff` ≥ this × the early window's
+    (and the rise is significant): the rollout engine drifts away from the trainer."""
+    dominance_max: float = 0.9
+    """`reward_dominance`: fires when one reward component's share of the weighted sum's spread
+    (`reward/<name>_share`) averages at least this over the recent window: the other components hardly move the
+    advantages."""
+    clip_frac_max: float = 0.1
+    """`reward_at_clip`: fires when the fraction of responses whose score reaches ±`reward_clip`
+    (`reward/clip_frac`) averages at least this over the recent window: the clip flattens the reward there."""
     judge_min_drop: float = 0.02
     """`reward_vs_judge`: the judge must fall by at least this much below its best evaluation (and by z standard
     errors when `eval/judge_sem` is logged)."""
@@ -359,9 +376,14 @@ class DoctorConfig:
             raise ConfigError(f"{prefix}.entropy_min_ratio must be in (0, 1)")
         if self.value_loss_max_ratio <= 1.0:
             raise ConfigError(f"{prefix}.value_loss_max_ratio must be > 1")
-        for name in ("kl_max", "clipfrac_max", "approx_kl_max"):
+        for name in ("kl_max", "clipfrac_max", "approx_kl_max", "mismatch_min"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name} must be > 0")
+        if self.mismatch_max_ratio <= 1.0:
+            raise ConfigError(f"{prefix}.mismatch_max_ratio must be > 1")
+        for name in ("dominance_max", "clip_frac_max"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{prefix}.{name} must be in (0, 1]")
         if self.repeat_min_rise < 0 or self.judge_min_drop < 0 or self.repeat_min_count < 0:
             raise ConfigError(f"{prefix}: repeat_min_rise, repeat_min_count and judge_min_drop must be >= 0")
         if self.min_window_responses < 1 or self.examples < 0:

@@ -20,6 +20,11 @@ thresholds and what to do when it fires):
   clipfrac_high       mean policy clip fraction over the recent window at least clipfrac_max
   approx_kl_high      mean approximate KL within the update over the recent window at least approx_kl_max
   value_loss_rising   critic loss of the recent window at least value_loss_max_ratio × its lowest earlier window
+  logprob_mismatch    the trainer/rollout log-prob mismatch of the recent window at least mismatch_max_ratio × the
+                      early window's, and at least mismatch_min
+  reward_dominance    one reward component's share of the weighted sum's spread at least dominance_max over the
+                      recent window
+  reward_at_clip      the fraction of scores at the reward clip at least clip_frac_max over the recent window
 
 Significance tests are one-sided at `z` (3.0 by default, p ≈ 0.0013 per test under a normal approximation) because
 every diagnostic is re-tested at every iteration: a looser threshold would fire on noise somewhere in a long run.
@@ -56,7 +61,11 @@ KL = "kl/mean"
 CLIPFRAC = "policy/clipfrac"
 APPROX_KL = "policy/approx_kl"
 VALUE_LOSS = "loss/value"
-WATCHED = (SCORE, TOTAL, JUDGE, JUDGE_SEM, LENGTH, ENTROPY, KL, CLIPFRAC, APPROX_KL, VALUE_LOSS)
+MISMATCH = "rollout/logprob_diff"
+AT_CLIP = "reward/clip_frac"
+WATCHED = (SCORE, TOTAL, JUDGE, JUDGE_SEM, LENGTH, ENTROPY, KL, CLIPFRAC, APPROX_KL, VALUE_LOSS, MISMATCH, AT_CLIP)
+SHARE = re.compile(r"reward/(.+)_share")
+"""`reward/<component>_share`, logged per reward component when the reward is a weighted sum of several."""
 
 
 # ------------------------------------------------------------------------------------------- statistics (pure)
@@ -488,6 +497,67 @@ def check_value_loss_rising(h: History, c: DoctorConfig) -> Fired | None:
     )
 
 
+def check_logprob_mismatch(h: History, c: DoctorConfig) -> Fired | None:
+    """Recent mean `rollout/logprob_diff` ≥ mismatch_min and ≥ mismatch_max_ratio × the early mean, with t ≥ z."""
+    points = h.get(MISMATCH)
+    if len(points) < 2 * c.window:
+        return None
+    early, recent = points[: c.window], points[-c.window :]
+    base, m = _mean(early), _mean(recent)
+    t = welch_t(_values(early), _values(recent))
+    if m < c.mismatch_min or m < c.mismatch_max_ratio * base or t < c.z:
+        return None
+    ratio = m / base if base > 0 else math.inf
+    return Fired(
+        early[0][0],
+        recent[-1][0],
+        f"logprob_mismatch: the trainer and the rollout engine disagree by {m:.3g} nats/token (iterations "
+        f"{recent[0][0]}–{recent[-1][0]}), up from {base:.3g} (iterations {early[0][0]}–{early[-1][0]}; bound "
+        f"×{c.mismatch_max_ratio:g} and ≥ {c.mismatch_min:g}, t = {t:.1f}): the rollouts come from other weights or "
+        "numerics than the ones trained — check the weight sync (docs/rollout.md)",
+        [MISMATCH, "rollout/logprob_diff_max"],
+        {"early_mean": base, "recent_mean": m, "ratio": ratio, "t": t},
+        [_span(early), _span(recent)],
+    )
+
+
+def check_reward_dominance(h: History, c: DoctorConfig) -> Fired | None:
+    """With two or more reward components: one component's mean `reward/<name>_share` over the recent window ≥
+    dominance_max."""
+    shares = {m.group(1): h.get(k) for k in h.series if (m := SHARE.fullmatch(k))}
+    if len(shares) < 2:
+        return None
+    for name, points in shares.items():
+        r = _bound_rule(points, c.dominance_max, c)
+        if r is None:
+            continue
+        recent, m = r
+        others = {n: _mean(p[-c.window :]) for n, p in shares.items() if n != name and p}
+        rest = ", ".join(f"{n} {v:.2f}" for n, v in others.items())
+        first, last = recent[0][0], recent[-1][0]
+        return Fired(
+            first,
+            last,
+            f"reward_dominance: reward component '{name}' makes {_pct(m)} of the weighted reward's spread over "
+            f"iterations {first}–{last} (bound {_pct(c.dominance_max)}; the others: {rest}): the other components "
+            "barely move the advantages — rescale the weights (reward_weights) or the component",
+            [f"reward/{n}_share" for n in shares],
+            {"share": m, "bound": c.dominance_max, **{f"share_{n}": v for n, v in others.items()}},
+            [_span(recent)],
+        )
+    return None
+
+
+def check_reward_at_clip(h: History, c: DoctorConfig) -> Fired | None:
+    """Mean `reward/clip_frac` over the recent window ≥ clip_frac_max."""
+    return _bound_finding(
+        h, AT_CLIP, c.clip_frac_max, c, [AT_CLIP, SCORE],
+        lambda m, a, b: f"reward_at_clip: {_pct(m)} of the responses scored at the reward clip over iterations "
+        f"{a}–{b} (bound {_pct(c.clip_frac_max)}): the clip hides differences between them, and a policy pushing "
+        "the reward model to its extremes is a sign of it being exploited",
+    )  # fmt: skip
+
+
 RULES = {
     "reward_vs_judge": check_reward_vs_judge,
     "reward_vs_total": check_reward_vs_total,
@@ -498,6 +568,9 @@ RULES = {
     "clipfrac_high": check_clipfrac_high,
     "approx_kl_high": check_approx_kl_high,
     "value_loss_rising": check_value_loss_rising,
+    "logprob_mismatch": check_logprob_mismatch,
+    "reward_dominance": check_reward_dominance,
+    "reward_at_clip": check_reward_at_clip,
 }
 assert tuple(RULES) == DIAGNOSTICS
 
@@ -538,7 +611,7 @@ class Doctor:
         if iteration <= self.iteration:
             self._forget_from(iteration)
         self.iteration = iteration
-        for key in WATCHED:
+        for key in (*WATCHED, *(k for k in metrics if SHARE.fullmatch(k))):
             v = metrics.get(key)
             if v is not None and math.isfinite(v):
                 self.history.series.setdefault(key, []).append((iteration, float(v)))

@@ -201,8 +201,10 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach().to(e.device, e.dtype), 1.0 - decay)
 
 
-def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, train: RLTrainConfig, eos_id: int) -> dict:
-    """8. What the rollout looked like (docs/metrics.md)."""
+def rollout_metrics(
+    rollout: Rollout, ev: Evaluated, adv: Advantages, train: RLTrainConfig, eos_id: int, weights: dict[str, float]
+) -> dict:
+    """8. What the rollout looked like (docs/metrics.md). `weights`: each reward source's weight, by name."""
     mask = rollout.response_mask
     scores = ev.scores.total
     clipped = scores.clamp(-train.ppo.reward_clip, train.ppo.reward_clip)
@@ -217,8 +219,10 @@ def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, train: RLT
         "response/length_mean": float(mask.sum(1).mean()),
         "response/truncated_frac": float(truncated(rollout, eos_id).float().mean()),
     }
+    metrics["reward/clip_frac"] = float((clipped != scores).float().mean())
     for name, part in ev.scores.parts.items():
         metrics[f"reward/{name}_mean"] = float(part.mean())
+    metrics.update(reward_shares(ev.scores.parts, weights))
     if ev.values is not None:
         metrics["returns/mean"] = float(masked_mean(adv.returns, mask))
         metrics["values/mean"] = float(masked_mean(ev.values, mask))
@@ -232,6 +236,17 @@ def rollout_metrics(rollout: Rollout, ev: Evaluated, adv: Advantages, train: RLT
         metrics["rollout/logprob_diff"] = float(masked_mean(diff, mask))
         metrics["rollout/logprob_diff_max"] = float((diff * mask).max())
     return metrics
+
+
+def reward_shares(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, float]:
+    """`reward/<name>_share` of each source of a weighted sum of two or more: |w|·std(score) over the sum of those
+    across sources — how much of the spread of the total, which is what the advantages see, each one makes
+    (the RL doctor's `reward_dominance`). Nothing when there is one source or no spread at all."""
+    if len(parts) < 2 or len(next(iter(parts.values()))) < 2:
+        return {}
+    spread = {name: abs(weights[name]) * float(part.float().std()) for name, part in parts.items()}
+    total = sum(spread.values())
+    return {f"reward/{name}_share": s / total for name, s in spread.items()} if total > 0 else {}
 
 
 def check_rollout_freshness(metrics: dict[str, float], bound: float | None, it: int) -> None:
@@ -415,7 +430,8 @@ def iteration(
         greedy_scores=ev.greedy_scores,
     )
     adv = algo.advantages(inputs, train)  # 5–6
-    metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id)
+    weights = {source.name: w for source, w in zip(m.scorer.sources, m.scorer.weights)}
+    metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id, weights)
     check_rollout_freshness(metrics, train.rollout.max_logprob_diff, it)
     bad_before = sum(e.bad_steps for e in m.engines)
     if all_empty(rollout, tok.eos_token_id):

@@ -76,7 +76,11 @@ def healthy_metrics(it: int, rng: random.Random) -> dict[str, float]:
         "policy/clipfrac": abs(rng.gauss(0.05, 0.02)),
         "policy/approx_kl": abs(rng.gauss(0.004, 0.002)),
         "loss/value": 0.5 * math.exp(-it / 10) + 0.05 + abs(rng.gauss(0, 0.01)),
+        "rollout/logprob_diff": abs(rng.gauss(3e-7, 1e-7)),  # a float32 vLLM engine's rounding
+        "reward/clip_frac": sum(abs(rng.gauss(0, 1.5)) >= 5 for _ in range(64)) / 64,
+        "reward/rm_share": min(0.85, max(0.4, rng.gauss(0.6, 0.05))),
     }
+    m["reward/judge_share"] = 1.0 - m["reward/rm_share"]
     if it % 10 == 0:
         m["eval/judge_mean"] = 0.66 + 0.0015 * it + rng.gauss(0, 0.01)
         m["eval/judge_sem"] = 0.012
@@ -187,6 +191,39 @@ def test_value_loss_rising():
     (f,) = run({"loss/value": [1.0] * 5 + [0.1] * 10 + [2.0] * 10})
     assert (f.name, f.iteration, f.windows) == ("value_loss_rising", 18, [[6, 10], [14, 18]])
     assert f.evidence["lowest_mean"] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_logprob_mismatch():
+    # 1e-4 at 1-5, then 2e-3: at iteration 10 the windows 1-5 and 6-10 differ ×20 ≥ 10 and 2e-3 ≥ 1e-3
+    (f,) = run({"rollout/logprob_diff": wiggle([1e-4] * 5 + [2e-3] * 10, 1e-5)})
+    assert (f.name, f.iteration, f.windows) == ("logprob_mismatch", 10, [[1, 5], [6, 10]])
+    # wiggle's ±1e-5 alternates from −: the early window's mean is 1e-4 − 1e-5/5, the recent one's 2e-3 + 1e-5/5
+    assert f.evidence["ratio"] == pytest.approx((2e-3 + 2e-6) / (1e-4 - 2e-6), rel=1e-9)
+
+
+def test_logprob_mismatch_quiet_when_small_or_steady():
+    assert run({"rollout/logprob_diff": wiggle([1e-7] * 5 + [5e-4] * 10, 1e-8)}) == []  # ×5000 but below 1e-3
+    assert run({"rollout/logprob_diff": wiggle([2e-2] * 20, 1e-3)}) == []  # large but not growing (bfloat16-like)
+    assert run({"rollout/logprob_diff": wiggle([1e-3] * 5 + [5e-3] * 10, 1e-4)}) == []  # grew ×5 < ×10
+
+
+def test_reward_dominance():
+    # rm's share 0.6 at 1-10, then 0.98: last-5 means 0.6 + k·0.38/5 for k of the 5 at 0.98 — 0.904 ≥ 0.9 at k = 4
+    rm = [0.6] * 10 + [0.98] * 10
+    (f,) = run({"reward/rm_share": rm, "reward/judge_share": [1 - x for x in rm]})
+    assert (f.name, f.iteration, f.windows) == ("reward_dominance", 14, [[10, 14]])
+    assert f.evidence["share"] == pytest.approx(0.6 + 4 * 0.38 / 5, abs=1e-12) and "'rm'" in f.message
+
+
+def test_reward_dominance_needs_two_components():
+    assert run({"reward/rm_share": [1.0] * 20}) == []
+
+
+def test_reward_at_clip():
+    # 2% at the clip at 1-10, 30% after: last-5 means 0.02 + k·0.28/5 — 0.132 ≥ 0.1 at k = 2 (iteration 12)
+    (f,) = run({"reward/clip_frac": [0.02] * 10 + [0.3] * 10})
+    assert (f.name, f.iteration, f.windows) == ("reward_at_clip", 12, [[8, 12]])
+    assert run({"reward/clip_frac": [0.05] * 30}) == []
 
 
 def test_reward_vs_total():

@@ -50,3 +50,16 @@ def test_padded_batch_matches_single_sequences(arch, tiny_dirs):
             assert torch.allclose(values[b, :n], alone[len(prompts[b]) - 1 : -1], atol=1e-4)
             assert torch.allclose(scores[b], alone[-1], atol=1e-4)
     assert truncated(rollout, eos).tolist() == [False, True]
+
+
+def test_reward_shares_by_hand():
+    from chatrlhf.train.rl import reward_shares
+
+    rm = torch.tensor([0.0, 2.0, 4.0])  # sample std 2
+    judge = torch.tensor([1.0, 1.0, 4.0])  # sample std √3
+    shares = reward_shares({"rm": rm, "judge": judge}, {"rm": 0.5, "judge": -2.0})
+    spread_rm, spread_judge = 0.5 * 2.0, 2.0 * 3**0.5  # |w|·std
+    total = spread_rm + spread_judge
+    assert shares == pytest.approx({"reward/rm_share": spread_rm / total, "reward/judge_share": spread_judge / total})
+    assert reward_shares({"rm": rm}, {"rm": 1.0}) == {}  # one source: nothing to compare
+    assert reward_shares({"a": torch.ones(3), "b": torch.ones(3)}, {"a": 1.0, "b": 1.0}) == {}  # no spread
