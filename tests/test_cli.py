@@ -213,10 +213,12 @@ def test_pipeline_on_a_reduced_demo_budget(tmp_path):
 
 
 def test_grpo_pipeline_rewarded_by_a_function(tmp_path):
-    """The GRPO demo recipe on a budget of seconds: no reward model is trained; the judge is the RL reward."""
+    """The GRPO demo recipe on a budget of seconds, rewarded by the judge as a Python function: no reward model is
+    trained."""
     run = tmp_path / "grpo"
     ok(chatrlhf(
         "pipeline", "--recipe", "recipes/demo-grpo.yaml", "--run_dir", str(run), "--data.paths", "demo:pairs:400:0",
+        "--train_reward_model", "False", "--reward_functions", "chatrlhf.demo.task:judge", "--data.split", "2,0,8",
         "--model", "tiny:llama:hidden=32,layers=2,heads=4", "--sft.epochs", "1", "--rl.iterations", "2",
         "--rl.rollout_batch_size", "4", "--rl.update.mini_batch_size", "8", "--rl.generation.max_new_tokens", "12",
         "--eval.num_prompts", "6", "--eval.samples_per_prompt", "2", "--run.progress", "False",
