@@ -101,7 +101,7 @@ def main() -> int:
     for r in rows:
         diff = r["rollout_logprob_diff_median"]
         cells = " ".join(f"{r['median_s'][p]:>9.3f}" for p in PHASES)
-        print(f"{r['model']:<14} {r['backend']:<8} {cells} {diff if diff is None else format(diff, '.2e'):>13}")
+        print(f"{r['model']:<14} {r['backend']:<8} {cells} {'—' if diff is None else format(diff, '.2e'):>13}")
     print()
     for hf, vllm in zip(rows[::2], rows[1::2]):
         g_hf, g_v = hf["median_s"]["time/generate_s"], vllm["median_s"]["time/generate_s"]

@@ -140,6 +140,12 @@ class DataConfig:
     skip_invalid: bool = False
     """Skip invalid records (an adapter's unconvertible ones included) instead of stopping at the first one; the
     number skipped is printed and logged."""
+    num_proc: int = 1
+    """Processes that validate and tokenize the records (`datasets.map`'s `num_proc`); 1 = this process."""
+    cache_dir: str | None = None
+    """Where prepared data is cached (Arrow files: each source as read, its validated records, their tokens); a
+    second run with the same files, format, tokenizer and lengths reads them back. None = `chatrlhf/` in the
+    `datasets` cache (`HF_DATASETS_CACHE`, default ~/.cache/huggingface/datasets). See docs/data.md."""
 
 
 @dataclass
@@ -719,6 +725,10 @@ class PipelineDataConfig:
     """Fraction of each stage's records held out for its evaluation."""
     skip_invalid: bool = False
     """Skip invalid records (counted and printed) instead of stopping."""
+    num_proc: int = 1
+    """Processes that validate and tokenize the records (`datasets.map`'s `num_proc`); 1 = this process."""
+    cache_dir: str | None = None
+    """Where prepared data is cached; None = `chatrlhf/` in the `datasets` cache (`HF_DATASETS_CACHE`)."""
 
 
 @dataclass
@@ -792,6 +802,7 @@ class PipelineConfig(StageOptions):
                 "give one weight per path"
             )
         _check_fraction(d.eval_fraction, "data.eval_fraction")
+        _check_num_proc(d.num_proc)
         _validate_loop(self.sft, "sft")
         _validate_optim(self.sft.optim, "sft.optim")
         _validate_loop(self.reward, "reward")
@@ -993,6 +1004,12 @@ def _validate_data(d: DataConfig) -> None:
             "give one weight per path"
         )
     _check_fraction(d.eval_fraction, "data.eval_fraction")
+    _check_num_proc(d.num_proc)
+
+
+def _check_num_proc(value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"data.num_proc must be >= 1, got {value}")
 
 
 def _validate_loop(t: SFTTrainConfig | RewardTrainConfig, prefix: str) -> None:

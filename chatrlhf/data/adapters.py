@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 from chatrlhf.data.fields import describe, string
 from chatrlhf.data.raw import RawRecord
@@ -231,52 +232,45 @@ def ultrafeedback_prompt(raw: RawRecord) -> dict:
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 
 
-def oasst_trees(records: list[RawRecord], format: str) -> list[RawRecord]:
+def oasst_trees(column: Callable[[str], list], where: Callable[[int], str], source: str) -> list[list[int]]:
     """Group the flat message rows of an OpenAssistant export into one record per message tree.
 
-    Each record is `{"tree": [row, ...]}` (the rows are `RawRecord`s, the top of the tree first, then the others
-    in source order) at the position of the top row. The top is the root a row's `parent_id` chain leads to; a
-    chain that breaks (a parent_id that is no row's message_id) stops at the row with the broken link, and that
-    tree is reported as invalid when it is converted. Two rows with the same message_id are an error here.
+    `column(name)` is every row's value of a column and `where(i)` the position of row i. Returns the rows of each
+    tree: the top of the tree first, then the others in source order; trees in the order of their first row. The
+    top is the root a row's `parent_id` chain leads to; a chain that breaks (a parent_id that is no row's
+    message_id) stops at the row with the broken link, and that tree is reported as invalid when it is converted.
+    Two rows with the same message_id are an error here.
     """
-    by_id: dict[str, RawRecord] = {}
-    for row in records:
-        message_id = row.data.get("message_id")
+    message_ids, parent_ids = column("message_id"), column("parent_id")
+    by_id: dict[str, int] = {}
+    for i, message_id in enumerate(message_ids):
         if isinstance(message_id, str):
             if message_id in by_id:
-                raise DataError(
-                    row.source,
-                    row.where,
-                    "message_id",
-                    f"'{message_id}' is also the message_id of {by_id[message_id].where}",
-                )
-            by_id[message_id] = row
-    tops: dict[int, RawRecord] = {}
+                also = where(by_id[message_id])
+                raise DataError(source, where(i), "message_id", f"'{message_id}' is also the message_id of {also}")
+            by_id[message_id] = i
+    tops: dict[int, int] = {}
 
-    def top_of(row: RawRecord) -> RawRecord:
+    def top_of(row: int) -> int:
         """Where the parent_id chain from `row` ends: at a root, a broken link or where a loop closes (memoised)."""
-        path: list[RawRecord] = []
+        path: list[int] = []
         on_path: set[int] = set()
-        while id(row) not in tops:
-            parent = row.data.get("parent_id")
-            if not isinstance(parent, str) or parent not in by_id or id(row) in on_path:
-                tops[id(row)] = row
+        while row not in tops:
+            parent = parent_ids[row]
+            if not isinstance(parent, str) or parent not in by_id or row in on_path:
+                tops[row] = row
                 break
-            on_path.add(id(row))
+            on_path.add(row)
             path.append(row)
             row = by_id[parent]
         for step in path:
-            tops[id(step)] = tops[id(row)]
-        return tops[id(row)]
+            tops[step] = tops[row]
+        return tops[row]
 
-    trees: dict[int, tuple[RawRecord, list[RawRecord]]] = {}
-    for row in records:
-        top = top_of(row)
-        trees.setdefault(id(top), (top, []))[1].append(row)
-    return [
-        RawRecord({"tree": [top, *(r for r in rows if r is not top)]}, top.source, top.where, format)
-        for top, rows in trees.values()
-    ]
+    trees: dict[int, list[int]] = {}
+    for row in range(len(message_ids)):
+        trees.setdefault(top_of(row), []).append(row)
+    return [[top, *(r for r in rows if r != top)] for top, rows in trees.items()]
 
 
 def _oasst_best_reply(replies: list[RawRecord]) -> RawRecord | None:

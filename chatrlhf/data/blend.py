@@ -51,25 +51,27 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def split_for_stages(
-    records: list[T], fractions: tuple[float, float, float] | Sequence[float], seed: int
-) -> tuple[list[T], list[T], list[T]]:
-    """The SFT, reward and RL parts of `records`: disjoint, together all of `records`, deterministic in `seed`.
+def split_indices(n: int, fractions: tuple[float, float, float] | Sequence[float], seed: int):
+    """The SFT, reward and RL parts of n records, as three index arrays: disjoint, together 0..n-1, deterministic in
+    `seed`.
 
     Indices are shuffled with `numpy.random.default_rng(seed).permutation(n)` and cut at
     round(n·(f_1)) and round(n·(f_1 + f_2)) (half up), so the sizes always sum to n. Each part is in shuffled
-    order and holds the same objects as `records`.
+    order.
     """
     f_sft, f_reward, _ = parse_split(fractions)
-    n = len(records)
-    order = np.random.default_rng(seed).permutation(n).tolist()
+    order = np.random.default_rng(seed).permutation(n)
     cut1 = _round_half_up(n * f_sft)
     cut2 = _round_half_up(n * (f_sft + f_reward))
-    return (
-        [records[i] for i in order[:cut1]],
-        [records[i] for i in order[cut1:cut2]],
-        [records[i] for i in order[cut2:]],
-    )
+    return order[:cut1], order[cut1:cut2], order[cut2:]
+
+
+def split_for_stages(
+    records: list[T], fractions: tuple[float, float, float] | Sequence[float], seed: int
+) -> tuple[list[T], list[T], list[T]]:
+    """`split_indices` applied to a list: its SFT, reward and RL parts, holding the same objects as `records`."""
+    sft, reward, rl = split_indices(len(records), fractions, seed)
+    return [records[i] for i in sft], [records[i] for i in reward], [records[i] for i in rl]
 
 
 def blend_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
@@ -98,8 +100,11 @@ def blend_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     return counts
 
 
-def blend(parts: list[list[T]], weights: Sequence[float] | None, seed: int) -> tuple[list[T], list[int]]:
-    """Mix several datasets into one shuffled list; returns (blended, counts) with counts[i] from part i.
+def blend_indices(
+    sizes: Sequence[int], weights: Sequence[float] | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """A shuffled weighted blend of datasets of `sizes` records, as indices: (part, index in that part) of each
+    blended record, and counts[i] drawn from part i.
 
     Without weights every record is used once. With weights (one per part, > 0) the blend keeps the total size
     N = Σ|part_i| but part i contributes n_i ≈ N·w_i/Σw records (see `blend_counts`): weights up-sample a
@@ -108,16 +113,27 @@ def blend(parts: list[list[T]], weights: Sequence[float] | None, seed: int) -> t
     ⌈n_i/|part_i|⌉ times. The caller reports the counts to the user, since they differ from the part sizes.
     """
     rng = np.random.default_rng(seed)
+    parts, units = [], []
     if weights is None:
-        pool = [record for part in parts for record in part]
-        counts = [len(part) for part in parts]
+        counts = list(sizes)
+        for i, size in enumerate(sizes):
+            parts.append(np.full(size, i, dtype=np.int64))
+            units.append(np.arange(size, dtype=np.int64))
     else:
-        counts = blend_counts([len(part) for part in parts], weights)
-        pool = []
-        for part, count in zip(parts, counts):
-            repeats, rest = divmod(count, len(part))
-            for _ in range(repeats):
-                pool.extend(part[i] for i in rng.permutation(len(part)).tolist())
+        counts = blend_counts(sizes, weights)
+        for i, (size, count) in enumerate(zip(sizes, counts)):
+            repeats, rest = divmod(count, size)
+            draws = [rng.permutation(size) for _ in range(repeats)]
             if rest:
-                pool.extend(part[i] for i in rng.permutation(len(part))[:rest].tolist())
-    return [pool[i] for i in rng.permutation(len(pool)).tolist()], counts
+                draws.append(rng.permutation(size)[:rest])
+            parts.append(np.full(count, i, dtype=np.int64))
+            units.append(np.concatenate(draws) if draws else np.zeros(0, dtype=np.int64))
+    part, unit = np.concatenate(parts), np.concatenate(units)
+    order = rng.permutation(len(part))
+    return part[order], unit[order], counts
+
+
+def blend(parts: list[list[T]], weights: Sequence[float] | None, seed: int) -> tuple[list[T], list[int]]:
+    """`blend_indices` applied to lists: (the blended records, counts[i] from part i)."""
+    part, unit, counts = blend_indices([len(p) for p in parts], weights, seed)
+    return [parts[p][u] for p, u in zip(part.tolist(), unit.tolist())], counts

@@ -26,6 +26,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from chatrlhf.data.prepare import Records, encode_records
 from chatrlhf.errors import DataError, first_in_file
 
 PLAIN_TEMPLATE = "Human: {prompt}\n\nAssistant:"
@@ -174,15 +175,22 @@ def encode_prompt(tok, rec, max_len: int) -> list[int]:
     return ids
 
 
-def encode_all(records: Sequence[R], encode: Callable[[R], E]) -> list[E]:
-    """`encode` every record (e.g. `lambda r: encode_sft(tok, r, max_len, False)`); if any fail, raise the error of
-    the first failing record (by file and position) with the number of the others, so that one run says how much of
-    a dataset is over a length limit."""
+def encode_all(records: Sequence[R], encode: Callable[..., E], *args, **settings) -> Sequence[E]:
+    """`encode(*args, record, **settings)` of every record (e.g. `encode_all(recs, encode_sft, tok, max_len=512,
+    loss_on_prompt=False)`, or `encode_all(recs, lambda r: ...)`); if any fail, raise the error of the first failing
+    record (by file and position) with the number of the others, so that one run says how much of a dataset is
+    over a length limit.
+
+    A stage's `Records` (data/prepare.py) are encoded by a cached `datasets.map` (`encode` must then be a
+    module-level function, `args` a tokenizer or plain values) into `Items` read from the cache on access; a list is
+    encoded here into a list."""
+    if isinstance(records, Records):
+        return encode_records(records, encode, args, settings)
     encoded: list[E] = []
     errors: list[DataError] = []
     for rec in records:
         try:
-            encoded.append(encode(rec))
+            encoded.append(encode(*args, rec, **settings))
         except DataError as e:
             errors.append(e)
     if errors:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import chatrlhf.data.adapters as adapters
 from chatrlhf.data.raw import NATIVE_FORMAT, RawRecord
 from chatrlhf.errors import DataError
 
-Sample = dict
+Sample = dict[str, Any]
 """The first non-null value of each column of a source."""
 
 KINDS = {"sft": "SFT records", "pair": "preference pairs", "prompt": "RL prompts"}
@@ -52,8 +53,10 @@ class Format:
     """Record → chatrlhf preference pair; None when it has no pairs."""
     prompt: Callable[[RawRecord], dict] | None = None
     """Record → chatrlhf RL prompt."""
-    group: Callable[[list[RawRecord], str], list[RawRecord]] | None = None
-    """Rows → records, for a format whose record is made of several rows (a message tree)."""
+    group: Callable[[Callable[[str], list], Callable[[int], str], str], list[list[int]]] | None = None
+    """For a format whose record is made of several rows (a message tree): `group(column, where, source)` → the
+    rows of each record, its top row first; `column(name)` is every row's value of a column, `where(i)` row i's
+    position. `tree_record` then makes the record of those rows."""
 
 
 PUBLIC = (
@@ -121,7 +124,7 @@ def _known() -> str:
     return "; ".join(f"{f.name} ({f.datasets}: {', '.join(f.columns)})" for f in FORMATS.values())
 
 
-def _columns(records: list[RawRecord]) -> tuple[list[str], Sample]:
+def columns_of(records: list[RawRecord]) -> tuple[list[str], Sample]:
     """Every column of the records, in order of first appearance, and the first non-null value of each."""
     columns: dict[str, None] = {}
     sample: Sample = {}
@@ -138,12 +141,16 @@ def _shown(columns: list[str]) -> str:
 
 
 def detect(records: list[RawRecord], spec: str, choice: str = "auto") -> str:
-    """The format of one source's records: `choice`, checked against the columns, or (`auto`) the one format
-    they fit. Raises `DataError` for an unknown name, a chosen format whose columns are missing, and columns
-    that fit several public formats or none."""
+    """The format of one source's records (`detect_columns` of their columns)."""
+    return detect_columns(*columns_of(records), spec, choice)
+
+
+def detect_columns(columns: list[str], sample: Sample, spec: str, choice: str = "auto") -> str:
+    """The format of a source with these columns (in order of first appearance) and first non-null values:
+    `choice`, checked against the columns, or (`auto`) the one format they fit. Raises `DataError` for an unknown
+    name, a chosen format whose columns are missing, and columns that fit several public formats or none."""
     if choice != "auto" and choice not in FORMATS:
         raise DataError(spec, None, None, f"unknown format '{choice}'; known: {', '.join(FORMAT_CHOICES)}")
-    columns, sample = _columns(records)
     if choice != "auto":
         missing = [c for c in FORMATS[choice].columns if c not in columns]
         if choice != NATIVE_FORMAT and missing:
@@ -181,12 +188,18 @@ def detect(records: list[RawRecord], spec: str, choice: str = "auto") -> str:
     )
 
 
+def tree_record(rows: list[RawRecord], format: str) -> RawRecord:
+    """The record made of several rows (a multi-row format's `group`), at the position of its top row."""
+    return RawRecord({"tree": rows}, rows[0].source, rows[0].where, format)
+
+
 def tag(records: list[RawRecord], spec: str, choice: str = "auto") -> list[RawRecord]:
     """The records of one source in its format (`detect`); a multi-row format's rows are grouped into records."""
     name = detect(records, spec, choice)
     fmt = FORMATS[name]
     if fmt.group is not None:
-        return fmt.group(records, name)
+        trees = fmt.group(lambda column: [r.data.get(column) for r in records], lambda i: records[i].where, spec)
+        return [tree_record([records[i] for i in rows], name) for rows in trees]
     if name == NATIVE_FORMAT:
         return records
     return [replace(record, format=name) for record in records]

@@ -20,9 +20,12 @@ dataset that is not there is an error naming it. Errors name the source as writt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from chatrlhf.data.raw import RawRecord
 from chatrlhf.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
 
 HUB_PREFIX = "hf:"
 SYNTAX = "hf:DATASET_ID[:SPLIT][?config=NAME&data_dir=DIR&data_files=FILE,...&revision=REV]"
@@ -85,8 +88,9 @@ def parse_hub_spec(spec: str) -> HubSpec:
     return HubSpec(path, split or "train", data_files=files, **options)
 
 
-def load_hub(spec: str) -> list[RawRecord]:
-    """Every row of one split of a dataset loaded with `datasets.load_dataset`, as `RawRecord`s ("row N")."""
+def load_hub(spec: str) -> datasets.Dataset:
+    """One split of a dataset loaded with `datasets.load_dataset`: memory-mapped from the cache, row N of the split
+    being row N-1 of the dataset."""
     import datasets
 
     hub = parse_hub_spec(spec)
@@ -101,7 +105,7 @@ def load_hub(spec: str) -> list[RawRecord]:
         )
     except (OSError, ValueError, RuntimeError, datasets.exceptions.DatasetsError) as e:
         raise DataError(spec, None, None, _explain(hub, e)) from None
-    return [RawRecord(row, spec, f"row {number}") for number, row in enumerate(loaded.to_list(), start=1)]
+    return loaded
 
 
 def _explain(hub: HubSpec, e: Exception) -> str:

@@ -123,8 +123,8 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
     train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)
     path = resolve_model(cfg.model, out)
     tok = load_tokenizer(path)
-    train_pairs = encode_all(train_recs, lambda r: encode_pair_responses(tok, r, train.max_seq_len))
-    eval_pairs = encode_all(eval_recs, lambda r: encode_pair_responses(tok, r, train.max_seq_len))
+    train_pairs = encode_all(train_recs, encode_pair_responses, tok, max_len=train.max_seq_len)
+    eval_pairs = encode_all(eval_recs, encode_pair_responses, tok, max_len=train.max_seq_len)
 
     # models, and the loss variant, chosen once
     policy, reference = load_models(cfg, path, tok, out, device)

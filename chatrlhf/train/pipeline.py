@@ -19,8 +19,10 @@ from pathlib import Path
 
 from chatrlhf import distributed as dist
 from chatrlhf.config import DataConfig, DPOConfig, PipelineConfig, RewardConfig, RLConfig, SFTConfig
-from chatrlhf.data import load_source, parse_split, resolve_generated, split_for_stages, to_prompt
+from chatrlhf.data import parse_split, to_prompt
+from chatrlhf.data.blend import split_indices
 from chatrlhf.data.collate import encode_all, encode_prompt
+from chatrlhf.data.prepare import Rows
 from chatrlhf.engine import factory
 from chatrlhf.engine.generation import HFGenerator
 from chatrlhf.engine.vllm import check_vllm_support
@@ -35,7 +37,7 @@ from chatrlhf.models.load import (
     pick_device,
 )
 from chatrlhf.models.rewards import load_function
-from chatrlhf.train.data import convert, load_raw, train_eval_split
+from chatrlhf.train.data import convert, load_raw, prep_of, read_all, train_eval_split
 from chatrlhf.train.dpo import run_dpo
 from chatrlhf.train.outputs import Stopwatch, write_summary
 from chatrlhf.train.reward import run_reward
@@ -50,22 +52,23 @@ OWN_PATHS = {"sft": "sft_paths", "reward": "reward_paths", "rl": "rl_paths", "dp
 """The `data` field that replaces each stage's share."""
 
 
-def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, list]:
-    """Raw records per stage: the stage's own sources, or its share of the split pool. With method dpo, the `dpo`
-    stage's share is the reward and RL shares together."""
+def stage_data(cfg: PipelineConfig, workdir: Path) -> dict[str, Rows]:
+    """Raw records per stage (index arrays into the read sources): the stage's own sources, or its share of the
+    split pool. With method dpo, the `dpo` stage's share is the reward and RL shares together."""
     d = cfg.data
+    prep = prep_of(d)
     fractions = parse_split(d.split)
-    shares: dict[str, list] = {s: [] for s in STAGES}
+    shares: dict = {s: [] for s in STAGES}
     if d.paths:
-        pool = load_raw(d.paths, d.weights, cfg.run.seed, workdir, d.format)
-        shares = dict(zip(STAGES, split_for_stages(pool, fractions, cfg.run.seed)))
+        pool = load_raw(d.paths, d.weights, cfg.run.seed, workdir, d.format, prep)
+        shares = {s: pool.take(part) for s, part in zip(STAGES, split_indices(len(pool), fractions, cfg.run.seed))}
     shares["dpo"] = shares["reward"] + shares["rl"]
     out = {}
     stages = ("sft", "dpo") if cfg.method == "dpo" else STAGES if cfg.train_reward_model else ("sft", "rl")
     for stage in stages:
         own = getattr(d, OWN_PATHS[stage])
         if own:
-            out[stage] = load_raw(own, None, cfg.run.seed, workdir, d.format)
+            out[stage] = load_raw(own, None, cfg.run.seed, workdir, d.format, prep)
         elif shares[stage]:
             out[stage] = shares[stage]
         else:
@@ -115,7 +118,9 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path) -> dict:
     seed_everything(cfg.run.seed)
     data = stage_data(cfg, run_dir)
     d = cfg.data
-    stage_data_cfg = DataConfig(eval_fraction=d.eval_fraction, skip_invalid=d.skip_invalid)
+    stage_data_cfg = DataConfig(
+        eval_fraction=d.eval_fraction, skip_invalid=d.skip_invalid, num_proc=d.num_proc, cache_dir=d.cache_dir
+    )
     times: dict[str, float] = {}
 
     # step 1: SFT
@@ -248,12 +253,12 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Pa
     device = pick_device(cfg.run.device)
     raws = eval_raws
     if e.prompts:
-        raws = [r for p in e.prompts for r in load_source(resolve_generated(p, run_dir / "data"))]
+        raws = read_all(e.prompts, run_dir, prep_of(cfg.data))
     if not raws:
         raise UserError("no held-out prompts to evaluate: set eval.prompts or data.eval_fraction > 0")
-    recs = convert(raws, to_prompt, cfg.data.skip_invalid, "evaluation prompt")[: e.num_prompts]
+    recs = convert(raws, to_prompt, cfg.data.skip_invalid, "evaluation prompt").head(e.num_prompts)
     tok = load_tokenizer(str(run_dir / "sft" / "model"))
-    prompts = encode_all(recs, lambda r: encode_prompt(tok, r, cfg.rl.max_prompt_len))
+    prompts = encode_all(recs, encode_prompt, tok, max_len=cfg.rl.max_prompt_len)
     texts = [r.prompt if r.prompt is not None else r.messages[-1]["content"] for r in recs]
     extras = [r.extra for r in recs]
     judge = load_function(e.judge) if e.judge else None

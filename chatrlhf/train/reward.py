@@ -79,8 +79,8 @@ def _run_reward(cfg: RewardConfig, out: Path, device: torch.device, raws, eval_r
     train_recs, eval_recs = stage_records(cfg.data, to_pair, cfg.run.seed, out, "preference-pair", raws, eval_raws)
     path = resolve_model(cfg.model, out)
     tok = load_tokenizer(path)
-    train_pairs = encode_all(train_recs, lambda r: encode_pair(tok, r, train.max_seq_len))
-    eval_pairs = encode_all(eval_recs, lambda r: encode_pair(tok, r, train.max_seq_len))
+    train_pairs = encode_all(train_recs, encode_pair, tok, max_len=train.max_seq_len)
+    eval_pairs = encode_all(eval_recs, encode_pair, tok, max_len=train.max_seq_len)
     # the reward model may start from a causal LM: its head is then new (announced), and this stage trains it
     model = load_value_model(path, tok, cfg.run.dtype, device, require_head=False, role="reward model").train()
     model = prepare_for_training(model, cfg.engine, cfg.lora)

@@ -24,7 +24,7 @@ from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_mode
 from chatrlhf.models.rewards import Scorer, build_scorer
 from chatrlhf.models.training import prepare_for_training
 from chatrlhf.train.algorithms import Algorithm
-from chatrlhf.train.data import convert, load_raw
+from chatrlhf.train.data import convert, load_raw, prep_of
 
 
 @dataclass
@@ -195,7 +195,8 @@ def ptx_batches(cfg: RLConfig, tok, out: Path, device) -> PTXBatches | None:
     train = cfg.train
     if not train.ptx_paths:
         return None
-    recs = convert(load_raw(train.ptx_paths, None, cfg.run.seed, out), to_sft, cfg.data.skip_invalid, "PTX")
+    raws = load_raw(train.ptx_paths, None, cfg.run.seed, out, prep=prep_of(cfg.data))
+    recs = convert(raws, to_sft, cfg.data.skip_invalid, "PTX")
     max_len = train.max_prompt_len + train.generation.max_new_tokens
-    enc = encode_all(recs, lambda r: encode_sft(tok, r, max_len, False))
+    enc = encode_all(recs, encode_sft, tok, max_len=max_len, loss_on_prompt=False)
     return PTXBatches(enc, batch_size=train.ptx_batch_size, seed=cfg.run.seed, pad_id=tok.pad_token_id, device=device)

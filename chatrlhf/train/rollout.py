@@ -9,6 +9,7 @@ Shapes: B = sequences (prompts × group_size), P = prompt width, R = response wi
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -228,13 +229,15 @@ def truncated(rollout: Rollout, eos_id: int) -> torch.Tensor:
     return rollout.response.gather(1, last.unsqueeze(1)).squeeze(1) != eos_id
 
 
-def to_prompts(tok, recs, max_len: int) -> list[Prompt]:
-    """Encode prompt records; reward functions see the prompt text (the last user turn for conversations)."""
-    ids = encode_all(recs, lambda r: encode_prompt(tok, r, max_len))
-    return [
-        Prompt(ids=i, text=r.prompt if r.prompt is not None else r.messages[-1]["content"], extra=r.extra)
-        for i, r in zip(ids, recs)
-    ]
+def prompt_item(tok, rec, max_len: int) -> Prompt:
+    """An RL prompt record encoded; reward functions see the prompt text (the last user turn for conversations)."""
+    text = rec.prompt if rec.prompt is not None else rec.messages[-1]["content"]
+    return Prompt(ids=encode_prompt(tok, rec, max_len), text=text, extra=rec.extra)
+
+
+def to_prompts(tok, recs, max_len: int) -> Sequence[Prompt]:
+    """Encode prompt records (a stage's `Records`: read from the cache on access)."""
+    return encode_all(recs, prompt_item, tok, max_len=max_len)
 
 
 # ------------------------------------------------------------------------------------------------ sampling policies

@@ -9,6 +9,7 @@ Reports train loss and held-out perplexity exp(mean NLL). The loop is the superv
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from chatrlhf.train.supervised import SupervisedTask, train_supervised
 
 
 @torch.no_grad()
-def perplexity(model, encoded: list[Encoded], batch_size: int, pad_id: int) -> float:
+def perplexity(model, encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> float:
     """exp of the mean NLL per target token over `encoded`."""
     was_training = model.training
     model.eval()
@@ -58,8 +59,9 @@ def _run_sft(cfg: SFTConfig, out: Path, device: torch.device, raws, eval_raws) -
     train_recs, eval_recs = stage_records(cfg.data, to_sft, cfg.run.seed, out, "SFT", raws, eval_raws)
     path = resolve_model(cfg.model, out)
     tok = load_tokenizer(path)
-    train_enc = encode_all(train_recs, lambda r: encode_sft(tok, r, train.max_seq_len, train.loss_on_prompt))
-    eval_enc = encode_all(eval_recs, lambda r: encode_sft(tok, r, train.max_seq_len, train.loss_on_prompt))
+    lengths = {"max_len": train.max_seq_len, "loss_on_prompt": train.loss_on_prompt}
+    train_enc = encode_all(train_recs, encode_sft, tok, **lengths)
+    eval_enc = encode_all(eval_recs, encode_sft, tok, **lengths)
     model = prepare_for_training(load_causal_lm(path, tok, cfg.run.dtype, device).train(), cfg.engine, cfg.lora)
 
     def loss(model, batch: list[Encoded], step_tokens: float):

@@ -14,6 +14,7 @@ A resumed run skips the steps its checkpoint already holds, drawing the same bat
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,12 +140,13 @@ def step_groups(
     items: Sequence[T], batch_size: int, grad_accum: int, epochs: int, total: int, seed: int
 ) -> Iterator[tuple[int, list[list[T]]]]:
     """(step number from 1, the step's `grad_accum` micro-batches), epoch after epoch — each epoch a new seeded
-    order — until `total` steps; an epoch's last step may have fewer micro-batches."""
+    order — until `total` steps; an epoch's last step may have fewer micro-batches. Only the current step's items
+    are read (`items` may be a lazily read dataset)."""
     step = 0
     for epoch in range(epochs):
-        micro = list(batches(items, batch_size, seed, epoch))
-        for start in range(0, len(micro), grad_accum):
+        micro = batches(items, batch_size, seed, epoch)
+        while group := list(itertools.islice(micro, grad_accum)):
             step += 1
-            yield step, micro[start : start + grad_accum]
+            yield step, group
             if step >= total:
                 return

@@ -127,14 +127,14 @@ def test_unreadable_file(tmp_path, sft, fail, monkeypatch):
     data = jsonl(tmp_path / "data.jsonl", [GOOD])
     data.chmod(0)
     if os.access(data, os.R_OK):  # root reads anything: have the OS answer as it would for anyone else
-        read_bytes = Path.read_bytes
+        open_path = Path.open
 
-        def refuse(self):
+        def refuse(self, *args, **kwargs):
             if self == data:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-            return read_bytes(self)
+            return open_path(self, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "read_bytes", refuse)
+        monkeypatch.setattr(Path, "open", refuse)
     err = fail(sft(data))
     assert re.search(r"data\.jsonl: cannot read: Permission denied", err), err
 
