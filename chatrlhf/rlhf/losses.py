@@ -169,6 +169,19 @@ def _stats(log_ratio: Tensor, ratio: Tensor, clipped: Tensor, mask: Tensor) -> P
         )
 
 
+def _clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
+    """ℓ = max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)) per token, 0 outside the mask, and (B, T) bool: where the
+    clipped term is the larger one (the token's gradient is cut). Shared by PPO's token ratio and GSPO's sequence
+    ratio."""
+    # −A·ρ
+    unclipped = -advantages * ratio
+    # −A·clip(ρ, 1−ε_low, 1+ε_high)
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped) * mask, clipped > unclipped
+
+
 def ppo_policy_loss(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
 ) -> tuple[Tensor, PolicyLossStats]:
@@ -198,12 +211,8 @@ def ppo_policy_loss(
     log_ratio = (logp - old_logp) * mask
     # ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t)
     ratio = torch.exp(log_ratio)
-    # −A·ρ
-    unclipped = -advantages * ratio
-    # −A·clip(ρ, 1−ε_low, 1+ε_high)
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped) * mask
-    return per_token, _stats(log_ratio, ratio, clipped > unclipped, mask)
+    per_token, clipped = _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high)
+    return per_token, _stats(log_ratio, ratio, clipped, mask)
 
 
 def gspo_policy_loss(
@@ -239,10 +248,8 @@ def gspo_policy_loss(
     # log s_i,t = sg[log s_i] + log π_θ(y_i,t) − sg[log π_θ(y_i,t)]
     token_log_ratio = seq_log_ratio.detach() + logp - logp.detach()
     ratio = torch.exp(token_log_ratio * mask)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped) * mask
-    return per_token, _stats(log_ratio, ratio, clipped > unclipped, mask)
+    per_token, clipped = _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high)
+    return per_token, _stats(log_ratio, ratio, clipped, mask)
 
 
 def cispo_policy_loss(
