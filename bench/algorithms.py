@@ -12,8 +12,8 @@ column is the same in every row and the paired differences are comparable.
 Per row it prints the judge's mean score of SFT and of the tuned policy, the paired difference with its 95%
 interval (the verdict: its lower end above 0), the final KL to the reference, the wall time of the row's own step,
 and the RL doctor's findings; the table is printed as the README has it. A row whose summary exists is read,
-not run again (delete its directory to rerun it). The figures, commands and each run's versions and machine
-(summary.json `env/*`) go to `--json`.
+not run again (delete its directory to rerun it). The figures, commands (`--workdir` written WORKDIR) and each
+run's versions and machine (summary.json `env/*`) go to `--json`.
 
     python bench/algorithms.py --workdir runs/algorithms --json bench/results/algorithms.json
     python bench/algorithms.py --only ppo grpo dapo      # a subset (the first row is run when missing)
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _runner import run_env_line, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {
@@ -53,8 +54,9 @@ SHARED = ("model", "data", "sft", "run")
 """Recipe sections that must equal the base's: what the reused steps were trained with."""
 
 
-def command(recipe: Path, run_dir: Path, eval_prompts: str) -> list[str]:
-    return [sys.executable, "-m", "chatrlhf", "pipeline", "--recipe", str(recipe), "--run_dir", str(run_dir),
+def command(recipe: str, run_dir: Path, eval_prompts: str) -> list[str]:
+    """The row's pipeline; `recipe` is relative to the repository (the command runs there)."""
+    return [sys.executable, "-m", "chatrlhf", "pipeline", "--recipe", recipe, "--run_dir", str(run_dir),
             "--resume", "auto", "--run.progress", "False", "--eval.prompts", eval_prompts]  # fmt: skip
 
 
@@ -86,7 +88,7 @@ def run_row(name: str, workdir: Path, eval_prompts: str) -> dict:
     recipe_path = ROOT / ROWS[name]
     recipe, base = load(recipe_path), load(ROOT / ROWS[BASE])
     run_dir = workdir / name
-    cmd = command(recipe_path, run_dir, eval_prompts)
+    cmd = command(ROWS[name], run_dir, eval_prompts)
     wall = None
     if not (run_dir / "summary.json").is_file():
         if name != BASE:
@@ -104,7 +106,7 @@ def run_row(name: str, workdir: Path, eval_prompts: str) -> dict:
     return {
         "row": name,
         "recipe": ROWS[name],
-        "command": " ".join(["chatrlhf", *cmd[3:]]),
+        "command": " ".join(["chatrlhf", *command(ROWS[name], Path("WORKDIR") / name, eval_prompts)[3:]]),
         "judge_sft": judge["sft"]["mean"],
         "judge_tuned": judge["rlhf"]["mean"],
         "paired_diff": diff["mean"],
@@ -159,7 +161,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.print_commands:
         for name in ROWS:
-            print(" ".join(["chatrlhf", *command(ROOT / ROWS[name], args.workdir / name, args.eval_prompts)[3:]]))
+            print(" ".join(["chatrlhf", *command(ROWS[name], args.workdir / name, args.eval_prompts)[3:]]))
         return 0
     if BASE not in args.only and not (args.workdir / BASE / "summary.json").is_file():
         args.only = [BASE, *args.only]
@@ -169,13 +171,9 @@ def main() -> int:
     print(markdown(rows))
     wins = all(r["beats_sft"] for r in rows)
     print(f"every row's paired 95% CI above zero: {'yes' if wins else 'NO'}")
-    env = rows[0]["env"]
-    print(f"machine: {env.get('env/cpu')} ({env.get('env/cpu_count')} cores); torch {env.get('env/torch')}, "
-          f"transformers {env.get('env/transformers')}, python {env.get('env/python')}")  # fmt: skip
-    out = args.json or args.workdir / "algorithms.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"eval_prompts": args.eval_prompts, "rows": rows, "every_row_wins": wins}, indent=2))
-    print(f"wrote {out}")
+    print(run_env_line(rows[0]["env"]))
+    payload = {"eval_prompts": args.eval_prompts, "rows": rows, "every_row_wins": wins}
+    write_json(args.json or args.workdir / "algorithms.json", payload)
     return 0 if wins else 1
 
 
