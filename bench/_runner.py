@@ -21,6 +21,7 @@ A run can be given a memory budget: when any process of the tree exceeds it, the
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -322,6 +323,21 @@ def machine_summary() -> dict:
         "python": platform.python_version(),
         **versions,
     }
+
+
+def run_env_line(env: dict) -> str:
+    """The machine and versions a chatrlhf run recorded (its summary's `env/*`), as one line."""
+    return (
+        f"machine: {env.get('env/cpu')} ({env.get('env/cpu_count')} cores); torch {env.get('env/torch')}, "
+        f"transformers {env.get('env/transformers')}, python {env.get('env/python')}"
+    )
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write a bench's figures (indented, with a final newline), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def fmt_mib(n: int | None) -> str:

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from _runner import run_env_line, write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,14 +77,8 @@ def main() -> int:
         print(f"{r['seed']:>6} {r['judge_sft']:>10.3f} {r['judge_rlhf']:>11.3f} {ci:>28} {acc:>7} {kl:>6}")
     wins = all(r["paired_ci95"][0] > 0 for r in rows)
     print(f"every seed's paired 95% CI above zero: {'yes' if wins else 'NO'}")
-    env = rows[0]["env"]
-    print(f"machine: {env.get('env/cpu')} ({env.get('env/cpu_count')} cores); torch {env.get('env/torch')}, "
-          f"transformers {env.get('env/transformers')}, python {env.get('env/python')}")  # fmt: skip
-
-    out = args.json or args.workdir / "seeds.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "every_seed_wins": wins}, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(run_env_line(rows[0]["env"]))
+    write_json(args.json or args.workdir / "seeds.json", {"rows": rows, "every_seed_wins": wins})
     return 0 if wins else 1
 
 

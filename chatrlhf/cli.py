@@ -20,7 +20,7 @@ USAGE = """usage: chatrlhf {sft,reward,rl,dpo,pipeline,eval} [--recipe FILE.yaml
 
   sft        step 1: supervised fine-tuning on prompt/response records
   reward     step 2: reward model on prompt/chosen/rejected pairs
-  rl         step 3: RLHF with PPO (actor, critic, reference, reward model)
+  rl         step 3: RLHF with PPO (actor, critic, reference, reward model) or GRPO, DAPO, GSPO, CISPO, ...
   dpo        DPO on prompt/chosen/rejected pairs: steps 2+3 in one, without a reward model
   pipeline   steps 1-3 (or SFT then DPO: --method dpo), then SFT vs the result on held-out prompts
   eval       perplexity, reward-model accuracy, and models side by side (scores, win rates, pass@k)
@@ -71,12 +71,13 @@ def parse(stage: str, args: list[str]):
     import tyro
 
     from chatrlhf import config
-    from chatrlhf.config import load_recipe
+    from chatrlhf.config import check_renamed_flags, load_recipe
 
     cls = getattr(config, STAGES[stage][0])
     recipe, rest = _split_recipe(args)
     if stage in MODEL_FIRST and rest and not rest[0].startswith("-"):
         rest = ["--model", rest[0], *rest[1:]]
+    check_renamed_flags(cls, rest)  # an old name gets its new one, not tyro's "unrecognized arguments"
     default = load_recipe(cls, recipe) if recipe else cls()
     return tyro.cli(
         cls,

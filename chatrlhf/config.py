@@ -235,48 +235,143 @@ class RolloutConfig:
     max_logprob_diff: float | None = None
     """Stop when an iteration's `rollout/logprob_diff` (mean |log π_trainer − log π_rollout| over the sampled
     tokens) exceeds this; None only logs it."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token's advantage by min(π_old / π_rollout, cap), where
+    π_rollout is the probability the rollout engine sampled with (it differs from the trainer's recomputation
+    through kernels, caches and precision). None disables it."""
 
 
 @dataclass
-class PPOConfig:
-    """The PPO update (DeepSpeed-Chat's trainer constants by default; see docs/algorithms.md)."""
+class KLConfig:
+    """The KL penalty against the reference policy (docs/algorithms.md §8)."""
 
-    kl_coef: float = 0.1
-    """β in r_t = −β·(log π_old − log π_ref); the per-token KL penalty in the reward."""
-    reward_clip: float = 5.0
-    """The reward model's score is clipped to ±reward_clip before it is added at the last response token."""
-    clip_eps: float = 0.2
-    """ε of the clipped policy surrogate (ratio kept in [1−ε, 1+ε])."""
+    coef: float = 0.1
+    """β, the weight of the per-token KL estimate: r_t −= β·KL_t (placement reward) or + β·KL in the loss."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator (Schulman, "Approximating KL Divergence"): k1 = log π − log π_ref (DeepSpeed-Chat), k2 =
+    ½(log-ratio)², k3 = exp(−log-ratio) − 1 + log-ratio (GRPO's, non-negative). placement loss needs k2 or k3."""
+    placement: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty acts: shaped into the reward (r_t −= β·KL_t of π_old; PPO, DeepSpeed-Chat) or added to
+    the policy loss as β·KL of the current policy, with its gradient (GRPO)."""
+    target: float | None = None
+    """If set, β adapts to keep the per-response KL near this target (Ziegler et al. 2019); `coef` is its start."""
+    horizon: int = 10000
+    """Horizon of the adaptive KL controller, in sampled responses (Ziegler et al.: β moves by at most 20% per
+    `horizon` responses)."""
+
+
+@dataclass
+class RewardShapingConfig:
+    """What is done to the reward before the advantages: the clip and DAPO's overlong punishment."""
+
+    clip: float = 5.0
+    """The summed score is clipped to ±clip before it is added at the last response token (DeepSpeed-Chat's
+    `clip_reward_value`)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: the last this many tokens before `generation.max_new_tokens` cost a penalty
+    rising linearly to `overlong_penalty` at the limit (docs/algorithms.md §11). 0 = off."""
+    overlong_penalty: float = 1.0
+    """The overlong punishment at the length limit (DAPO: 1, in units of its 0/1 reward)."""
+
+
+@dataclass
+class AdvantageConfig:
+    """How the advantages are estimated beyond what the algorithm fixes (docs/algorithms.md §3, §7)."""
+
+    gamma: float = 1.0
+    """Discount γ of GAE (PPO) and of REINFORCE++'s returns."""
+    lam: float = 0.95
+    """λ of GAE (PPO)."""
+    whiten: bool = False
+    """PPO: whiten the advantages over the rollout batch (masked). DeepSpeed-Chat does not; OpenRLHF and TRL do."""
+    group_baseline: bool = False
+    """REINFORCE++-baseline: subtract each prompt's mean score before KL shaping (needs group_size >= 2)."""
+
+
+@dataclass
+class LossConfig:
+    """The policy and value losses every algorithm shares (docs/algorithms.md §3.5–3.7, §11–13)."""
+
+    clip_low: float = 0.2
+    """ε_low: the ratio (PPO, DAPO: per token; GSPO: per sequence) is kept above 1 − ε_low; CISPO clips its weights
+    there. DeepSpeed-Chat's `cliprange` 0.2."""
+    clip_high: float | None = None
+    """ε_high: the ratio is kept below 1 + ε_high (DAPO's clip-higher: 0.28). None = clip_low (PPO's symmetric
+    clip)."""
     value_clip: float = 0.2
     """ε of the clipped value loss (new values kept within ±ε of the rollout's values)."""
-    gamma: float = 1.0
-    """Discount γ of GAE."""
-    lam: float = 0.95
-    """λ of GAE."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    """How per-token losses become one number (docs/algorithms.md §3.7): token_mean is DeepSpeed-Chat's and DAPO's
+    token-level loss; GRPO's and GSPO's papers use seq_mean_token_mean."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss subtracts coef × the aggregated entropy of the current policy's next-token
+    distributions (needs the full-vocabulary softmax with gradients: more memory). 0 = off."""
+    mask_truncated: bool = False
+    """DAPO's overlong filtering: responses cut at `generation.max_new_tokens` (no EOS) are left out of the loss
+    (they still count in their group's baseline)."""
+
+    @property
+    def high(self) -> float:
+        """ε_high as used: `clip_high`, or `clip_low` when it is None."""
+        return self.clip_low if self.clip_high is None else self.clip_high
+
+
+@dataclass
+class UpdateConfig:
+    """How the update walks over an iteration's rollouts: epochs, mini-batches (optimizer steps), micro-batches."""
+
+    epochs: int = 1
+    """Passes over each rollout batch (PPO's epochs)."""
     mini_batch_size: int = 0
     """Sequences per optimizer step within an iteration's rollouts (0 = all of them in one step)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward (gradient accumulation up to mini_batch_size); 0 = mini_batch_size."""
-    whiten_advantages: bool = False
-    """Whiten advantages over the rollout batch (masked). DeepSpeed-Chat does not; OpenRLHF and TRL do."""
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
-    """How per-token losses become one number (docs/algorithms.md); GRPO's paper uses seq_mean_token_mean."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """KL estimator (Schulman, "Approximating KL Divergence"): k1 = log π − log π_ref (DeepSpeed-Chat), k2 =
-    ½(log-ratio)², k3 = exp(−log-ratio) − 1 + log-ratio (GRPO's, non-negative)."""
-    kl_in: Literal["reward", "loss"] = "reward"
-    """Where the KL penalty acts: shaped into the reward (r_t −= β·KL_t; PPO, DeepSpeed-Chat) or added to the policy
-    loss as β·KL of the current policy (GRPO)."""
-    kl_target: float | None = None
-    """If set, β adapts to keep the per-response KL near this target (Ziegler et al. 2019); `kl_coef` is its start."""
-    kl_horizon: int = 10000
-    """Horizon of the adaptive KL controller, in samples."""
-    tis_cap: float | None = None
-    """Truncated importance sampling: weight each token's policy loss by min(π_old / π_rollout, cap), where
-    π_rollout is the probability the rollout engine sampled with (it differs from the trainer's recomputation
-    through kernels, caches and precision). None disables it."""
+
+
+@dataclass
+class SamplingConfig:
+    """Dynamic sampling (algo dapo): groups whose rewards are all equal are dropped and more prompts are sampled."""
+
+    max_rounds: int = 8
+    """Generation rounds of `rollout_batch_size` prompts at most per iteration; if the batch is still not full of
+    groups with unequal rewards after them, the run stops (the reward no longer tells the samples apart)."""
+
+
+@dataclass(frozen=True)
+class AlgorithmRules:
+    """What an RL algorithm asks of a run, checked when the config is validated. The math that goes with each is in
+    train/algorithms.py (ALGORITHMS), under the same names."""
+
+    critic: bool = False
+    """It trains a critic (value model), initialised from `critic` or the reward model."""
+    greedy_baseline: bool = False
+    """Each prompt also gets a greedy response, scored as the baseline (ReMax)."""
+    sampling: Literal["once", "dynamic"] = "once"
+    """`once`: one generation round per iteration; `dynamic`: DAPO's dynamic sampling (`train.sampling`)."""
+    min_group: int = 1
+    """Smallest `group_size`: a group baseline needs two samples."""
+    max_group: int | None = None
+    """Largest `group_size` (ReMax: one sample and one greedy response per prompt)."""
+    whiten: bool = False
+    """`train.advantage.whiten` applies (the others normalise by their own rule)."""
+    group_baseline: bool = False
+    """`train.advantage.group_baseline` applies."""
+
+
+ALGORITHM_RULES: dict[str, AlgorithmRules] = {
+    "ppo": AlgorithmRules(critic=True, whiten=True),
+    "grpo": AlgorithmRules(min_group=2),
+    "dr_grpo": AlgorithmRules(min_group=2),
+    "rloo": AlgorithmRules(min_group=2),
+    "reinforce_pp": AlgorithmRules(group_baseline=True),
+    "remax": AlgorithmRules(greedy_baseline=True, max_group=1),
+    "dapo": AlgorithmRules(sampling="dynamic", min_group=2),
+    "gspo": AlgorithmRules(min_group=2),
+    "cispo": AlgorithmRules(min_group=2),
+}
+"""The rules of each `train.algo` (its advantages and policy loss: docs/algorithms.md §7, §11–13)."""
+
+Algo = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "dapo", "gspo", "cispo"]
 
 
 Diagnostic = Literal[
@@ -349,7 +444,7 @@ class DoctorConfig:
     (`reward/<name>_share`) averages at least this over the recent window: the other components hardly move the
     advantages."""
     clip_frac_max: float = 0.1
-    """`reward_at_clip`: fires when the fraction of responses whose score reaches ±`reward_clip`
+    """`reward_at_clip`: fires when the fraction of responses whose score lies outside ±`reward.clip`
     (`reward/clip_frac`) averages at least this over the recent window: the clip flattens the reward there."""
     judge_min_drop: float = 0.02
     """`reward_vs_judge`: the judge must fall by at least this much below its best evaluation (and by z standard
@@ -401,15 +496,15 @@ class DoctorConfig:
 class RLTrainConfig:
     """How step 3 (RLHF) runs."""
 
-    algo: Literal["ppo", "grpo", "rloo", "reinforce_pp", "remax"] = "ppo"
-    """ppo (actor + critic, GAE); critic-free: grpo (group-normalised rewards), rloo (leave-one-out baseline),
-    reinforce_pp (REINFORCE++: KL-shaped returns, batch-normalised), remax (greedy response as the baseline)."""
+    algo: Algo = "ppo"
+    """ppo (actor + critic, GAE); critic-free: grpo (group-normalised rewards), dr_grpo (group-centred, no std),
+    rloo (leave-one-out baseline), reinforce_pp (REINFORCE++: KL-shaped returns, batch-normalised), remax (greedy
+    response as the baseline), dapo (GRPO's advantages with dynamic sampling; with the clip-higher, token-level loss
+    and overlong settings of recipes/demo-dapo.yaml), gspo (sequence-level ratio and clip), cispo (clipped
+    stop-gradient importance weights on REINFORCE). docs/algorithms.md §3, §7, §11–13."""
     group_size: int = 1
-    """Responses sampled per prompt. GRPO and RLOO need >= 2; REINFORCE++ uses it with `group_baseline`."""
-    grpo_scale_by_std: bool = True
-    """GRPO divides by the group's reward std; False gives Dr. GRPO (centring only)."""
-    group_baseline: bool = False
-    """REINFORCE++-baseline: subtract each prompt's mean score before KL shaping (needs group_size >= 2)."""
+    """Responses sampled per prompt. The group-baseline algorithms (grpo, dr_grpo, rloo, dapo, gspo, cispo) need
+    >= 2; REINFORCE++ uses it with `advantage.group_baseline`; remax takes 1."""
     iterations: int = 100
     """RL iterations: each samples `rollout_batch_size` prompts, generates, scores and updates."""
     rollout_batch_size: int = 16
@@ -422,8 +517,18 @@ class RLTrainConfig:
     """The rollout engine: `hf` or `vllm`."""
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     """The RL doctor: diagnostics of reward hacking and unhealthy updates during the run (docs/report.md)."""
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    """PPO hyper-parameters."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """The KL penalty against the reference."""
+    reward: RewardShapingConfig = field(default_factory=RewardShapingConfig)
+    """Reward clip and overlong shaping."""
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """GAE's γ and λ, whitening, REINFORCE++'s group baseline."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Clip ranges, loss aggregation, entropy bonus, overlong filtering."""
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    """Epochs, mini-batches and micro-batches of the update."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Dynamic sampling's bound (dapo)."""
     actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.65e-6))
     """Actor optimizer (DeepSpeed-Chat's OPT-1.3B step-3 lr)."""
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
@@ -542,11 +647,12 @@ class RLConfig(StageOptions):
                 f"reward_weights has {len(self.reward_weights)} values for {n_sources} reward sources "
                 "(reward_model, if set, then each of reward_functions)"
             )
-        if self.train.algo == "ppo" and not (self.critic or self.reward_model):
-            raise ConfigError("train.algo=ppo needs a critic: set critic (or reward_model, which initialises it)")
-        if self.train.algo != "ppo" and self.critic:
-            raise ConfigError(f"critic is set but train.algo={self.train.algo} has no critic; unset critic")
-        if self.train.algo != "ppo" and self.critic_fresh_head:
+        algo, has_critic = self.train.algo, ALGORITHM_RULES[self.train.algo].critic
+        if has_critic and not (self.critic or self.reward_model):
+            raise ConfigError(f"train.algo={algo} needs a critic: set critic (or reward_model, which initialises it)")
+        if not has_critic and self.critic:
+            raise ConfigError(f"critic is set but train.algo={algo} has no critic; unset critic")
+        if not has_critic and self.critic_fresh_head:
             raise ConfigError(
                 f"critic_fresh_head is set but train.algo={self.train.algo} has no critic; unset critic_fresh_head"
             )
@@ -758,8 +864,10 @@ class PipelineConfig(StageOptions):
         n_sources = int(self.train_reward_model) + len(self.reward_functions)
         if self.reward_weights is not None and len(self.reward_weights) != n_sources:
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {n_sources} reward sources")
-        if self.rl.algo == "ppo" and not self.train_reward_model:
-            raise ConfigError("rl.algo=ppo initialises its critic from the reward model: keep train_reward_model")
+        if ALGORITHM_RULES[self.rl.algo].critic and not self.train_reward_model:
+            raise ConfigError(
+                f"rl.algo={self.rl.algo} initialises its critic from the reward model: keep train_reward_model"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1185,30 +1293,16 @@ def _validate_rollout(r: RolloutConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}.cpu_kv_cache_gib must be > 0, got {r.cpu_kv_cache_gib}")
     if r.sync_tolerance <= 0 or (r.max_logprob_diff is not None and r.max_logprob_diff <= 0):
         raise ConfigError(f"{prefix}.sync_tolerance and {prefix}.max_logprob_diff must be > 0")
+    if r.tis_cap is not None and r.tis_cap < 1.0:
+        raise ConfigError(f"{prefix}.tis_cap must be >= 1 (it caps an importance weight), got {r.tis_cap}")
 
 
 def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
-    p, g = t.ppo, t.generation
+    g = t.generation
     if t.iterations < 1 or t.rollout_batch_size < 1:
         raise ConfigError(f"{prefix}.iterations and {prefix}.rollout_batch_size must be >= 1")
     if t.max_prompt_len < 1 or g.max_new_tokens < 1:
         raise ConfigError(f"{prefix}.max_prompt_len and {prefix}.generation.max_new_tokens must be >= 1")
-    samples = t.rollout_batch_size * t.group_size
-    mini = p.mini_batch_size or samples
-    micro = p.micro_batch_size or mini
-    if samples % mini:
-        raise ConfigError(
-            f"{prefix}.ppo.mini_batch_size ({mini}) must divide the {samples} sequences of an iteration "
-            f"({prefix}.rollout_batch_size × {prefix}.group_size)"
-        )
-    if mini % micro:
-        raise ConfigError(f"{prefix}.ppo.micro_batch_size ({micro}) must divide {prefix}.ppo.mini_batch_size ({mini})")
-    if p.ppo_epochs < 1:
-        raise ConfigError(f"{prefix}.ppo.ppo_epochs must be >= 1")
-    if p.kl_coef < 0 or p.reward_clip <= 0 or p.clip_eps <= 0 or p.value_clip <= 0:
-        raise ConfigError(f"{prefix}.ppo: kl_coef must be >= 0 and reward_clip, clip_eps, value_clip > 0")
-    if not (0.0 <= p.gamma <= 1.0 and 0.0 <= p.lam <= 1.0):
-        raise ConfigError(f"{prefix}.ppo.gamma and {prefix}.ppo.lam must be in [0, 1]")
     if g.temperature <= 0 or not 0.0 < g.top_p <= 1.0 or g.top_k < 0:
         raise ConfigError(f"{prefix}.generation: temperature must be > 0, top_p in (0, 1], top_k >= 0")
     _validate_rollout(t.rollout, f"{prefix}.rollout")
@@ -1219,24 +1313,97 @@ def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
         raise ConfigError(f"{prefix}.ptx_coef is {t.ptx_coef} but {prefix}.ptx_paths is empty: the PTX loss needs data")
     if t.ptx_paths and t.ptx_coef <= 0:
         raise ConfigError(f"{prefix}.ptx_paths is set but {prefix}.ptx_coef is {t.ptx_coef}: set a coefficient > 0")
-    if t.group_size < 1:
-        raise ConfigError(f"{prefix}.group_size must be >= 1")
-    if t.algo in ("grpo", "rloo") and t.group_size < 2:
-        raise ConfigError(f"{prefix}.algo={t.algo} compares samples of a prompt: set {prefix}.group_size >= 2")
-    if t.group_baseline and (t.algo != "reinforce_pp" or t.group_size < 2):
-        raise ConfigError(f"{prefix}.group_baseline needs {prefix}.algo=reinforce_pp and {prefix}.group_size >= 2")
-    if t.algo == "remax" and t.group_size != 1:
-        raise ConfigError(f"{prefix}.algo=remax uses one sample and one greedy response per prompt: group_size=1")
-    if p.whiten_advantages and t.algo != "ppo":
-        raise ConfigError(f"{prefix}.ppo.whiten_advantages applies to ppo only ({t.algo} has its own normalisation)")
-    if p.kl_target is not None and (p.kl_target <= 0 or p.kl_horizon <= 0):
-        raise ConfigError(f"{prefix}.ppo.kl_target and {prefix}.ppo.kl_horizon must be > 0")
-    if p.tis_cap is not None and p.tis_cap < 1.0:
-        raise ConfigError(f"{prefix}.ppo.tis_cap must be >= 1 (it caps an importance weight), got {p.tis_cap}")
     if not 0.0 < t.ema_decay < 1.0:
         raise ConfigError(f"{prefix}.ema_decay must be in (0, 1), got {t.ema_decay}")
     for name in ("actor_optim", "critic_optim"):
         _validate_optim(getattr(t, name), f"{prefix}.{name}")
+    _validate_update(t, prefix)
+    _validate_kl(t.kl, f"{prefix}.kl")
+    _validate_shaping(t, prefix)
+    _validate_algorithm(t, prefix)
+
+
+def _validate_update(t: RLTrainConfig, prefix: str) -> None:
+    u, loss = t.update, t.loss
+    samples = t.rollout_batch_size * t.group_size
+    mini = u.mini_batch_size or samples
+    micro = u.micro_batch_size or mini
+    if samples % mini:
+        raise ConfigError(
+            f"{prefix}.update.mini_batch_size ({mini}) must divide the {samples} sequences of an iteration "
+            f"({prefix}.rollout_batch_size × {prefix}.group_size)"
+        )
+    if mini % micro:
+        raise ConfigError(
+            f"{prefix}.update.micro_batch_size ({micro}) must divide {prefix}.update.mini_batch_size ({mini})"
+        )
+    if u.epochs < 1:
+        raise ConfigError(f"{prefix}.update.epochs must be >= 1")
+    if not 0.0 < loss.clip_low <= 1.0 or loss.high <= 0 or loss.value_clip <= 0:
+        raise ConfigError(
+            f"{prefix}.loss: clip_low must be in (0, 1] (the ratio's lower bound 1 − clip_low is >= 0), clip_high "
+            "and value_clip > 0"
+        )
+    if loss.entropy_coef < 0:
+        raise ConfigError(f"{prefix}.loss.entropy_coef must be >= 0 (it is a bonus), got {loss.entropy_coef}")
+
+
+def _validate_kl(kl: KLConfig, prefix: str) -> None:
+    if kl.coef < 0:
+        raise ConfigError(f"{prefix}.coef must be >= 0")
+    if kl.target is not None and (kl.target <= 0 or kl.horizon <= 0):
+        raise ConfigError(f"{prefix}.target and {prefix}.horizon must be > 0")
+    if kl.placement == "loss" and kl.estimator == "k1" and kl.coef > 0:
+        # ∇_θ β·(log π_θ − log π_ref) = β·∇ log π_θ: the reference drops out, and over samples of π it is 0 in
+        # expectation (Σ_a π·∇log π = ∇Σ_a π = 0), so the penalty would not hold the policy to the reference
+        raise ConfigError(
+            f"{prefix}.placement=loss with {prefix}.estimator=k1: the gradient of k1 = log π − log π_ref does not "
+            "depend on the reference and is zero in expectation, so the penalty would do nothing. Use "
+            f"{prefix}.estimator k3 (or k2) with placement loss, or placement reward with k1 (docs/algorithms.md §8)"
+        )
+
+
+def _validate_shaping(t: RLTrainConfig, prefix: str) -> None:
+    r, adv = t.reward, t.advantage
+    if r.clip <= 0:
+        raise ConfigError(f"{prefix}.reward.clip must be > 0")
+    if not 0 <= r.overlong_buffer <= t.generation.max_new_tokens:
+        raise ConfigError(
+            f"{prefix}.reward.overlong_buffer ({r.overlong_buffer}) must be in [0, "
+            f"{prefix}.generation.max_new_tokens = {t.generation.max_new_tokens}]"
+        )
+    if r.overlong_penalty < 0:
+        raise ConfigError(f"{prefix}.reward.overlong_penalty must be >= 0 (it is subtracted)")
+    if not (0.0 <= adv.gamma <= 1.0 and 0.0 <= adv.lam <= 1.0):
+        raise ConfigError(f"{prefix}.advantage.gamma and {prefix}.advantage.lam must be in [0, 1]")
+    if t.sampling.max_rounds < 1:
+        raise ConfigError(f"{prefix}.sampling.max_rounds must be >= 1")
+
+
+def _validate_algorithm(t: RLTrainConfig, prefix: str) -> None:
+    """The rules of `t.algo` (ALGORITHM_RULES)."""
+    rules = ALGORITHM_RULES[t.algo]
+    if t.group_size < 1:
+        raise ConfigError(f"{prefix}.group_size must be >= 1")
+    if t.group_size < rules.min_group:
+        raise ConfigError(
+            f"{prefix}.algo={t.algo} compares samples of a prompt: set {prefix}.group_size >= {rules.min_group}"
+        )
+    if rules.max_group is not None and t.group_size > rules.max_group:
+        raise ConfigError(
+            f"{prefix}.algo={t.algo} uses one sample and one greedy response per prompt: "
+            f"{prefix}.group_size={rules.max_group}"
+        )
+    if t.advantage.group_baseline and (not rules.group_baseline or t.group_size < 2):
+        allowed = [name for name, r in ALGORITHM_RULES.items() if r.group_baseline]
+        raise ConfigError(
+            f"{prefix}.advantage.group_baseline needs {prefix}.algo in {allowed} and {prefix}.group_size >= 2"
+        )
+    if t.advantage.whiten and not rules.whiten:
+        raise ConfigError(
+            f"{prefix}.advantage.whiten applies to {', '.join(n for n, r in ALGORITHM_RULES.items() if r.whiten)} "
+            f"only ({t.algo} has its own normalisation)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1244,9 +1411,83 @@ def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
 
 C = TypeVar("C")
 
+RENAMED: dict[type, dict[str, str]] = {
+    RLTrainConfig: {
+        "ppo.kl_coef": "kl.coef",
+        "ppo.kl_estimator": "kl.estimator",
+        "ppo.kl_in": "kl.placement",
+        "ppo.kl_target": "kl.target",
+        "ppo.kl_horizon": "kl.horizon",
+        "ppo.reward_clip": "reward.clip",
+        "ppo.clip_eps": "loss.clip_low",
+        "ppo.value_clip": "loss.value_clip",
+        "ppo.loss_aggregation": "loss.aggregation",
+        "ppo.gamma": "advantage.gamma",
+        "ppo.lam": "advantage.lam",
+        "ppo.whiten_advantages": "advantage.whiten",
+        "ppo.ppo_epochs": "update.epochs",
+        "ppo.mini_batch_size": "update.mini_batch_size",
+        "ppo.micro_batch_size": "update.micro_batch_size",
+        "ppo.tis_cap": "rollout.tis_cap",
+        "group_baseline": "advantage.group_baseline",
+        "grpo_scale_by_std": "algo",
+    },
+    RunConfig: {"tensorboard": "report_to"},
+}
+"""Fields of earlier versions → their name now, within the config class that holds them. The settings every RL
+algorithm shares were under `ppo.*`; `grpo_scale_by_std: false` is now `algo: dr_grpo`. An old name in a recipe or
+on the command line is an error that gives the new one (`renamed_error`)."""
+
+_RENAME_NOTES = {
+    "ppo.clip_eps": " (and loss.clip_high, which follows clip_low unless set)",
+    "grpo_scale_by_std": " (grpo_scale_by_std false is algo dr_grpo; true is algo grpo)",
+    "tensorboard": " (tensorboard true is report_to [tensorboard]; W&B, MLflow and Trackio are there too)",
+}
+
+
+def renamed_error(cls: type, key: str, prefix: str, given: list[str] | None = None) -> ConfigError | None:
+    """The error for an old field name `key` (dotted, inside `cls`, whose own path is `prefix`, e.g. `train.` or
+    `--train.`), or None when `key` was never a field. A section that is gone (`ppo`) says where each of its
+    fields in `given` went (all of them when `given` is None)."""
+    table = RENAMED.get(cls, {})
+    if key in table:
+        listed = " (docs/algorithms.md §4 lists every setting)" if cls is RLTrainConfig else ""
+        return ConfigError(f"'{prefix}{key}' was renamed: use '{prefix}{table[key]}'{_RENAME_NOTES.get(key, '')}{listed}")
+    moved = [(old, new) for old, new in table.items() if old.startswith(key + ".")]
+    if given is not None:
+        moved = [(old, new) for old, new in moved if old.split(".")[-1] in given]
+    if key + "." in {old[: len(key) + 1] for old in table}:
+        pairs = "; ".join(f"{prefix}{old} → {prefix}{new}" for old, new in moved)
+        return ConfigError(
+            f"'{prefix}{key}' is gone: its settings apply to every RL algorithm and moved by what they are "
+            f"about{': ' + pairs if pairs else ''} (docs/algorithms.md §4)"
+        )
+    return None
+
+
+def check_renamed_flags(cls: type, args: list[str]) -> None:
+    """Refuse command-line flags (`--train.ppo.kl_coef`) that name a field of an earlier version, with the new name."""
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        parts = arg[2:].split("=", 1)[0].replace("-", "_").split(".")
+        holder = cls
+        for i, part in enumerate(parts):
+            fields = {f.name for f in dataclasses.fields(holder)}  # type: ignore[arg-type]
+            if part not in fields:
+                error = renamed_error(holder, ".".join(parts[i:]), "--" + "".join(p + "." for p in parts[:i]))
+                if error is not None:
+                    raise error
+                break
+            inner = getattr(holder(), part)
+            if not dataclasses.is_dataclass(inner):
+                break
+            holder = type(inner)
+
 
 def from_dict(cls: type[C], data: dict, where: str = "") -> C:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys with the dotted key path."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with the dotted key path (and old names with
+    the new one)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -1255,6 +1496,10 @@ def from_dict(cls: type[C], data: dict, where: str = "") -> C:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
+            given = list(value) if isinstance(value, dict) else None
+            error = renamed_error(cls, key, f"{where}." if where else "", given)
+            if error is not None:
+                raise error
             raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(fields))})")
         current = getattr(defaults, key)
         if dataclasses.is_dataclass(current):

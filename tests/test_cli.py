@@ -86,7 +86,7 @@ def runs(tmp_path_factory, tiny_dirs, pairs_file):
             "2",
             "--train.rollout_batch_size",
             "8",
-            "--train.ppo.mini_batch_size",
+            "--train.update.mini_batch_size",
             "4",
             "--train.generation.max_new_tokens",
             "8",
@@ -160,7 +160,7 @@ def test_resolved_config_repeats_the_run(runs, tmp_path, pairs_file, tiny_dirs):
 
 def test_help_lists_documented_fields():
     proc = ok(chatrlhf("rl", "--help"))
-    assert "--train.ppo.kl_coef" in proc.stdout and "per-token KL penalty" in proc.stdout
+    assert "--train.kl.coef" in proc.stdout and "per-token KL estimate" in proc.stdout
 
 
 def test_pipeline_on_a_reduced_demo_budget(tmp_path):
@@ -185,7 +185,7 @@ def test_pipeline_on_a_reduced_demo_budget(tmp_path):
             "2",
             "--rl.rollout_batch_size",
             "16",
-            "--rl.ppo.mini_batch_size",
+            "--rl.update.mini_batch_size",
             "8",
             "--rl.generation.max_new_tokens",
             "12",
@@ -222,12 +222,14 @@ def test_pipeline_on_a_reduced_demo_budget(tmp_path):
 
 
 def test_grpo_pipeline_rewarded_by_a_function(tmp_path):
-    """The GRPO demo recipe on a budget of seconds: no reward model is trained; the judge is the RL reward."""
+    """The GRPO demo recipe on a budget of seconds, rewarded by the judge as a Python function: no reward model is
+    trained."""
     run = tmp_path / "grpo"
     ok(chatrlhf(
         "pipeline", "--recipe", "recipes/demo-grpo.yaml", "--run_dir", str(run), "--data.paths", "demo:pairs:400:0",
+        "--train_reward_model", "False", "--reward_functions", "chatrlhf.demo.task:judge", "--data.split", "2,0,8",
         "--model", "tiny:llama:hidden=32,layers=2,heads=4", "--sft.epochs", "1", "--rl.iterations", "2",
-        "--rl.rollout_batch_size", "4", "--rl.ppo.mini_batch_size", "8", "--rl.generation.max_new_tokens", "12",
+        "--rl.rollout_batch_size", "4", "--rl.update.mini_batch_size", "8", "--rl.generation.max_new_tokens", "12",
         "--eval.num_prompts", "6", "--eval.samples_per_prompt", "2", "--run.progress", "False",
     ))  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())

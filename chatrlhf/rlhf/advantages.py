@@ -1,6 +1,7 @@
 """Advantage estimators: GAE for PPO (`gae_advantages`), and the critic-free ones — discounted returns
 (REINFORCE++), group-normalised rewards (GRPO, Dr. GRPO), the leave-one-out baseline (RLOO) and the greedy
-baseline (ReMax) — plus `sequence_to_tokens`, which spreads a sequence-level advantage over its tokens."""
+baseline (ReMax) — plus `sequence_to_tokens`, which spreads a sequence-level advantage over its tokens, and
+`varied_groups`, the filter of DAPO's dynamic sampling."""
 
 from __future__ import annotations
 
@@ -123,3 +124,18 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 def sequence_to_tokens(advantages: Tensor, mask: Tensor) -> Tensor:
     """(B,) sequence advantages → (B, T): every response token of a sequence gets its sequence's advantage."""
     return advantages.unsqueeze(1) * mask
+
+
+@torch.no_grad()
+def varied_groups(scores: Tensor, group_size: int) -> Tensor:
+    """Which groups' rewards are not all equal: the groups DAPO's dynamic sampling keeps (Yu et al. 2025,
+    arXiv 2503.14476, §3.2: prompts whose samples are all right or all wrong are dropped).
+
+    A group of equal rewards has a group-relative advantage of 0 for every sample, so it adds no gradient but
+    dilutes the batch. The comparison is exact (max = min), as for DAPO's 0/1 accuracy.
+
+    scores: (B,) float — sequence rewards, B = prompts × group_size, each prompt's samples contiguous.
+    Returns (B / group_size,) bool — True where the group's rewards differ.
+    """
+    g = _groups(scores, group_size)
+    return g.amax(dim=1) > g.amin(dim=1)

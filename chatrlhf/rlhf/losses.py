@@ -1,8 +1,9 @@
 """Token log-probabilities, loss aggregation, and the losses of the three RLHF stages.
 
-SFT: `lm_loss`. Reward model: `pairwise_loss`. PPO: `policy_loss` (actor) and `value_loss` (critic). DPO and
-IPO: `dpo_loss`. Each per-token loss is reduced by `aggregate_loss`, the one place where token-mean vs
-sequence-mean and gradient-accumulation scaling are decided.
+SFT: `lm_loss`. Reward model: `pairwise_loss`. RL: the per-token policy losses `ppo_policy_loss` (PPO's clipped
+surrogate, DAPO's decoupled clip), `gspo_policy_loss` (sequence-level ratio) and `cispo_policy_loss` (clipped
+stop-gradient weights), and `value_loss` (the critic). DPO and IPO: `dpo_loss`. Each per-token loss is reduced by
+`aggregate_loss`, the one place where token-mean vs sequence-mean and gradient-accumulation scaling are decided.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from chatrlhf.rlhf.masks import masked_mean, masked_sum
+from chatrlhf.rlhf.masks import masked_sum
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
@@ -65,22 +66,19 @@ def _token_mean(per_token: Tensor, mask: Tensor, total_tokens: float | None, tot
 
 
 def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None) -> Tensor:
-    # Σ_b (Σ_t ℓ·m / Σ_t m) / N_seqs
+    # Σ_b (Σ_t ℓ·m / Σ_t m) / N_seqs; a row without tokens (e.g. filtered out of the loss) adds 0
     tokens_per_seq = mask.sum(dim=1)
-    if (tokens_per_seq == 0).any():
-        empty = (tokens_per_seq == 0).nonzero().flatten().tolist()
-        raise ValueError(f"seq_mean_token_mean loss: mask rows {empty} hold no tokens")
     if total_seqs is None:
-        total_seqs = per_token.shape[0]
+        total_seqs = int((tokens_per_seq > 0).sum())
     if total_seqs == 0:
-        raise ValueError("seq_mean_token_mean loss with total_seqs == 0")
-    return (masked_sum(per_token, mask, dim=1) / tokens_per_seq).sum() / total_seqs
+        raise ValueError("seq_mean_token_mean loss with total_seqs == 0: no sequence holds a token")
+    return (masked_sum(per_token, mask, dim=1) / tokens_per_seq.clamp(min=1)).sum() / total_seqs
 
 
 def _seq_mean_token_sum(per_token: Tensor, mask: Tensor, total_tokens: float | None, total_seqs: int | None) -> Tensor:
     # Σ_{b,t} ℓ·m / N_seqs
     if total_seqs is None:
-        total_seqs = per_token.shape[0]
+        total_seqs = int((mask.sum(dim=1) > 0).sum())
     if total_seqs == 0:
         raise ValueError("seq_mean_token_sum loss with total_seqs == 0")
     return masked_sum(per_token, mask) / total_seqs
@@ -105,7 +103,8 @@ def aggregate_loss(
 ) -> Tensor:
     """Reduce a per-token loss to a scalar.
 
-    Modes, with N_tokens = `total_tokens` (default Σ m) and N_seqs = `total_seqs` (default B):
+    Modes, with N_tokens = `total_tokens` (default Σ m) and N_seqs = `total_seqs` (default: the rows of `mask`
+    that hold a token; a row without tokens adds nothing to any mode):
       - "token_mean":          L = Σ_{b,t} ℓ_{b,t}·m_{b,t} / N_tokens — every token weighs the same
         (DeepSpeed-Chat's actor and critic losses, with N_tokens the tokens of the batch).
       - "seq_mean_token_mean": L = Σ_b (Σ_t ℓ_{b,t}·m_{b,t} / Σ_t m_{b,t}) / N_seqs — every sequence weighs the
@@ -139,30 +138,61 @@ def aggregate_loss(
 
 
 class PolicyLossStats(NamedTuple):
-    """Diagnostics of `policy_loss`; detached scalars, masked means over response tokens."""
+    """Diagnostics of a policy loss; detached scalars, masked means over response tokens (0 for an empty mask)."""
 
     clipfrac: Tensor
-    """Fraction of tokens where the clipped surrogate was selected (ratio clipped in the direction that matters)."""
+    """Fraction of tokens where the clip acted: the clipped term was selected (PPO, GSPO: there the whole
+    sequence), or the importance weight was clipped (CISPO)."""
     approx_kl: Tensor
     """½(log π_θ − log π_old)², an estimate of KL(π_old‖π_θ) (k2 of Schulman 2020)."""
     ratio_mean: Tensor
-    """Mean of ρ = π_θ/π_old; 1 on the first minibatch of a rollout."""
+    """Mean of the ratio the loss uses: ρ_t = π_θ/π_old per token (PPO, CISPO), s_i per sequence (GSPO); 1 on the
+    first mini-batch of a rollout."""
 
 
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_eps: float,
-    mode: str = "token_mean",
-    total_tokens: float | None = None,
-    total_seqs: int | None = None,
+PolicyLoss = Callable[[Tensor, Tensor, Tensor, Tensor, float, float], tuple[Tensor, PolicyLossStats]]
+"""The signature every policy loss shares: (logp, old_logp, advantages, mask, clip_low, clip_high) →
+(per-token loss ℓ (B, T), stats). The caller reduces ℓ with `aggregate_loss`."""
+
+
+def _mean_or_zero(x: Tensor, mask: Tensor) -> Tensor:
+    """The masked mean, or 0 for an empty mask (a micro-batch whose responses are all left out of the loss)."""
+    return masked_sum(x, mask) / mask.sum().clamp(min=1)
+
+
+def _stats(log_ratio: Tensor, ratio: Tensor, clipped: Tensor, mask: Tensor) -> PolicyLossStats:
+    with torch.no_grad():
+        return PolicyLossStats(
+            clipfrac=_mean_or_zero(clipped.float(), mask),
+            approx_kl=_mean_or_zero(0.5 * log_ratio**2, mask),
+            ratio_mean=_mean_or_zero(ratio, mask),
+        )
+
+
+def _clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
+    """ℓ = max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)) per token, 0 outside the mask, and (B, T) bool: where the
+    clipped term is the larger one (the token's gradient is cut). Shared by PPO's token ratio and GSPO's sequence
+    ratio."""
+    # −A·ρ
+    unclipped = -advantages * ratio
+    # −A·clip(ρ, 1−ε_low, 1+ε_high)
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped) * mask, clipped > unclipped
+
+
+def ppo_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
 ) -> tuple[Tensor, PolicyLossStats]:
-    """PPO clipped surrogate loss (Schulman et al. 2017, arXiv 1707.06347, eq. 7, negated to minimise).
+    """PPO's clipped surrogate per token (Schulman et al. 2017, arXiv 1707.06347, eq. 7, negated to minimise),
+    with the decoupled clip range of DAPO (Yu et al. 2025, arXiv 2503.14476, §3.1 "Clip-Higher").
 
     ρ_t = exp(log π_θ(a_t|s_t) − log π_old(a_t|s_t)),
-    ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε, 1 + ε)), reduced by `aggregate_loss`.
+    ℓ_t = max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 − ε_low, 1 + ε_high)).
+
+    ε_low = ε_high = ε is PPO's symmetric clip; ε_high > ε_low lets the probability of an unlikely token with a
+    positive advantage grow further before the clip stops it (DAPO's remedy for entropy collapse).
 
     The log-ratio is multiplied by the mask before the exponential (as DeepSpeed-Chat does), so ρ = 1 outside
     the mask and log-probs at padding positions cannot overflow into inf·0 = NaN.
@@ -171,34 +201,83 @@ def policy_loss(
         logp: (B, T) float — log π_θ(a_t|s_t) under the policy being trained (requires grad).
         old_logp: (B, T) float — log π_old(a_t|s_t) from the policy that sampled the rollout.
         advantages: (B, T) float — A_t.
-        mask: (B, T) float — response mask.
-        clip_eps: ε, the clip range of the ratio.
-        mode, total_tokens, total_seqs: see `aggregate_loss`.
+        mask: (B, T) float — the tokens that count.
+        clip_low, clip_high: ε_low, ε_high; the ratio is kept in [1 − ε_low, 1 + ε_high].
 
     Returns:
-        loss: () float — the aggregated loss.
+        per_token: (B, T) float — ℓ_t, 0 outside the mask.
         stats: `PolicyLossStats`, detached.
     """
     log_ratio = (logp - old_logp) * mask
     # ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t)
     ratio = torch.exp(log_ratio)
-    # −A·ρ
-    unclipped = -advantages * ratio
-    # −A·clip(ρ, 1−ε, 1+ε)
-    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    per_token = torch.maximum(unclipped, clipped)
-    loss = aggregate_loss(per_token, mask, mode, total_tokens, total_seqs)
-    with torch.no_grad():
-        stats = PolicyLossStats(
-            clipfrac=masked_mean((clipped > unclipped).float(), mask),
-            approx_kl=masked_mean(0.5 * log_ratio**2, mask),
-            ratio_mean=masked_mean(ratio, mask),
-        )
-    return loss, stats
+    per_token, clipped = _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high)
+    return per_token, _stats(log_ratio, ratio, clipped, mask)
+
+
+def gspo_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, PolicyLossStats]:
+    """GSPO's sequence-level clipped objective in its GSPO-token form (Zheng et al. 2025, arXiv 2507.18071),
+    negated to minimise.
+
+    s_i = exp((1/|y_i|)·Σ_t (log π_θ(y_i,t) − log π_old(y_i,t)))       the length-normalised sequence ratio
+    s_i,t = sg[s_i]·π_θ(y_i,t) / sg[π_θ(y_i,t)]                           (= s_i in value)
+    ℓ_i,t = max(−A_i,t·s_i,t, −A_i,t·clip(s_i,t, 1 − ε_low, 1 + ε_high))
+
+    With one advantage per sequence (A_i,t = A_i, every critic-free estimator here) the GSPO-token form equals GSPO:
+    every token of a sequence has the same value s_i, so the clip acts on whole sequences, and the gradient of
+    ℓ_i,t is −A_i·s_i·∇log π_θ(y_i,t). Reduced by `seq_mean_token_mean` this gives GSPO's gradient
+    ∇J = (1/G)·Σ_i s_i·A_i·(1/|y_i|)·Σ_t ∇log π_θ(y_i,t) (the paper's two gradients, eqs. 11 and 18, agree when
+    the advantage is the sequence's). The paper's clip ranges are far narrower than PPO's (§5.1: ε_low = 3e-4,
+    ε_high = 4e-4), since s_i is a geometric mean of per-token ratios.
+
+    Args:
+        logp, old_logp, advantages, mask: as in `ppo_policy_loss`; |y_i| = Σ_t mask (a row without tokens gets
+            s_i = 1 and no loss).
+        clip_low, clip_high: ε_low, ε_high of the sequence ratio.
+
+    Returns:
+        per_token: (B, T) float — ℓ_i,t, 0 outside the mask.
+        stats: `PolicyLossStats`, detached; `ratio_mean` and `clipfrac` are over sequences, weighted by tokens.
+    """
+    log_ratio = (logp - old_logp) * mask
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)
+    # log s_i = (1/|y_i|)·Σ_t log ρ_i,t
+    seq_log_ratio = log_ratio.sum(dim=1, keepdim=True) / lengths
+    # log s_i,t = sg[log s_i] + log π_θ(y_i,t) − sg[log π_θ(y_i,t)]
+    token_log_ratio = seq_log_ratio.detach() + logp - logp.detach()
+    ratio = torch.exp(token_log_ratio * mask)
+    per_token, clipped = _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high)
+    return per_token, _stats(log_ratio, ratio, clipped, mask)
+
+
+def cispo_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, PolicyLossStats]:
+    """CISPO: REINFORCE with clipped, stop-gradient importance weights (MiniMax 2025, arXiv 2506.13585, §3.1),
+    negated to minimise.
+
+    ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t),   ρ̂_t = clip(ρ_t, 1 − ε_low, 1 + ε_high),
+    ℓ_t = −sg[ρ̂_t]·A_t·log π_θ(a_t|s_t),   so ∇ℓ_t = −ρ̂_t·A_t·∇log π_θ(a_t|s_t).
+
+    Unlike PPO's clip, which drops the gradient of a clipped token, every token keeps its gradient; the clip only
+    bounds its weight. The paper sets no lower bound in practice (a large ε_low; ε_low = 1 gives clip(ρ, 0, ·)) and
+    tunes ε_high. The value of ℓ (it contains log π) is not a progress measure; its gradient is what matters.
+
+    Args, Returns: as `ppo_policy_loss`; `clipfrac` is the fraction of tokens whose weight was clipped.
+    """
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    # ρ̂ = clip(ρ, 1−ε_low, 1+ε_high), no gradient through it
+    weight = ratio.clamp(1 - clip_low, 1 + clip_high).detach()
+    per_token = -weight * advantages * logp * mask
+    out_of_range = (ratio < 1 - clip_low) | (ratio > 1 + clip_high)
+    return per_token, _stats(log_ratio, ratio, out_of_range, mask)
 
 
 class ValueLossStats(NamedTuple):
-    """Diagnostics of `value_loss`; detached scalars, masked means over response tokens."""
+    """Diagnostics of `value_loss`; detached scalars, masked means over response tokens (0 for an empty mask)."""
 
     clipfrac: Tensor
     """Fraction of tokens where the clipped value error was the larger one and so was selected."""
@@ -244,9 +323,9 @@ def value_loss(
     loss = aggregate_loss(per_token, mask, mode, total_tokens, total_seqs)
     with torch.no_grad():
         stats = ValueLossStats(
-            clipfrac=masked_mean((clipped_error > unclipped_error).float(), mask),
-            mean_value=masked_mean(values, mask),
-            mean_return=masked_mean(returns, mask),
+            clipfrac=_mean_or_zero((clipped_error > unclipped_error).float(), mask),
+            mean_value=_mean_or_zero(values, mask),
+            mean_return=_mean_or_zero(returns, mask),
         )
     return loss, stats
 

@@ -1,17 +1,26 @@
-"""The RL algorithms as data: which models each needs and how it turns scores into advantages.
+"""The RL algorithms as data: what each asks of the run, how it turns scores into advantages, which policy loss it
+minimises and how it samples.
 
-`ALGORITHMS[name]` is looked up once when the run is built; the RL step then calls `algo.advantages(...)` with
-no branching on the algorithm's name. Each advantage function composes the pure math of `chatrlhf/rlhf/`:
+`ALGORITHMS[name]` is looked up once when the run is built; the iteration then calls `algo.advantages(...)`,
+`algo.policy_loss` (through `train/update.py:Objective`) and `algo.sample(...)` with no branching on the name.
+Each piece composes the pure math of `chatrlhf/rlhf/`; the rules (models, group sizes, sampling) are
+`config.ALGORITHM_RULES`, checked when the config is validated:
 
-| algo          | critic | samples/prompt | advantage                                                                  |
-|---------------|--------|----------------|----------------------------------------------------------------------------|
-| ppo           | yes    | 1 (or n)       | GAE over KL-shaped per-token rewards, optionally whitened                  |
-| grpo          | no     | n ≥ 2          | (R − mean_g R) / std_g R  (Dr. GRPO: no std), R = clip(score) − β·ΣKL      |
-| rloo          | no     | n ≥ 2          | R − mean of the other samples' R                                           |
-| reinforce_pp  | no     | 1 (or n)       | discounted KL-shaped returns, whitened over the batch (−group mean first)  |
-| remax         | no     | 1 + greedy     | R − R(greedy response)                                                     |
+| algo         | critic | group      | advantage                                         | policy loss  | sampling |
+|--------------|--------|------------|---------------------------------------------------|--------------|----------|
+| ppo          | yes    | 1 (or n)   | GAE over KL-shaped token rewards (opt. whitened)  | clipped ρ_t  | once     |
+| grpo         | no     | n ≥ 2      | (R − mean_g R) / std_g R, R = clip(score) − β·ΣKL | clipped ρ_t  | once     |
+| dr_grpo      | no     | n ≥ 2      | R − mean_g R                                      | clipped ρ_t  | once     |
+| rloo         | no     | n ≥ 2      | R − mean of the other samples' R                  | clipped ρ_t  | once     |
+| reinforce_pp | no     | 1 (or n)   | discounted KL-shaped returns, batch-whitened      | clipped ρ_t  | once     |
+| remax        | no     | 1 + greedy | R − R(greedy response)                            | clipped ρ_t  | once     |
+| dapo         | no     | n ≥ 2      | as grpo                                           | clipped ρ_t  | dynamic  |
+| gspo         | no     | n ≥ 2      | as grpo                                           | clipped s_i  | once     |
+| cispo        | no     | n ≥ 2      | as grpo                                           | sg[clip ρ]·A | once     |
 
-With `kl_in: loss` the KL is not in R (β_reward = 0) and the update adds β·KL to the policy loss instead.
+The clip range is (ε_low, ε_high) = `train.loss.clip_low/clip_high` for every loss; DAPO's clip-higher, token-level
+loss and overlong shaping are settings any algorithm may use (recipes/demo-dapo.yaml sets them). With `kl.placement:
+loss` the KL is not in R (β_reward = 0) and the update adds β·KL to the policy loss instead.
 """
 
 from __future__ import annotations
@@ -21,18 +30,24 @@ from typing import Callable
 
 import torch
 
-from chatrlhf.config import RLTrainConfig
+from chatrlhf.config import ALGORITHM_RULES, AlgorithmRules, RLTrainConfig
 from chatrlhf.rlhf import (
     KL_ESTIMATORS,
+    PolicyLoss,
+    cispo_policy_loss,
     discounted_returns,
     gae_advantages,
     grpo_advantages,
+    gspo_policy_loss,
     kl_penalized_rewards,
     masked_whiten,
+    overlong_penalty,
+    ppo_policy_loss,
     remax_advantages,
     rloo_advantages,
     sequence_to_tokens,
 )
+from chatrlhf.train.rollout import SAMPLERS, Sampler
 
 
 @dataclass
@@ -65,34 +80,48 @@ class Advantages:
     """(B, T) advantage of each response token."""
     returns: torch.Tensor | None
     """(B, T) value targets (PPO only)."""
+    length_penalty: torch.Tensor | None = None
+    """(B,) DAPO's overlong punishment added to each sequence's reward (None when off)."""
 
 
 def _shaped(x: AdvantageInputs, t: RLTrainConfig, scores: torch.Tensor | None = None):
-    """r_t = −β·KL_t, plus clip(score) at the last response token."""
-    p = t.ppo
-    s = x.scores if scores is None else scores
-    return kl_penalized_rewards(
-        s, x.old_logprobs, x.ref_logprobs, x.mask, x.kl_coef, p.reward_clip, KL_ESTIMATORS[p.kl_estimator]
+    """r_t = −β·KL_t, plus clip(score) + R_length at the last response token; R_length is DAPO's overlong
+    punishment (0 when `reward.overlong_buffer` is 0)."""
+    s = (x.scores if scores is None else scores).clamp(-t.reward.clip, t.reward.clip)
+    penalty = None
+    if t.reward.overlong_buffer > 0:
+        lengths = x.mask.sum(dim=1)
+        penalty = overlong_penalty(
+            lengths, t.generation.max_new_tokens, t.reward.overlong_buffer, t.reward.overlong_penalty
+        )
+        s = s + penalty
+    rewards, kl = kl_penalized_rewards(
+        s, x.old_logprobs, x.ref_logprobs, x.mask, x.kl_coef, None, KL_ESTIMATORS[t.kl.estimator]
     )
+    return rewards, kl, penalty
 
 
 def ppo(x: AdvantageInputs, t: RLTrainConfig) -> Advantages:
-    rewards, kl = _shaped(x, t)
-    advantages, returns = gae_advantages(rewards, x.values, x.mask, t.ppo.gamma, t.ppo.lam)
-    if t.ppo.whiten_advantages:
+    rewards, kl, penalty = _shaped(x, t)
+    advantages, returns = gae_advantages(rewards, x.values, x.mask, t.advantage.gamma, t.advantage.lam)
+    if t.advantage.whiten:
         advantages = masked_whiten(advantages, x.mask)
-    return Advantages(rewards, kl, advantages, returns)
+    return Advantages(rewards, kl, advantages, returns, penalty)
 
 
 def _sequence_level(x: AdvantageInputs, t: RLTrainConfig, baseline: Callable[[torch.Tensor], torch.Tensor]):
-    """R = clip(score) − β·Σ_t KL_t per sequence, then a baseline over R, broadcast to the tokens."""
-    rewards, kl = _shaped(x, t)
+    """R = clip(score) (+ R_length) − β·Σ_t KL_t per sequence, then a baseline over R, broadcast to the tokens."""
+    rewards, kl, penalty = _shaped(x, t)
     sequence_reward = rewards.sum(dim=1)
-    return Advantages(rewards, kl, sequence_to_tokens(baseline(sequence_reward), x.mask), None)
+    return Advantages(rewards, kl, sequence_to_tokens(baseline(sequence_reward), x.mask), None, penalty)
 
 
 def grpo(x: AdvantageInputs, t: RLTrainConfig) -> Advantages:
-    return _sequence_level(x, t, lambda r: grpo_advantages(r, t.group_size, t.grpo_scale_by_std))
+    return _sequence_level(x, t, lambda r: grpo_advantages(r, t.group_size, scale_by_std=True))
+
+
+def dr_grpo(x: AdvantageInputs, t: RLTrainConfig) -> Advantages:
+    return _sequence_level(x, t, lambda r: grpo_advantages(r, t.group_size, scale_by_std=False))
 
 
 def rloo(x: AdvantageInputs, t: RLTrainConfig) -> Advantages:
@@ -102,33 +131,56 @@ def rloo(x: AdvantageInputs, t: RLTrainConfig) -> Advantages:
 def remax(x: AdvantageInputs, t: RLTrainConfig) -> Advantages:
     # The greedy response is scored with the same clip; its KL term is not part of the baseline (ReMax, eq. 6,
     # uses the reward alone), so subtract its clipped score from each sampled sequence's KL-shaped return.
-    greedy = x.greedy_scores.clamp(-t.ppo.reward_clip, t.ppo.reward_clip)
+    greedy = x.greedy_scores.clamp(-t.reward.clip, t.reward.clip)
     return _sequence_level(x, t, lambda r: remax_advantages(r, greedy))
 
 
 def reinforce_pp(x: AdvantageInputs, t: RLTrainConfig) -> Advantages:
     scores = x.scores
-    if t.group_baseline:
+    if t.advantage.group_baseline:
         # REINFORCE++-baseline: centre each prompt's scores on its group mean before shaping
         scores = grpo_advantages(scores, t.group_size, scale_by_std=False)
-    rewards, kl = _shaped(x, t, scores)
-    returns = discounted_returns(rewards, x.mask, t.ppo.gamma)
+    rewards, kl, penalty = _shaped(x, t, scores)
+    returns = discounted_returns(rewards, x.mask, t.advantage.gamma)
     # batch-global normalisation of the returns is REINFORCE++'s advantage (arXiv 2501.03262, §3.2)
-    return Advantages(rewards, kl, masked_whiten(returns, x.mask), None)
+    return Advantages(rewards, kl, masked_whiten(returns, x.mask), None, penalty)
 
 
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    uses_critic: bool
-    needs_greedy: bool
+    rules: AlgorithmRules
+    """What it asks of the run (config.ALGORITHM_RULES): a critic, a greedy baseline, its sampling, group sizes."""
     advantages: Callable[[AdvantageInputs, RLTrainConfig], Advantages]
+    policy_loss: PolicyLoss
+    """Per-token policy loss (rlhf/losses.py), reduced by `train.loss.aggregation`."""
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.rules.critic
+
+    @property
+    def needs_greedy(self) -> bool:
+        return self.rules.greedy_baseline
+
+    @property
+    def sample(self) -> Sampler:
+        """How an iteration's rollout batch is drawn (train/rollout.py: one round, or DAPO's dynamic sampling)."""
+        return SAMPLERS[self.rules.sampling]
+
+
+def _algorithm(name: str, advantages, policy_loss: PolicyLoss = ppo_policy_loss) -> Algorithm:
+    return Algorithm(name, ALGORITHM_RULES[name], advantages, policy_loss)
 
 
 ALGORITHMS = {
-    "ppo": Algorithm("ppo", uses_critic=True, needs_greedy=False, advantages=ppo),
-    "grpo": Algorithm("grpo", uses_critic=False, needs_greedy=False, advantages=grpo),
-    "rloo": Algorithm("rloo", uses_critic=False, needs_greedy=False, advantages=rloo),
-    "reinforce_pp": Algorithm("reinforce_pp", uses_critic=False, needs_greedy=False, advantages=reinforce_pp),
-    "remax": Algorithm("remax", uses_critic=False, needs_greedy=True, advantages=remax),
+    "ppo": _algorithm("ppo", ppo),
+    "grpo": _algorithm("grpo", grpo),
+    "dr_grpo": _algorithm("dr_grpo", dr_grpo),
+    "rloo": _algorithm("rloo", rloo),
+    "reinforce_pp": _algorithm("reinforce_pp", reinforce_pp),
+    "remax": _algorithm("remax", remax),
+    "dapo": _algorithm("dapo", grpo),
+    "gspo": _algorithm("gspo", grpo, gspo_policy_loss),
+    "cispo": _algorithm("cispo", grpo, cispo_policy_loss),
 }

@@ -1,15 +1,17 @@
-"""Step 3: RLHF — PPO (actor, critic, frozen reference, reward) or a critic-free algorithm (GRPO, RLOO,
-REINFORCE++, ReMax), all on the same loop and the same hybrid engine.
+"""Step 3: RLHF — PPO (actor, critic, frozen reference, reward) or a critic-free algorithm (GRPO, Dr. GRPO, RLOO,
+REINFORCE++, ReMax, DAPO, GSPO, CISPO), all on the same loop, the same update and the same hybrid engine.
 
 One iteration (docs/architecture.md), each a named function below:
   1. sample a batch of prompts (left-padded), each repeated `group_size` times;
   2. generation mode: sample responses, truncate after EOS, build the response mask;
   3. score: reward model end score and/or Python reward functions, weighted and summed;
   4. log-probs of the actor (old) and the reference, values of the critic (PPO) — one no-grad forward each;
+     steps 1–4 are one round; the algorithm's sampling policy draws one round, or (DAPO) more until the batch is
+     full of groups whose rewards differ;
   5–6. the algorithm's advantages (train/algorithms.py): KL-shaped rewards → GAE, or a group / leave-one-out /
      greedy / batch baseline;
-  7. ppo_epochs × mini-batches: clipped policy loss (+ KL loss, + PTX loss) and, for PPO, the clipped value loss;
-     optimizer steps; EMA of the actor;
+  7. the update (train/update.py): epochs × mini-batches; the algorithm's policy loss (+ KL loss, − entropy bonus,
+     + PTX loss) and, for PPO, the clipped value loss; optimizer steps; EMA of the actor;
   8. log every metric (docs/metrics.md) and save.
 
 Dropout is off in the actor and critic throughout (eval mode; gradients still flow), so the first mini-batch
@@ -35,17 +37,9 @@ from chatrlhf.errors import UserError
 from chatrlhf.eval.doctor import Checkup, Doctor, DoctorStop
 from chatrlhf.eval.report import write_report
 from chatrlhf.models.load import save_model_dir
-from chatrlhf.rlhf import (
-    KL_ESTIMATORS,
-    adaptive_kl_coef,
-    aggregate_loss,
-    masked_mean,
-    policy_loss,
-    value_loss,
-)
+from chatrlhf.rlhf import adaptive_kl_coef, masked_mean
 from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, Algorithm
 from chatrlhf.train.data import stage_records
-from chatrlhf.train.forward import shifted_lm_loss
 from chatrlhf.train.outputs import Stopwatch, save_trained, write_summary
 from chatrlhf.train.resume import checkpoint_if_due, open_loop
 from chatrlhf.train.rl_eval import append_samples, evaluate_held_out, held_out
@@ -53,11 +47,11 @@ from chatrlhf.train.rl_models import Models, PTXBatches, build_models, check_ran
 from chatrlhf.train.rollout import (
     Evaluated,
     Prompt,
+    PromptStream,
     Rollout,
     all_empty,
     gather_rollout,
     generate_rollout,
-    prompt_stream,
     response_texts,
     rollout_logprobs,
     rollout_logprobs_and_entropy,
@@ -67,6 +61,16 @@ from chatrlhf.train.rollout import (
     truncated,
 )
 from chatrlhf.train.stage import run_stage
+from chatrlhf.train.update import (
+    Objective,
+    Schedule,
+    TrainBatch,
+    ema_update,
+    objective,
+    tis_metrics,
+    tis_weights,
+    update,
+)
 
 
 @torch.no_grad()
@@ -74,7 +78,7 @@ def evaluate_rollout(
     m: Models, rollout: Rollout, batch: list[Prompt], algo: Algorithm, train: RLTrainConfig, times: dict[str, float]
 ) -> Evaluated:
     """3–4. Rewards (and ReMax's greedy baseline), then one no-grad forward per model; the seconds of each part
-    go into `times` (`score`, `forward`)."""
+    are added to `times` (`score`, `forward`)."""
     started = time.perf_counter()
     greedy_scores = None
     device = rollout.response.device
@@ -90,7 +94,7 @@ def evaluate_rollout(
         ref_logprobs = rollout_logprobs(m.reference, rollout)
     old_logprobs, entropy = rollout_logprobs_and_entropy(m.actor_engine.module, rollout)
     values = rollout_values(m.critic_engine.module, rollout) if m.critic_engine else None
-    times.update(score=scored - started, forward=time.perf_counter() - scored)
+    _add(times, score=scored - started, forward=time.perf_counter() - scored)
     return Evaluated(
         scores=scores,
         old_logprobs=old_logprobs,
@@ -101,104 +105,43 @@ def evaluate_rollout(
     )
 
 
-def tis_weights(rollout: Rollout, ev: Evaluated, cap: float | None) -> torch.Tensor | None:
-    """Truncated importance weights min(π_old / π_rollout, cap) per token (None when disabled)."""
-    if cap is None:
-        return None
-    return torch.exp(ev.old_logprobs - rollout.rollout_logprobs).clamp(max=cap) * rollout.response_mask
+def _add(times: dict[str, float], **seconds: float) -> None:
+    for k, v in seconds.items():
+        times[k] = times.get(k, 0.0) + v
 
 
-def ppo_update(
-    m: Models,
-    rollout: Rollout,
-    ev: Evaluated,
-    adv: Advantages,
-    train: RLTrainConfig,
-    kl_coef: float,
-    ptx: PTXBatches | None,
-    ema: torch.nn.Module | None,
-    order_seed: int,
-) -> dict[str, float]:
-    """7. ppo_epochs × mini-batches; micro-batches accumulate with the mini-batch's token total. With W ranks each
-    rank trains on its contiguous 1/W of every mini-batch (micro_batch_size is per rank); the shuffles come from a
-    generator seeded by `order_seed`, the same on every rank."""
-    ppo = train.ppo
-    n = rollout.response.shape[0]
-    world = dist.world_size()
-    mini = ppo.mini_batch_size or n
-    micro = ppo.micro_batch_size or mini // world
-    shuffle = torch.Generator().manual_seed(order_seed)
-    weights = tis_weights(rollout, ev, ppo.tis_cap)
-    advantages = adv.advantages if weights is None else adv.advantages * weights
-    kl_in_loss = ppo.kl_in == "loss"
-    sums: dict[str, float] = {}  # this rank's shares of the losses and fractions: summed over ranks below
-    norms: dict[str, float] = {}  # gradient norms: global already, the same on every rank
-    updates = 0
-    for _ in range(ppo.ppo_epochs):
-        order = torch.randperm(n, generator=shuffle).to(rollout.response.device)
-        for m0 in range(0, n, mini):
-            mb_idx = order[m0 : m0 + mini]
-            totals = {"total_tokens": float(rollout.response_mask[mb_idx].sum()), "total_seqs": len(mb_idx)}
-            mine, _ = dist.shard(mb_idx)
-            mine = torch.stack(mine)
-            for u0 in range(0, len(mine), micro):
-                idx = mine[u0 : u0 + micro]
-                r, mask = rollout.select(idx), rollout.response_mask[idx]
-                frac = float(mask.sum()) / totals["total_tokens"]  # the micro-batch's share of the tokens
-                logp = rollout_logprobs(m.actor_engine.model, r)
-                pg, stats = policy_loss(
-                    logp, ev.old_logprobs[idx], advantages[idx], mask, ppo.clip_eps, ppo.loss_aggregation, **totals
-                )
-                loss = pg
-                if kl_in_loss:
-                    kl = KL_ESTIMATORS[ppo.kl_estimator](logp, ev.ref_logprobs[idx])
-                    kl_loss = aggregate_loss(kl, mask, ppo.loss_aggregation, **totals)
-                    loss = loss + kl_coef * kl_loss
-                    _acc(sums, {"loss/kl": kl_loss.item()})
-                m.actor_engine.backward(loss)
-                _acc(sums, {"loss/policy": pg.item(), "policy/clipfrac": float(stats.clipfrac) * frac})
-                _acc(sums, {"policy/approx_kl": float(stats.approx_kl) * frac})
-                if m.critic_engine is not None:
-                    vl, vstats = value_loss(
-                        rollout_values(m.critic_engine.model, r), ev.values[idx], adv.returns[idx], mask,
-                        ppo.value_clip, ppo.loss_aggregation, **totals,
-                    )  # fmt: skip
-                    m.critic_engine.backward(vl)
-                    _acc(sums, {"loss/value": vl.item(), "value/clipfrac": float(vstats.clipfrac) * frac})
-            if ptx is not None:
-                ids, attn, lmask = next(ptx)
-                ptx_loss = shifted_lm_loss(m.actor_engine.model, ids, attn, lmask) / world  # the mean of the ranks'
-                m.actor_engine.backward(train.ptx_coef * ptx_loss)
-                _acc(sums, {"loss/ptx": ptx_loss.item()})
-            a_stats = m.actor_engine.step()
-            _acc(norms, {"optim/actor_grad_norm": a_stats.grad_norm})
-            if m.critic_engine is not None:
-                c_stats = m.critic_engine.step()
-                _acc(norms, {"optim/critic_grad_norm": c_stats.grad_norm})
-            if ema is not None:
-                ema_update(ema, m.actor_engine.module, train.ema_decay)
-            updates += 1
-    metrics = {k: v / updates for k, v in {**dist.sum_dict_across(sums), **norms}.items()}
-    metrics["optim/actor_lr"] = a_stats.lr
-    metrics["faults/skipped_steps"] = float(sum(e.bad_steps for e in m.engines))
-    if m.critic_engine is not None:
-        metrics["optim/critic_lr"] = c_stats.lr
-    if weights is not None:
-        metrics["tis/weight_mean"] = float(masked_mean(weights, rollout.response_mask))
-        metrics["tis/capped_frac"] = float(masked_mean((weights >= ppo.tis_cap).float(), rollout.response_mask))
-    return metrics
+def draw_round(
+    m: Models, algo: Algorithm, train: RLTrainConfig, batch: list[Prompt], times: dict[str, float]
+) -> tuple[Rollout, Evaluated]:
+    """1–4 on the global prompt `batch`: each rank generates, scores and evaluates its share, then the shares are
+    gathered, so that the sampling policy and steps 5–7 see the whole batch on every rank, as one process would."""
+    started = time.perf_counter()
+    mine, _ = dist.shard(batch)  # 1. each rank samples for its share of the prompts
+    width = max(len(p.ids) for p in batch)
+    logprobs = train.rollout.tis_cap is not None or m.actor.backend != "hf"  # vLLM's log-probs cost nothing
+    rollout = generate_rollout(m.actor, mine, train.group_size, m.tok, m.device, logprobs=logprobs, width=width)  # 2
+    _add(times, generate=time.perf_counter() - started, sync=m.actor.setup_s)
+    ev = evaluate_rollout(m, rollout, mine, algo, train, times)  # 3–4
+    return gather_rollout(rollout, ev, batch, train.group_size, m.tok.pad_token_id)
 
 
-def _acc(sums: dict[str, float], values: dict[str, float]) -> None:
-    for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + v
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """θ_ema ← d·θ_ema + (1 − d)·θ (DeepSpeed-Chat's `moving_average`, d = 0.992)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.device, e.dtype), 1.0 - decay)
+def train_batch(
+    rollout: Rollout, ev: Evaluated, adv: Advantages, weights: torch.Tensor | None, train: RLTrainConfig, eos_id: int
+) -> TrainBatch:
+    """What the update trains on: the advantages (times the TIS `weights`, if any), and the loss mask (the response
+    mask, less the truncated responses with `loss.mask_truncated`)."""
+    loss_mask = rollout.response_mask
+    if train.loss.mask_truncated:
+        loss_mask = loss_mask * (~truncated(rollout, eos_id)).float().unsqueeze(1)
+    return TrainBatch(
+        rollout=rollout,
+        old_logprobs=ev.old_logprobs,
+        ref_logprobs=ev.ref_logprobs,
+        advantages=adv.advantages if weights is None else adv.advantages * weights,
+        loss_mask=loss_mask,
+        old_values=ev.values,
+        returns=adv.returns,
+    )
 
 
 def rollout_metrics(
@@ -207,7 +150,7 @@ def rollout_metrics(
     """8. What the rollout looked like (docs/metrics.md). `weights`: each reward source's weight, by name."""
     mask = rollout.response_mask
     scores = ev.scores.total
-    clipped = scores.clamp(-train.ppo.reward_clip, train.ppo.reward_clip)
+    clipped = scores.clamp(-train.reward.clip, train.reward.clip)
     metrics = {
         "reward/score_mean": float(scores.mean()),
         "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
@@ -228,6 +171,8 @@ def rollout_metrics(
         metrics["values/mean"] = float(masked_mean(ev.values, mask))
     if ev.greedy_scores is not None:
         metrics["reward/greedy_mean"] = float(ev.greedy_scores.mean())
+    if adv.length_penalty is not None:
+        metrics["reward/overlong_penalty_mean"] = float(adv.length_penalty.mean())
     if ev.entropy is not None:
         metrics["policy/entropy"] = float(masked_mean(ev.entropy, mask))
     if rollout.rollout_logprobs is not None:
@@ -289,7 +234,8 @@ class LoopState:
     history: list[dict[str, float]]
     """Every iteration's metrics (the summary averages the last tenth)."""
     skipped_rollouts: int = 0
-    """Iterations whose responses were all empty (`faults/skipped_rollouts`)."""
+    """Iterations that trained nothing: every response empty, or (`loss.mask_truncated`) every one cut
+    (`faults/skipped_rollouts`)."""
 
 
 def run_rl(cfg: RLConfig, raws=None, eval_raws=None) -> dict:
@@ -301,6 +247,7 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
     clock = Stopwatch()
     train = cfg.train
     algo = ALGORITHMS[train.algo]
+    obj = objective(algo.policy_loss, train)
     world = dist.world_size()
     check_ranks(train, world)
 
@@ -322,8 +269,8 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
         f"prompts × {train.group_size} samples on {world} rank(s) → {out / 'model'}"
     )
 
-    stream = prompt_stream(prompts, train.rollout_batch_size, cfg.run.seed)
-    state = LoopState(kl_coef=train.ppo.kl_coef, history=[])
+    stream = PromptStream(prompts, train.rollout_batch_size, cfg.run.seed)
+    state = LoopState(kl_coef=train.kl.coef, history=[])
     doctor = Doctor(train.doctor)
     held = held_out(
         to_prompts(tok, eval_recs, train.max_prompt_len), cfg.judge, train.eval_prompts, train.rollout_batch_size,
@@ -337,14 +284,13 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
             ema.load_state_dict(resumed["ema"])
         if "doctor" in resumed:  # checkpoints of earlier versions have no doctor state
             doctor.load_state_dict(resumed["doctor"])
-        for _ in range(start):
-            next(stream)
+        stream.skip_to(resumed.get("prompts_drawn", start))  # earlier versions drew one batch per iteration
         if ptx is not None:  # checkpoints of earlier versions did not count the PTX batches: one per update
-            ptx.skip_to(resumed.get("ptx_drawn", start * train.ppo.ppo_epochs * updates_per_epoch(train)))
+            ptx.skip_to(resumed.get("ptx_drawn", start * train.update.epochs * updates_per_epoch(train)))
     samples = out / "samples.jsonl"
     append_samples(samples, [], resumed_at=start)  # a fresh or resumed run: no rows after its starting point
     for it in range(start + 1, train.iterations + 1):
-        metrics, rollout = iteration(m, algo, cfg, it, next(stream), state, ptx, ema)
+        metrics, rollout = iteration(m, algo, obj, cfg, it, stream, state, ptx, ema)
         evaluated = held is not None and train.eval_every > 0 and it % train.eval_every == 0
         if evaluated:  # 8. the held-out evaluation (the doctor compares the judge with the reward)
             scores, rows = evaluate_held_out(m, held, it)
@@ -357,6 +303,7 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
         log.advance()
         saved = {"kl_coef": state.kl_coef, "history": state.history, "skipped_rollouts": state.skipped_rollouts}
         saved["ptx_drawn"] = ptx.drawn if ptx is not None else 0
+        saved["prompts_drawn"] = stream.drawn
         saved["doctor"] = doctor.state_dict()
         if ema is not None:
             saved["ema"] = ema.state_dict()
@@ -398,61 +345,71 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
 def iteration(
     m: Models,
     algo: Algorithm,
+    obj: Objective,
     cfg: RLConfig,
     it: int,
-    batch: list[Prompt],
+    stream: PromptStream,
     state: LoopState,
     ptx: PTXBatches | None,
     ema: torch.nn.Module | None,
 ) -> tuple[dict[str, float], Rollout]:
-    """Steps 1–7 of iteration `it` on the global prompt `batch`; updates `state` and returns the metrics and the
-    (gathered) rollout."""
+    """Steps 1–7 of iteration `it` on prompt batches from `stream`; updates `state` and returns the metrics and the
+    (gathered) rollout it trained on."""
     train = cfg.train
     tok = m.tok
     started = time.time()
-    mine, _ = dist.shard(batch)  # 1. each rank samples for its share of the prompts
-    width = max(len(p.ids) for p in batch)
-    logprobs = train.ppo.tis_cap is not None or m.actor.backend != "hf"  # vLLM's log-probs cost nothing
-    rollout = generate_rollout(m.actor, mine, train.group_size, tok, m.device, logprobs=logprobs, width=width)  # 2
-    generated = time.time()
-    sync_s = m.actor.setup_s
     times: dict[str, float] = {}
-    ev = evaluate_rollout(m, rollout, mine, algo, train, times)  # 3–4
-    evaluated = time.time()
-    rollout, ev = gather_rollout(rollout, ev, batch, train.group_size, tok.pad_token_id)
+    sampled = algo.sample(
+        lambda: draw_round(m, algo, train, next(stream), times), train.group_size, train.sampling.max_rounds,
+        tok.pad_token_id,
+    )  # fmt: skip  # 1–4
+    rollout, ev = sampled.rollout, sampled.evaluated
+    sampled_at = time.time()
     inputs = AdvantageInputs(
         scores=ev.scores.total,
         old_logprobs=ev.old_logprobs,
         ref_logprobs=ev.ref_logprobs,
         mask=rollout.response_mask,
-        kl_coef=state.kl_coef if train.ppo.kl_in == "reward" else 0.0,
+        kl_coef=state.kl_coef if train.kl.placement == "reward" else 0.0,
         values=ev.values,
         greedy_scores=ev.greedy_scores,
     )
     adv = algo.advantages(inputs, train)  # 5–6
-    weights = {source.name: w for source, w in zip(m.scorer.sources, m.scorer.weights)}
-    metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id, weights)
+    source_weights = {source.name: w for source, w in zip(m.scorer.sources, m.scorer.weights)}
+    metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id, source_weights)
+    metrics.update(sampled.metrics)
     check_rollout_freshness(metrics, train.rollout.max_logprob_diff, it)
+    weights = tis_weights(ev.old_logprobs, rollout, train.rollout.tis_cap)
+    if weights is not None:
+        metrics.update(tis_metrics(weights, rollout.response_mask, train.rollout.tis_cap))
+    batch = train_batch(rollout, ev, adv, weights, train, tok.eos_token_id)
     bad_before = sum(e.bad_steps for e in m.engines)
-    if all_empty(rollout, tok.eos_token_id):
+    if all_empty(rollout, tok.eos_token_id) or not batch.loss_mask.any():
         state.skipped_rollouts += 1
-        print(f"warning: rl: iteration {it}: every response is empty (EOS first); no update from this batch")
+        why = "every response is empty (EOS first)" if all_empty(rollout, tok.eos_token_id) else "every response is cut"
+        print(f"warning: rl: iteration {it}: {why}; no update from this batch")
     else:
-        order_seed = cfg.run.seed * 100003 + it
-        metrics.update(ppo_update(m, rollout, ev, adv, train, state.kl_coef, ptx, ema, order_seed))  # 7
+        schedule = Schedule(train.update.epochs, train.update.mini_batch_size, train.update.micro_batch_size,
+                            order_seed=cfg.run.seed * 100003 + it)  # fmt: skip
+        after_step = None if ema is None else lambda: ema_update(ema, m.actor_engine.module, train.ema_decay)
+        critic = m.critic_engine
+        metrics.update(update(m.actor_engine, critic, batch, obj, schedule, state.kl_coef, ptx, train.ptx_coef,
+                              after_step))  # fmt: skip  # 7
+        metrics["faults/skipped_steps"] = float(sum(e.bad_steps for e in m.engines))
     trained = time.time()
     metrics["faults/skipped_rollouts"] = float(state.skipped_rollouts)
     metrics["kl/coef"] = state.kl_coef
-    ppo = train.ppo
-    if ppo.kl_target is not None:
-        state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["kl/mean"], ppo.kl_target, ppo.kl_horizon, len(batch))
+    kl = train.kl
+    if kl.target is not None:
+        # n: the responses of the batch (Ziegler et al. 2019 count samples, so a group of n counts n)
+        state.kl_coef = adaptive_kl_coef(state.kl_coef, metrics["kl/mean"], kl.target, kl.horizon, len(rollout.prompts))
     metrics.update(
         {
-            "time/generate_s": generated - started,
-            "time/sync_s": sync_s,
+            "time/generate_s": times["generate"],
+            "time/sync_s": times["sync"],
             "time/score_s": times["score"],
             "time/forward_s": times["forward"],
-            "time/train_s": trained - evaluated,
+            "time/train_s": trained - sampled_at,
         }
     )
     metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (trained - started)

@@ -94,7 +94,7 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         dtype=dtype,
         device=frozen_device,
     )
-    steps = train.iterations * train.ppo.ppo_epochs * updates_per_epoch(train)
+    steps = train.iterations * train.update.epochs * updates_per_epoch(train)
     actor_engine = build_engine(actor, train.actor_optim, steps, "actor", cfg.engine, cfg.run)
     critic_engine = None
     if algo.uses_critic:
@@ -143,7 +143,7 @@ def rollout_engine(cfg: RLConfig, actor_path: str, tok, device) -> VLLMGenerator
 
 def updates_per_epoch(train: RLTrainConfig) -> int:
     samples = train.rollout_batch_size * train.group_size
-    return samples // (train.ppo.mini_batch_size or samples)
+    return samples // (train.update.mini_batch_size or samples)
 
 
 def check_ranks(train: RLTrainConfig, world: int) -> None:
@@ -151,13 +151,13 @@ def check_ranks(train: RLTrainConfig, world: int) -> None:
     if world == 1:
         return
     samples = train.rollout_batch_size * train.group_size
-    mini = train.ppo.mini_batch_size or samples
-    micro = train.ppo.micro_batch_size or mini // world
+    mini = train.update.mini_batch_size or samples
+    micro = train.update.micro_batch_size or mini // world
     if train.rollout_batch_size % world or mini % world or (mini // world) % micro:
         raise UserError(
-            f"with {world} ranks, train.rollout_batch_size ({train.rollout_batch_size}) and train.ppo.mini_batch_size "
-            f"({mini}) must be multiples of {world}, and train.ppo.micro_batch_size ({micro}, per rank) must divide "
-            f"the {mini // world} sequences of each rank's mini-batch share"
+            f"with {world} ranks, train.rollout_batch_size ({train.rollout_batch_size}) and "
+            f"train.update.mini_batch_size ({mini}) must be multiples of {world}, and train.update.micro_batch_size "
+            f"({micro}, per rank) must divide the {mini // world} sequences of each rank's mini-batch share"
         )
 
 

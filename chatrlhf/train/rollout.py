@@ -1,5 +1,7 @@
 """The rollout of one RL iteration (steps 1–4 of the iteration in docs/architecture.md, minus the models): prompts,
-sampled responses, their scores and no-grad forwards, as typed containers, and the functions that make them.
+sampled responses, their scores and no-grad forwards, as typed containers, and the functions that make them; and
+the sampling policies that decide how many rounds of them make an iteration's batch (one, or DAPO's dynamic
+sampling).
 
 Shapes: B = sequences (prompts × group_size), P = prompt width, R = response width.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,9 +19,10 @@ import torch
 from chatrlhf import distributed as dist
 from chatrlhf.data.collate import encode_all, encode_prompt, pad
 from chatrlhf.engine.hybrid import HybridEngine
+from chatrlhf.errors import UserError
 from chatrlhf.models.load import ValueModel
 from chatrlhf.models.rewards import Scorer, Scores, ScoringBatch
-from chatrlhf.rlhf import last_token_index
+from chatrlhf.rlhf import last_token_index, varied_groups
 from chatrlhf.train import forward
 
 
@@ -101,6 +105,24 @@ def prompt_stream(prompts: list[Prompt], batch_size: int, seed: int):
         order = np.random.default_rng(seed + epoch).permutation(len(prompts))
         for i in range(0, len(order) - batch_size + 1, batch_size):
             yield [prompts[j] for j in order[i : i + batch_size]]
+
+
+class PromptStream:
+    """`prompt_stream`, counting the batches it has handed out: a resumed run continues with the batch the
+    uninterrupted run would have drawn next, however many rounds each iteration drew (dynamic sampling)."""
+
+    def __init__(self, prompts: list[Prompt], batch_size: int, seed: int):
+        self._batches = prompt_stream(prompts, batch_size, seed)
+        self.drawn = 0
+
+    def __next__(self) -> list[Prompt]:
+        self.drawn += 1
+        return next(self._batches)
+
+    def skip_to(self, drawn: int) -> None:
+        """Fast-forward to where a run that had drawn `drawn` batches stood."""
+        while self.drawn < drawn:
+            next(self)
 
 
 def generate_rollout(
@@ -216,3 +238,129 @@ def prompt_item(tok, rec, max_len: int) -> Prompt:
 def to_prompts(tok, recs, max_len: int) -> Sequence[Prompt]:
     """Encode prompt records (a stage's `Records`: read from the cache on access)."""
     return encode_all(recs, prompt_item, tok, max_len=max_len)
+
+
+# ------------------------------------------------------------------------------------------------ sampling policies
+
+
+@dataclass
+class Sampled:
+    """An iteration's rollout batch and how it was drawn."""
+
+    rollout: Rollout
+    evaluated: Evaluated
+    metrics: dict[str, float]
+    """What the sampling policy logs (`sampling/*` of dynamic sampling, docs/metrics.md; none for one round)."""
+
+
+Round = Callable[[], tuple[Rollout, Evaluated]]
+"""One round of steps 1–4 on the next prompt batch: generated, scored, evaluated and gathered."""
+Sampler = Callable[[Round, int, int, int], Sampled]
+"""(draw a round, group_size, max_rounds, pad token id) → the iteration's batch."""
+
+
+def sample_once(draw: Round, group_size: int, max_rounds: int, pad_id: int) -> Sampled:
+    """One round is the batch (every algorithm but DAPO)."""
+    rollout, ev = draw()
+    return Sampled(rollout, ev, metrics={})
+
+
+def sample_dynamic(draw: Round, group_size: int, max_rounds: int, pad_id: int) -> Sampled:
+    """DAPO's dynamic sampling (arXiv 2503.14476, §3.2): groups whose rewards are all equal (so every advantage is
+    0) are dropped, and rounds are drawn until the batch holds as many groups with unequal rewards as one round has
+    prompts; the surplus of the last round is dropped too. After `max_rounds` rounds without a full batch the run
+    stops: the reward no longer tells this policy's samples apart."""
+    kept: list[tuple[Rollout, Evaluated]] = []
+    n_kept = drawn = equal = 0
+    target = None
+    for rounds in range(1, max_rounds + 1):
+        rollout, ev = draw()
+        groups = len(rollout.prompts) // group_size
+        target = groups if target is None else target
+        varied = varied_groups(ev.scores.total, group_size)
+        drawn, equal = drawn + groups, equal + int((~varied).sum())
+        take = varied.repeat_interleave(group_size).nonzero().flatten()[: (target - n_kept) * group_size]
+        if len(take):
+            kept.append(select(rollout, ev, take))
+            n_kept += len(take) // group_size
+        if n_kept == target:
+            rollout, ev = concat(kept, pad_id)
+            metrics = {"sampling/rounds": float(rounds), "sampling/groups_drawn": float(drawn)}
+            metrics["sampling/equal_frac"] = equal / drawn
+            return Sampled(rollout, ev, metrics)
+    raise UserError(
+        f"dynamic sampling: after train.sampling.max_rounds={max_rounds} rounds only {n_kept} of the {target} "
+        f"prompt groups a batch needs had rewards that were not all equal ({drawn} drawn). Every sample of the other "
+        "prompts got the same reward, so they teach nothing; raise train.sampling.max_rounds, raise group_size, or "
+        "use a reward that tells the samples apart"
+    )
+
+
+SAMPLERS: dict[str, Sampler] = {"once": sample_once, "dynamic": sample_dynamic}
+"""`AlgorithmRules.sampling` → its sampler."""
+
+
+def select(rollout: Rollout, ev: Evaluated, idx: torch.Tensor) -> tuple[Rollout, Evaluated]:
+    """The sequences `idx` of a rollout and its evaluation (prompts and texts included)."""
+
+    def rows(t):
+        return t[idx] if t is not None else None
+
+    part = Rollout(
+        prompts=[rollout.prompts[i] for i in idx.tolist()],
+        prompt_ids=rollout.prompt_ids[idx],
+        prompt_mask=rollout.prompt_mask[idx],
+        response=rollout.response[idx],
+        response_mask=rollout.response_mask[idx],
+        rollout_logprobs=rows(rollout.rollout_logprobs),
+    )
+    scores = Scores(total=ev.scores.total[idx], parts={k: v[idx] for k, v in ev.scores.parts.items()})
+    return part, Evaluated(
+        scores=scores,
+        old_logprobs=ev.old_logprobs[idx],
+        ref_logprobs=ev.ref_logprobs[idx],
+        values=rows(ev.values),
+        greedy_scores=rows(ev.greedy_scores),
+        entropy=rows(ev.entropy),
+    )
+
+
+def concat(parts: list[tuple[Rollout, Evaluated]], pad_id: int) -> tuple[Rollout, Evaluated]:
+    """Rollouts of several rounds as one batch: prompts left-padded and responses (and every per-token tensor)
+    right-padded to the widest part."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_w = max(r.prompt_ids.shape[1] for r, _ in parts)
+    resp_w = max(r.response.shape[1] for r, _ in parts)
+
+    def cat(tensors, width, value, left=False):
+        if tensors[0] is None:
+            return None
+        out = []
+        for t in tensors:
+            fill = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+            out.append(torch.cat([fill, t] if left else [t, fill], dim=1))
+        return torch.cat(out)
+
+    rs, evs = [r for r, _ in parts], [e for _, e in parts]
+    rollout = Rollout(
+        prompts=[p for r in rs for p in r.prompts],
+        prompt_ids=cat([r.prompt_ids for r in rs], prompt_w, pad_id, left=True),
+        prompt_mask=cat([r.prompt_mask for r in rs], prompt_w, 0, left=True),
+        response=cat([r.response for r in rs], resp_w, pad_id),
+        response_mask=cat([r.response_mask for r in rs], resp_w, 0.0),
+        rollout_logprobs=cat([r.rollout_logprobs for r in rs], resp_w, 0.0),
+    )
+    names = evs[0].scores.parts
+    scores = Scores(
+        total=torch.cat([e.scores.total for e in evs]),
+        parts={k: torch.cat([e.scores.parts[k] for e in evs]) for k in names},
+    )
+    return rollout, Evaluated(
+        scores=scores,
+        old_logprobs=cat([e.old_logprobs for e in evs], resp_w, 0.0),
+        ref_logprobs=cat([e.ref_logprobs for e in evs], resp_w, 0.0),
+        values=cat([e.values for e in evs], resp_w, 0.0),
+        greedy_scores=torch.cat([e.greedy_scores for e in evs]) if evs[0].greedy_scores is not None else None,
+        entropy=cat([e.entropy for e in evs], resp_w, 0.0),
+    )

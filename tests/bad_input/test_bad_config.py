@@ -25,8 +25,8 @@ def data(tmp_path):
     "flags, pattern",
     [
         (
-            ["--train.rollout_batch_size", "8", "--train.ppo.mini_batch_size", "3"],
-            r"train\.ppo\.mini_batch_size \(3\) must divide the 8 sequences of an iteration "
+            ["--train.rollout_batch_size", "8", "--train.update.mini_batch_size", "3"],
+            r"train\.update\.mini_batch_size \(3\) must divide the 8 sequences of an iteration "
             r"\(train\.rollout_batch_size × train\.group_size\)",
         ),
         (
@@ -37,13 +37,69 @@ def data(tmp_path):
             ["--train.algo", "grpo"],
             r"train\.algo=grpo compares samples of a prompt: set train\.group_size >= 2",
         ),
+        (
+            ["--train.kl.placement", "loss"],
+            r"train\.kl\.placement=loss with train\.kl\.estimator=k1: the gradient of k1 = log π − log π_ref does "
+            r"not depend on the reference and is zero in expectation, so the penalty would do nothing\. Use "
+            r"train\.kl\.estimator k3 \(or k2\)",
+        ),
+        (
+            ["--train.algo", "dapo", "--train.group_size", "4", "--train.reward.overlong_buffer", "300"],
+            r"train\.reward\.overlong_buffer \(300\) must be in \[0, train\.generation\.max_new_tokens = 256\]",
+        ),
+        (
+            ["--train.algo", "gspo", "--train.group_size", "2", "--train.advantage.whiten", "True"],
+            r"train\.advantage\.whiten applies to ppo only \(gspo has its own normalisation\)",
+        ),
+        (
+            ["--train.algo", "remax", "--train.group_size", "2"],
+            r"train\.algo=remax uses one sample and one greedy response per prompt: train\.group_size=1",
+        ),
     ],
-    ids=["mini batch does not divide rollout", "ptx_coef without ptx_paths", "grpo with group_size 1"],
+    ids=[
+        "mini batch does not divide rollout",
+        "ptx_coef without ptx_paths",
+        "grpo with group_size 1",
+        "k1 KL as a loss",
+        "overlong buffer past the length",
+        "whitening outside ppo",
+        "remax with a group",
+    ],
 )
 def test_conflicting_config_values(flags, pattern, tmp_path, out, fail, data):
     args = ["rl", "--actor", "a", "--reward_model", "b", "--data.paths", str(data), "--output_dir", str(out)]
     err = fail(args + flags)
     assert re.search(pattern, err), err
+
+
+@pytest.mark.parametrize(
+    "flag, pattern",
+    [
+        ("--train.ppo.kl_coef", r"'--train\.ppo\.kl_coef' was renamed: use '--train\.kl\.coef'"),
+        (
+            "--train.ppo.mini_batch_size",
+            r"'--train\.ppo\.mini_batch_size' was renamed: use '--train\.update\.mini_batch",
+        ),
+        ("--train.ppo.clip_eps", r"use '--train\.loss\.clip_low' \(and loss\.clip_high, which follows clip_low"),
+        ("--train.ppo.tis_cap", r"'--train\.ppo\.tis_cap' was renamed: use '--train\.rollout\.tis_cap'"),
+        ("--train.grpo_scale_by_std", r"grpo_scale_by_std false is algo dr_grpo"),
+        ("--rl.ppo.kl_in", r"'--rl\.ppo\.kl_in' was renamed: use '--rl\.kl\.placement'"),
+    ],
+)
+def test_old_rl_flag_names_give_the_new_ones(flag, pattern, fail):
+    stage = "pipeline" if flag.startswith("--rl.") else "rl"
+    err = fail([stage, flag, "0.1"])
+    assert re.search(pattern, err), err
+
+
+def test_old_rl_recipe_section_gives_the_new_names(tmp_path, fail):
+    recipe = write(tmp_path / "r.yaml", "rl:\n  ppo: {kl_coef: 0.05, mini_batch_size: 32}\n")
+    err = fail(["pipeline", "--recipe", str(recipe)])
+    assert re.search(
+        r"recipe .*r\.yaml: 'rl\.ppo' is gone: its settings apply to every RL algorithm and moved by what they are "
+        r"about: rl\.ppo\.kl_coef → rl\.kl\.coef; rl\.ppo\.mini_batch_size → rl\.update\.mini_batch_size",
+        err,
+    ), err
 
 
 @pytest.mark.parametrize(

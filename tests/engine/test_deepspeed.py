@@ -133,7 +133,7 @@ def stage_args(stage: str, i: dict[str, str]) -> list[str]:
     return [
         "--actor", i["actor"], "--reward_model", i["rm"], "--data.paths", i["prompts"], "--data.eval_fraction", "0",
         "--train.iterations", "2", "--train.rollout_batch_size", "2", "--train.group_size", "4",
-        "--train.ppo.mini_batch_size", "4", "--train.generation.do_sample", "False",
+        "--train.update.mini_batch_size", "4", "--train.generation.do_sample", "False",
         "--train.generation.max_new_tokens", str(MAX_NEW_TOKENS), "--train.actor_optim.lr", "1e-4",
         "--train.critic_optim.lr", "1e-4", *common,
     ]  # fmt: skip

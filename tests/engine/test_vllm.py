@@ -163,7 +163,7 @@ def test_rl_with_the_vllm_backend_logs_a_small_mismatch(trained, tmp_path, capsy
             "--data.paths", "demo:prompts:64:0", "--train.iterations", "3", "--train.rollout_batch_size", "4",
             "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", "16", "--train.actor_optim.lr",
             "1e-2", "--train.rollout.backend", "vllm", "--train.rollout.cpu_kv_cache_gib", "0.25",
-            "--train.ppo.tis_cap", "2.0", "--run.progress", "False", "--run.log_every", "1"]  # fmt: skip
+            "--train.rollout.tis_cap", "2.0", "--run.progress", "False", "--run.log_every", "1"]  # fmt: skip
     assert main(args) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]

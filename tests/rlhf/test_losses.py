@@ -13,12 +13,18 @@ from chatrlhf.rlhf import (
     entropy_from_logits,
     lm_loss,
     pairwise_loss,
-    policy_loss,
+    ppo_policy_loss,
     token_logprobs,
     value_loss,
 )
 
 F64 = torch.float64
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_eps, mode="token_mean", total_tokens=None, total_seqs=None):
+    """PPO's symmetric clipped surrogate, aggregated as the update does."""
+    per_token, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps, clip_eps)
+    return aggregate_loss(per_token, mask, mode, total_tokens, total_seqs), stats
 
 
 def _mask(lengths, num_steps):
@@ -120,8 +126,18 @@ def test_aggregate_loss_rejects_zero_denominators():
         aggregate_loss(per_token, torch.zeros(2, 3), "token_mean")
     with pytest.raises(ValueError, match="total_seqs"):
         aggregate_loss(per_token, mask, "seq_mean_token_sum", total_seqs=0)
-    with pytest.raises(ValueError, match=r"rows \[1\]"):
-        aggregate_loss(per_token, torch.tensor([[1.0, 0, 0], [0, 0, 0]]), "seq_mean_token_mean")
+    with pytest.raises(ValueError, match="total_seqs == 0"):
+        aggregate_loss(per_token, torch.zeros(2, 3), "seq_mean_token_mean")
+
+
+def test_rows_without_tokens_add_nothing():
+    """A sequence left out of the loss (its mask row all 0, e.g. DAPO's overlong filtering) adds nothing and is
+    not counted among the sequences."""
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [7.0, 8.0, 9.0], [4.0, 5.0, 6.0]], dtype=F64)
+    mask = torch.tensor([[1.0, 1, 0], [0, 0, 0], [1, 1, 1]], dtype=F64)
+    assert aggregate_loss(per_token, mask, "seq_mean_token_mean").item() == pytest.approx((1.5 + 5.0) / 2, abs=1e-12)
+    assert aggregate_loss(per_token, mask, "seq_mean_token_sum").item() == pytest.approx((3 + 15) / 2, abs=1e-12)
+    assert aggregate_loss(per_token, mask, "token_mean").item() == pytest.approx(18 / 5, abs=1e-12)
 
 
 # ---------------------------------------------------------------- gradient accumulation

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from chatrlhf.config import (
     DataConfig,
     GenerationConfig,
-    PPOConfig,
     RewardConfig,
     RewardTrainConfig,
     RLConfig,
@@ -17,6 +16,7 @@ from chatrlhf.config import (
     RunConfig,
     SFTConfig,
     SFTTrainConfig,
+    UpdateConfig,
 )
 from chatrlhf.models.tiny import TINY_ARCHS
 from chatrlhf.train.reward import run_reward
@@ -59,7 +59,7 @@ def test_three_stages(arch, tiny_dirs, pairs_file, tmp_path):
                 iterations=2,
                 rollout_batch_size=8,
                 generation=GenerationConfig(max_new_tokens=6),
-                ppo=PPOConfig(mini_batch_size=4, micro_batch_size=2),
+                update=UpdateConfig(mini_batch_size=4, micro_batch_size=2),
             ),
         )
     )

@@ -56,9 +56,10 @@ def stage_args(stage: str, out: Path, base: Path) -> list[str]:
     if stage == "rl":
         return ["rl", "--actor", str(base), "--reward_model", str(base.parent / "rm"), "--output_dir", str(out),
                 "--data.paths", "demo:prompts:64:0", "--train.iterations", str(STEPS["rl"]),
-                "--train.rollout_batch_size", "4", "--train.ppo.mini_batch_size", "2", "--train.max_prompt_len", "64",
-                "--train.generation.max_new_tokens", "8", "--train.actor_optim.lr", "1e-3",
-                "--train.critic_optim.lr", "1e-3", "--train.ppo.kl_target", "0.5", "--train.ema", "True",
+                "--train.rollout_batch_size", "4", "--train.update.mini_batch_size", "2",
+                "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", "8",
+                "--train.actor_optim.lr", "1e-3",
+                "--train.critic_optim.lr", "1e-3", "--train.kl.target", "0.5", "--train.ema", "True",
                 "--train.ema_decay", "0.9", "--train.eval_every", "3", "--train.eval_prompts", "4",
                 "--judge", "chatrlhf.demo.task:judge"]  # fmt: skip
     assert stage == "pipeline"

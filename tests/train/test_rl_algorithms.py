@@ -9,7 +9,18 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from chatrlhf.config import DataConfig, GenerationConfig, OptimConfig, PPOConfig, RLConfig, RLTrainConfig, RunConfig
+from chatrlhf.config import (
+    DataConfig,
+    GenerationConfig,
+    KLConfig,
+    OptimConfig,
+    RLConfig,
+    RLTrainConfig,
+    RolloutConfig,
+    RunConfig,
+)
+from chatrlhf.demo.task import parse_prompt
+from chatrlhf.errors import UserError
 from chatrlhf.models.load import ValueModel
 from chatrlhf.models.rewards import ForeignRewardModel, ScoringBatch, load_reward_model
 from chatrlhf.models.tiny import byte_tokenizer
@@ -18,19 +29,30 @@ from chatrlhf.train.rl import run_rl
 from chatrlhf.train.rl_models import build_models
 
 JUDGE = "chatrlhf.demo.task:judge"
+TEXT = "tests.train.test_rl_algorithms:text_reward"
+TWO_WORDS_ONLY = "tests.train.test_rl_algorithms:text_reward_for_two_words"
 
 
-def rl_config(tiny_dirs, pairs_file, out, algo="grpo", group_size=2, ppo=None, **kw) -> RLConfig:
+def text_reward(prompt: str, response: str, **fields) -> float:
+    """A reward that tells a random policy's samples apart (the judge gives them all 0): a hash of the text."""
+    return (sum(map(ord, response)) % 97 + len(response)) / 100
+
+
+def text_reward_for_two_words(prompt: str, response: str, **fields) -> float:
+    """`text_reward` for prompts that ask for 2 words; 0 for the others, so their groups tie."""
+    return text_reward(prompt, response) if parse_prompt(prompt)[0] == 2 else 0.0
+
+
+def rl_config(tiny_dirs, pairs_file, out, algo="grpo", group_size=2, **kw) -> RLConfig:
     return RLConfig(
         actor=str(tiny_dirs["llama"]),
-        reward_functions=[JUDGE],
+        reward_functions=[JUDGE, TEXT],
         output_dir=str(out),
         data=DataConfig(paths=[str(pairs_file)], eval_fraction=0.0),
         run=RunConfig(progress=False, log_every=1),
         train=RLTrainConfig(
             algo=algo, group_size=group_size, iterations=2, rollout_batch_size=4,
-            generation=GenerationConfig(max_new_tokens=8), ppo=ppo or PPOConfig(),
-            actor_optim=OptimConfig(lr=1e-3), **kw,
+            generation=GenerationConfig(max_new_tokens=8), actor_optim=OptimConfig(lr=1e-3), **kw,
         ),
     )  # fmt: skip
 
@@ -39,7 +61,11 @@ def metrics(out) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo, group_size", [("grpo", 2), ("rloo", 2), ("reinforce_pp", 1), ("remax", 1)])
+ALGO_GROUPS = [("grpo", 2), ("dr_grpo", 2), ("rloo", 2), ("reinforce_pp", 1), ("remax", 1), ("dapo", 2),
+               ("gspo", 2), ("cispo", 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("algo, group_size", ALGO_GROUPS)
 def test_critic_free_algorithms_run_without_a_critic(algo, group_size, tiny_dirs, pairs_file, tmp_path):
     cfg = rl_config(tiny_dirs, pairs_file, tmp_path / algo, algo=algo, group_size=group_size)
     models = build_models(cfg, ALGORITHMS[algo], tmp_path / "build", torch.device("cpu"))
@@ -55,20 +81,44 @@ def test_critic_free_algorithms_run_without_a_critic(algo, group_size, tiny_dirs
     assert 0.0 <= last["reward/judge_mean"] <= 1.0
     if algo == "remax":
         assert "reward/greedy_mean" in last
+    assert ("sampling/rounds" in last) == (algo == "dapo")
+
+
+def test_dynamic_sampling_draws_rounds_until_the_batch_is_full(tiny_dirs, pairs_file, tmp_path):
+    """DAPO with the reward 0 for every prompt but the 2-word ones (a third of them): those groups tie, so each
+    iteration draws rounds until it has 4 groups whose rewards differ (tests/train/test_rl_sampling.py checks which
+    groups are kept)."""
+    cfg = rl_config(tiny_dirs, pairs_file, tmp_path / "r", algo="dapo")
+    cfg.reward_functions = [TWO_WORDS_ONLY]
+    cfg.train.iterations, cfg.train.sampling.max_rounds = 3, 20
+    run_rl(cfg)
+    lines = metrics(tmp_path / "r")
+    assert all(m["sampling/groups_drawn"] == 4 * m["sampling/rounds"] for m in lines)
+    assert all(0 <= m["sampling/equal_frac"] < 1 for m in lines)
+    assert any(m["sampling/rounds"] > 1 and m["sampling/equal_frac"] > 0 for m in lines)
+
+
+def test_dynamic_sampling_stops_when_no_group_differs(tiny_dirs, pairs_file, tmp_path):
+    cfg = rl_config(tiny_dirs, pairs_file, tmp_path / "r", algo="dapo")
+    cfg.reward_functions = [JUDGE]  # a random policy scores 0 on every prompt
+    cfg.train.sampling.max_rounds = 3
+    with pytest.raises(UserError, match=r"after train\.sampling\.max_rounds=3 rounds only 0 of the 4 prompt groups"):
+        run_rl(cfg)
 
 
 def test_kl_as_loss_with_k3_and_adaptive_coefficient(tiny_dirs, pairs_file, tmp_path):
-    ppo = PPOConfig(kl_in="loss", kl_estimator="k3", kl_coef=0.05, kl_target=0.001, kl_horizon=10)
-    run_rl(rl_config(tiny_dirs, pairs_file, tmp_path / "r", ppo=ppo))
+    kl = KLConfig(placement="loss", estimator="k3", coef=0.05, target=0.001, horizon=10)
+    run_rl(rl_config(tiny_dirs, pairs_file, tmp_path / "r", kl=kl))
     lines = metrics(tmp_path / "r")
     assert all("loss/kl" in m for m in lines)
     assert lines[0]["kl/coef"] == 0.05
-    # iteration 1 has KL 0 (actor == reference): β shrinks by 20% × 4 prompts / horizon 10
-    assert lines[1]["kl/coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))
+    # iteration 1 has KL 0 (actor == reference): β shrinks by 20% × n / horizon 10, with n the 8 sampled responses
+    # (4 prompts × group_size 2): Ziegler et al. count samples
+    assert lines[1]["kl/coef"] == pytest.approx(0.05 * (1 - 0.2 * 8 / 10))
 
 
 def test_truncated_importance_sampling_weights(tiny_dirs, pairs_file, tmp_path):
-    run_rl(rl_config(tiny_dirs, pairs_file, tmp_path / "r", ppo=PPOConfig(tis_cap=2.0)))
+    run_rl(rl_config(tiny_dirs, pairs_file, tmp_path / "r", rollout=RolloutConfig(tis_cap=2.0)))
     first = metrics(tmp_path / "r")[0]
     # the rollout engine (cached incremental decoding) and the trainer's full forward agree up to rounding
     assert first["tis/weight_mean"] == pytest.approx(1.0, abs=1e-3)
@@ -82,7 +132,7 @@ def test_weighted_reward_model_and_function(tiny_dirs, pairs_file, tmp_path):
     rm.save_pretrained(rm_dir)
     byte_tokenizer().save_pretrained(rm_dir)
     cfg = rl_config(tiny_dirs, pairs_file, tmp_path / "r")
-    cfg.reward_model, cfg.reward_weights = str(rm_dir), [0.5, 2.0]
+    cfg.reward_model, cfg.reward_functions, cfg.reward_weights = str(rm_dir), [JUDGE], [0.5, 2.0]
     run_rl(cfg)
     for m in metrics(tmp_path / "r"):
         expected = 0.5 * m["reward/reward_model_mean"] + 2.0 * m["reward/judge_mean"]
