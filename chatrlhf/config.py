@@ -1452,7 +1452,8 @@ def renamed_error(cls: type, key: str, prefix: str, given: list[str] | None = No
     table = RENAMED.get(cls, {})
     if key in table:
         listed = " (docs/algorithms.md §4 lists every setting)" if cls is RLTrainConfig else ""
-        return ConfigError(f"'{prefix}{key}' was renamed: use '{prefix}{table[key]}'{_RENAME_NOTES.get(key, '')}{listed}")
+        note = _RENAME_NOTES.get(key, "")
+        return ConfigError(f"'{prefix}{key}' was renamed: use '{prefix}{table[key]}'{note}{listed}")
     moved = [(old, new) for old, new in table.items() if old.startswith(key + ".")]
     if given is not None:
         moved = [(old, new) for old, new in moved if old.split(".")[-1] in given]

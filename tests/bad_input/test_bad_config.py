@@ -146,7 +146,8 @@ def test_cli_value_of_wrong_type(capsys):
 def test_unknown_command(capsys):
     assert main(["sftt", "--model", "x"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("chatrlhf: unknown command 'sftt'") and "usage: chatrlhf {sft,reward,rl,dpo,pipeline,eval}" in err and "chatrlhf {chat,serve} MODEL_DIR" in err
+    assert err.startswith("chatrlhf: unknown command 'sftt'")
+    assert "usage: chatrlhf {sft,reward,rl,dpo,pipeline,eval}" in err and "chatrlhf {chat,serve} MODEL_DIR" in err
 
 
 def test_missing_recipe(tmp_path, fail):
