@@ -103,6 +103,7 @@ class VLLMGenerator:
         max_model_len: int,
         device: torch.device,
         option: str = ROLLOUT_OPTION,
+        data_parallel: int = 1,
     ):
         vllm = import_vllm(option)
         self.vllm = vllm
@@ -116,6 +117,10 @@ class VLLMGenerator:
             if on_gpu
             else {"kv_cache_memory_bytes": int(rollout.cpu_kv_cache_gib * 2**30)}
         )
+        if data_parallel > 1:
+            # one engine per rank of the trainer's launcher (torchrun, deepspeed): vLLM joins the existing process
+            # group as its data-parallel group, and the ranks' engines step together (each generates its own prompts)
+            memory |= {"distributed_executor_backend": "external_launcher", "data_parallel_size": data_parallel}
         seed = int(torch.randint(2**31 - 1, ()))
         try:
             with _trainer_state_kept():

@@ -120,15 +120,11 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
 
 def rollout_engine(cfg: RLConfig, actor_path: str, tok, device) -> VLLMGenerator | None:
     """The colocated vLLM engine of `train.rollout.backend=vllm` (None for hf), started from the actor's starting
-    weights; every rollout syncs the current ones."""
+    weights; every rollout syncs the current ones. With several ranks each rank runs its own engine (data parallel),
+    fed from its own copy of the weights (under ZeRO-3, the whole copy gathered for generation)."""
     train = cfg.train
     if train.rollout.backend != "vllm":
         return None
-    if dist.world_size() > 1:
-        raise UserError(
-            f"train.rollout.backend=vllm runs in a single process for now; this run has {dist.world_size()} ranks: "
-            "use train.rollout.backend=hf with several ranks"
-        )
     check_vllm_support(actor_path)
     return VLLMGenerator(
         actor_path,
@@ -138,6 +134,7 @@ def rollout_engine(cfg: RLConfig, actor_path: str, tok, device) -> VLLMGenerator
         dtype=cfg.run.dtype,
         max_model_len=train.max_prompt_len + train.generation.max_new_tokens,
         device=device,
+        data_parallel=dist.world_size(),
     )
 
 

