@@ -261,7 +261,12 @@ class EpisodeRunner:
         if finish == "length":
             ep.end = "length"
             return
-        calls = parse_tool_calls(turn["content"], self.tok, tools=self.env.tools) if self.tools else []
+        calls = []
+        if self.tools:
+            prefix = self.fmt.render(history, add_generation_prompt=True)
+            calls = parse_tool_calls(
+                self.tok.decode(tokens, skip_special_tokens=True), self.tok, prefix, self.env.tools
+            )
         if calls:
             new = [self._answer_call(ep, call) for call in calls]
         else:

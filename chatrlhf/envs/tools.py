@@ -95,16 +95,20 @@ class ToolResult:
 
 
 def parse_tool_calls(text: str, tokenizer=None, prefix: str = "", tools: Sequence[Tool] = ()) -> list[ToolCall]:
-    """The tool calls in one policy turn: by the tokenizer's `response_template` when it has one, else the
-    fallback `<tool_call>{...}</tool_call>` format."""
-    if tokenizer is not None and getattr(tokenizer, "response_template", None) is not None:
+    """The tool calls in one policy turn (`prefix`: the rendered conversation before it): by the tokenizer's
+    `response_template` when it has one (`tokenizer.parse_response`), else in the fallback
+    `<tool_call>{...}</tool_call>` format. A turn whose calls do not parse gives one call with a `problem`."""
+    if tokenizer is None or getattr(tokenizer, "response_template", None) is None:
+        return [_parse_fallback(body) for body in TOOL_CALL_RE.findall(text)]
+    try:
         parsed = tokenizer.parse_response(text, prefix=prefix, tools=[t.schema for t in tools] or None)
-        calls = []
-        for call in parsed.get("tool_calls") or []:
-            fn = call.get("function", call)
-            calls.append(ToolCall(str(fn.get("name", "")), fn.get("arguments")))
-        return calls
-    return [_parse_fallback(body) for body in TOOL_CALL_RE.findall(text)]
+    except ValueError as e:  # transformers' parsers raise ValueError on a region they cannot read
+        return [ToolCall("", None, f"the tool calls do not parse: {str(e).splitlines()[0]}")]
+    calls = []
+    for call in parsed.get("tool_calls") or []:
+        fn = call.get("function", call) if isinstance(call, dict) else {}
+        calls.append(_call_of(fn.get("name"), fn.get("arguments", {})))
+    return calls
 
 
 def _parse_fallback(body: str) -> ToolCall:
@@ -112,15 +116,20 @@ def _parse_fallback(body: str) -> ToolCall:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return ToolCall("", None, f"the tool call is not valid JSON: {e.msg} at character {e.pos}")
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    if not isinstance(obj, dict):
         return ToolCall("", None, 'a tool call is a JSON object {"name": ..., "arguments": {...}}')
-    arguments = obj.get("arguments", {})
+    return _call_of(obj.get("name"), obj.get("arguments", {}))
+
+
+def _call_of(name: object, arguments: object) -> ToolCall:
+    if not isinstance(name, str) or not name:
+        return ToolCall("", None, 'a tool call is a JSON object {"name": ..., "arguments": {...}}')
     if isinstance(arguments, str):  # some models write the arguments as a JSON string, as the OpenAI API does
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
-            return ToolCall(obj["name"], None, "the tool call's arguments are not valid JSON")
-    return ToolCall(obj["name"], arguments)
+            return ToolCall(name, None, "the tool call's arguments are not valid JSON")
+    return ToolCall(name, arguments)
 
 
 def call_tool(tools: dict[str, Tool], call: ToolCall, timeout_s: float) -> ToolResult:

@@ -333,3 +333,47 @@ def test_bad_environments_are_user_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="reset\\(\\) returned str; expected a list of messages"):
         bad.reset(bad.new(), {})
     sys.modules.pop("my_envs", None)
+
+
+# A template with tool support (as Qwen2.5's has): the schemas given as `tools=` are listed in a system turn, and
+# messages of role `tool` are rendered as tool turns.
+WITH_TOOLS = (
+    "{%- if tools -%}{{ 'System: tools ' }}{%- for t in tools -%}{{ t | tojson }}{%- endfor -%}{{ '\\n' }}{%- endif -%}"
+    + CHAT_TEMPLATE.replace(
+        "{%- else -%}", "{%- elif message['role'] == 'tool' -%}{{ 'Tool: ' + message['content'] + '\\n' }}{%- else -%}"
+    )
+)
+
+
+def test_a_template_with_tool_support_renders_tools_natively(tok):
+    native = AutoTokenizer.from_pretrained(tok.name_or_path)
+    native.chat_template = WITH_TOOLS
+    runner = EpisodeRunner(env(Calculator), native, EpisodeLimits(max_tokens=4096))
+    assert runner.fmt.native_tools and check_template(runner.fmt) == 7
+    ep = runner.run(Scripted([" " + call("add", a=408, b=5), " 413"]), [{}])[0]
+    assert ep.end == "done" and ep.reward == 1.0
+    rendered = native.apply_chat_template(ep.messages, tools=runner.fmt.schemas, tokenize=False)
+    assert "Tool: 413\n" in rendered and "<tool_response>" not in rendered
+    assert native.decode(ep.ids, skip_special_tokens=False) + "\n" == rendered
+
+
+# transformers' response parsing (`tokenizer.response_template`) for the tiny template with Hermes-style calls.
+RESPONSE_TEMPLATE = {
+    "start_anchor": "Assistant:",
+    "fields": {
+        "content": {"content": "text"},
+        "tool_calls": {"open": "<tool_call>", "close": "</tool_call>", "content": "json", "repeats": True,
+                       "optional": True},
+    },
+}  # fmt: skip
+
+
+def test_a_tokenizer_with_a_response_template_parses_calls_with_it(tok):
+    parsing = AutoTokenizer.from_pretrained(tok.name_or_path)
+    parsing.response_template = RESPONSE_TEMPLATE
+    runner = EpisodeRunner(env(Calculator), parsing, EpisodeLimits(max_tokens=4096))
+    turns = [" " + call("add", a=408, b=5), " <tool_call>{bad</tool_call>", " 413"]
+    ep = runner.run(Scripted(turns), [{}])[0]
+    assert ep.end == "done" and ep.reward == 1.0
+    assert [(r.content, r.error) for r in ep.tool_results][0] == ("413", None)
+    assert ep.tool_results[1].error == "parse" and "do not parse" in ep.tool_results[1].content
