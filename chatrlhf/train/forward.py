@@ -25,6 +25,15 @@ def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
     return token_logprobs(_response_logits(model, sequences, attention_mask, width), sequences[:, -width:])
 
 
+def sequence_token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """(N, T) log π(ids_t | ids_<t) at every position t ≥ 1 of right-padded sequences (0 at t = 0, which nothing
+    predicts): the log-probs of a multi-turn episode, whose policy tokens are spread over the whole sequence
+    (envs/runner.py); multiply by its policy mask to keep only those."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
+    logp = token_logprobs(logits[:, :-1], ids[:, 1:])
+    return torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+
+
 def response_logprobs_and_entropy(
     model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
