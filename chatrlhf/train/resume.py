@@ -7,7 +7,6 @@ import dataclasses
 from pathlib import Path
 
 from chatrlhf import distributed as dist
-
 from chatrlhf.engine.base import TrainEngine
 from chatrlhf.engine.checkpoint import due, load_checkpoint, resolve_resume, save_checkpoint, truncate_metrics
 from chatrlhf.metrics import MetricsLogger
