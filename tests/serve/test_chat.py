@@ -120,7 +120,8 @@ def test_replies_are_streamed_as_they_are_generated(random_llama):
         piece = child.read_nonblocking(4096, timeout=60)
         arrivals.append((time.monotonic(), len(re.sub(r"[^:]", "", piece))))
         text += piece
-    child.expect_exact(PROMPT)
+    if PROMPT not in text.split("(cut at", 1)[1]:  # the next prompt may have come in the same read
+        child.expect_exact(PROMPT)
     assert re.sub(r"[^:]", "", text.split("(cut at")[0]) == ":" * 400
     with_reply = [t for t, n in arrivals if n]
     assert len(with_reply) >= 5, arrivals
