@@ -26,6 +26,10 @@ The workload, per size (`--hidden`, 4 layers):
   temperature 1, no top-k/top-p; float32; `--threads` threads (OMP_NUM_THREADS, default 1: on a
   2-core machine shared with other work, a 2-thread process slows down sharply when another job takes a core).
 
+A third process, `floor` (`--worker floor`, `floor_worker`), runs the same steps in plain torch + transformers
+with nothing a framework adds: the floor that both are measured against. `--frameworks` picks which of the three
+run; each round of runs rotates their order.
+
 Step time is the interval between two consecutive step ends (chatrlhf: `time/elapsed_s` of two metrics lines;
 TRL: two `on_step_end` callbacks), the median over the steps after `--warmup`, then the median over `--runs` runs.
 chatrlhf's per-phase times (`time/generate_s`, `time/forward_s`, `time/train_s`) are reported beside it.
@@ -215,6 +219,51 @@ def trl_worker(counts: Path, spec_path: Path) -> int:
     return 0
 
 
+def floor_worker(counts: Path, spec_path: Path) -> int:
+    """The floor of one GRPO step on the same workload, in plain torch + transformers: `generate()` of the same
+    prompts, one no-grad forward of the reference, one forward/backward of the policy with the same loss terms
+    (the clipped ratio is 1 on-policy, so −A·log π; + β·k3), gradient clipping and one AdamW step. No scoring, no
+    advantages beyond a fixed per-sequence sign, no logging: what any framework has to compute."""
+    instrument(counts)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    spec = json.loads(spec_path.read_text())
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=0.0)
+    gen = GenerationConfig(max_new_tokens=spec["new_tokens"], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    texts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).read_text().splitlines()]
+    p, g = spec["prompts_per_step"], spec["group"]
+    adv = torch.tensor([1.0, -1.0] * (p * g // 2)).unsqueeze(1)
+    phases, started = [], time.perf_counter()
+    for step in range(spec["max_steps"]):
+        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)["input_ids"]
+                            for t in texts[step * p : (step + 1) * p]]).repeat_interleave(g, 0)  # fmt: skip
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            seq = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        t1 = time.perf_counter()
+        start, targets = ids.shape[1] - 1, seq[:, ids.shape[1] :].unsqueeze(2)
+        with torch.no_grad():
+            ref_logp = torch.log_softmax(ref(seq).logits[:, start:-1].float(), -1).gather(2, targets).squeeze(2)
+        t2 = time.perf_counter()
+        logp = torch.log_softmax(policy(seq).logits[:, start:-1].float(), -1).gather(2, targets).squeeze(2)
+        d = ref_logp - logp
+        loss = (-adv * logp).mean() + spec["beta"] * (torch.exp(d) - d - 1).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        phases.append({"end_s": t3 - started, "generate_s": t1 - t0, "ref_forward_s": t2 - t1, "train_s": t3 - t2})
+    Path(spec["output_dir"], "floor_result.json").write_text(json.dumps(phases))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ measuring
 
 
@@ -230,8 +279,8 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         out.mkdir(parents=True, exist_ok=True)
         spec = out / "spec.json"
         spec.write_text(json.dumps(trl_spec(model, prompts, out, a)))
-        cmd = [*me, "--worker", "trl", "--counts", str(counts), "--spec", str(spec)]
-        shown = "GRPOTrainer " + json.dumps(trl_spec(model, prompts, out, a))
+        cmd = [*me, "--worker", framework, "--counts", str(counts), "--spec", str(spec)]
+        shown = {"trl": "GRPOTrainer ", "floor": "floor "}[framework] + json.dumps(trl_spec(model, prompts, out, a))
     threads = str(a.threads)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH}", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     res = run_measured(cmd, workdir / f"{out.name}.log", env=env, timeout_s=a.timeout)
@@ -245,9 +294,14 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         phases = {k: statistics.median(m[k] for m in lines[a.warmup :])
                   for k in ("time/generate_s", "time/score_s", "time/forward_s", "time/train_s")}  # fmt: skip
         steps = len(lines)
-    else:
+    elif framework == "trl":
         r = json.loads((out / "trl_result.json").read_text())
         ends, lengths, phases, steps = r["step_end_s"], r["mean_length"], {}, r["global_step"]
+    else:
+        r = json.loads((out / "floor_result.json").read_text())
+        ends, steps = [x["end_s"] for x in r], len(r)
+        lengths = [a.new_tokens] * steps  # checked by the generate() record: no EOS can be sampled
+        phases = {k: statistics.median(x[k] for x in r[a.warmup :]) for k in ("generate_s", "ref_forward_s", "train_s")}
     intervals = [b - e for e, b in zip(ends, ends[1:])][a.warmup - 1 :]  # step k's time: end(k) − end(k−1)
     worker = res.workers()[0]
     return {
@@ -288,11 +342,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="measured RL steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="RL steps left out at the start of each run")
     parser.add_argument("--runs", type=int, default=3, help="runs per framework and size, alternating")
+    parser.add_argument("--frameworks", nargs="+", choices=["chatrlhf", "trl", "floor"],
+                        default=["chatrlhf", "trl", "floor"], help="what runs; each run round rotates the order")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both frameworks' processes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--worker", choices=["chatrlhf", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["chatrlhf", "trl", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--counts", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -301,6 +357,8 @@ def main() -> int:
         return chatrlhf_worker(a.counts, a.rest)
     if a.worker == "trl":
         return trl_worker(a.counts, a.spec)
+    if a.worker == "floor":
+        return floor_worker(a.counts, a.spec)
     assert a.warmup >= 1, "--warmup must be at least 1 (the first step's time has no step before it)"
 
     from importlib.metadata import version
@@ -314,7 +372,7 @@ def main() -> int:
         prompts = workdir / f"prompts-h{hidden}.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
         for r in range(a.runs):
-            order = ("chatrlhf", "trl") if r % 2 == 0 else ("trl", "chatrlhf")
+            order = a.frameworks[r % len(a.frameworks) :] + a.frameworks[: r % len(a.frameworks)]  # rotated
             for framework in order:
                 print(f"{model.name}: {framework} run {r + 1}/{a.runs} ...", flush=True)
                 row = run_one(framework, model, prompts, workdir, f"r{r}", a)
@@ -327,29 +385,36 @@ def main() -> int:
     summary, table = [], []
     for hidden in a.hidden:
         name = f"llama-h{hidden}"
-        per = {f: [r for r in rows if r["model"] == name and r["framework"] == f] for f in ("chatrlhf", "trl")}
+        per = {f: [r for r in rows if r["model"] == name and r["framework"] == f] for f in a.frameworks}
         s = {f: statistics.median(r["median_step_s"] for r in rs) for f, rs in per.items()}
         rss = {f: max(r["peak_rss_bytes"] for r in rs) for f, rs in per.items()}
         other = statistics.mean(r["other_cores"] for rs in per.values() for r in rs)
-        ratio = s["trl"] / s["chatrlhf"]
-        summary.append({"model": name, "hidden": hidden, "median_step_s": s, "peak_rss_bytes": rss,
-                        "tokens_per_s": {f: tokens_per_step / v for f, v in s.items()},
-                        "ratio_steps_per_s": ratio, "other_cores_mean": other,
-                        "chatrlhf_phases_median_s": {k: statistics.median(r["phases_median_s"][k] for r in per["chatrlhf"])
-                                                     for k in per["chatrlhf"][0]["phases_median_s"]}})  # fmt: skip
-        for f in ("chatrlhf", "trl"):
-            runs = " ".join(f"{r['median_step_s']:.3f}" for r in per[f])
-            table.append([name, f, f"{s[f]:.3f}", runs, f"{tokens_per_step / s[f]:.0f}", fmt_mib(rss[f]),
-                          f"{ratio:.2f}" if f == "chatrlhf" else "", f"{other:.2f}"])  # fmt: skip
+        phases = {f: {k: statistics.median(r["phases_median_s"][k] for r in rs) for k in rs[0]["phases_median_s"]}
+                  for f, rs in per.items()}  # fmt: skip
+        item = {"model": name, "hidden": hidden, "median_step_s": s, "peak_rss_bytes": rss,
+                "tokens_per_s": {f: tokens_per_step / v for f, v in s.items()}, "other_cores_mean": other,
+                "phases_median_s": phases}  # fmt: skip
+        if "chatrlhf" in s and "trl" in s:
+            item["chatrlhf_over_trl_steps_per_s"] = s["trl"] / s["chatrlhf"]
+        if "chatrlhf" in s and "floor" in s:
+            item["chatrlhf_step_over_floor"] = s["chatrlhf"] / s["floor"]
+        summary.append(item)
+        for f in a.frameworks:
+            ratio = {"trl": item.get("chatrlhf_over_trl_steps_per_s"), "floor": item.get("chatrlhf_step_over_floor")}
+            table.append([name, f, f"{s[f]:.3f}", " ".join(f"{r['median_step_s']:.3f}" for r in per[f]),
+                          f"{tokens_per_step / s[f]:.0f}", fmt_mib(rss[f]),
+                          "" if ratio.get(f) is None else f"{ratio[f]:.2f}", f"{other:.2f}"])  # fmt: skip
     print()
     print(f"GRPO, {a.prompts} prompts × {a.group} samples × {a.new_tokens} new tokens per step, β={a.beta}, "
-          f"{a.steps} measured steps after {a.warmup}, {a.runs} runs each")  # fmt: skip
-    print(fmt_table(["model", "framework", "s/step", "runs (s/step)", "gen tok/s", "peak RSS MiB",
-                     "chatrlhf/TRL steps/s", "other cores"], table))  # fmt: skip
+          f"{a.steps} measured steps after {a.warmup}, {a.runs} runs each, {a.threads} thread(s)")  # fmt: skip
+    print("ratio: on the trl row, chatrlhf steps/s ÷ TRL steps/s; on the floor row, chatrlhf s/step ÷ floor s/step")
+    print(fmt_table(["model", "framework", "s/step", "runs (s/step)", "gen tok/s", "peak RSS MiB", "ratio",
+                     "other cores"], table))  # fmt: skip
     print()
-    for s in summary:
-        p = s["chatrlhf_phases_median_s"]
-        print(f"{s['model']}: chatrlhf phases (median s): " + ", ".join(f"{k[5:-2]} {v:.3f}" for k, v in p.items()))
+    for item in summary:
+        for f, p in item["phases_median_s"].items():
+            if p:
+                print(f"{item['model']}: {f} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()))
     versions = {n: version(n) for n in ("torch", "transformers", "trl", "accelerate", "datasets")}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     payload = {"machine": machine_summary(), "versions": versions, "args": {k: str(v) for k, v in vars(a).items()
