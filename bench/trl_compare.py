@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import os
 import collections
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -342,8 +342,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="measured RL steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="RL steps left out at the start of each run")
     parser.add_argument("--runs", type=int, default=3, help="runs per framework and size, alternating")
-    parser.add_argument("--frameworks", nargs="+", choices=["chatrlhf", "trl", "floor"],
-                        default=["chatrlhf", "trl", "floor"], help="what runs; each run round rotates the order")
+    parser.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=["chatrlhf", "trl", "floor"],
+        default=["chatrlhf", "trl", "floor"],
+        help="what runs; each run round rotates the order",
+    )
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both frameworks' processes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--workdir", type=Path, default=None)
