@@ -3,7 +3,8 @@ REINFORCE++, ReMax, DAPO, GSPO, CISPO), all on the same loop, the same update an
 
 One iteration (docs/architecture.md), each a named function below:
   1. sample a batch of prompts (left-padded), each repeated `group_size` times;
-  2. generation mode: sample responses, truncate after EOS, build the response mask;
+  2. generation mode: sample responses, truncate after EOS, build the response mask (with `env`: play multi-turn
+     episodes, the mask on the policy's tokens, the attention on all of them; docs/episodes.md);
   3. score: reward model end score and/or Python reward functions, weighted and summed;
   4. log-probs of the actor (old) and the reference, values of the critic (PPO) — one no-grad forward each;
      steps 1–4 are one round; the algorithm's sampling policy draws one round, or (DAPO) more until the batch is
