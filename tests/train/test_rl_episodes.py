@@ -133,11 +133,11 @@ def test_episode_rewards_and_reward_functions_on_the_conversation(played):
 # ------------------------------------------------------------------------------------------------ through the CLI
 
 
-def chatrlhf(*args: str) -> subprocess.CompletedProcess:
+def chatrlhf(*args: str, code: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "chatrlhf.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
 
 
@@ -211,6 +211,11 @@ def test_unsupported_combinations_with_episodes_are_refused(change, named):
     with pytest.raises(ConfigError, match="env .RL on multi-turn episodes. does not support") as e:
         cfg.validate(need_data=False)
     assert named in str(e.value)
+
+
+def test_an_environment_that_does_not_import_stops_the_run_with_exit_2(tiny_dirs, tmp_path):
+    proc = chatrlhf(*rl_args(tiny_dirs["llama"], tmp_path / "bad", "no_such_module:Env", "grpo", 2), code=2)
+    assert "environment 'no_such_module:Env': cannot import" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_an_environment_is_a_reward_source():
