@@ -493,6 +493,27 @@ class DoctorConfig:
 
 
 @dataclass
+class EpisodeConfig:
+    """Bounds of a multi-turn episode (with `env`; docs/episodes.md). A policy turn is at most
+    `generation.max_new_tokens` tokens."""
+
+    max_turns: int = 4
+    """Most policy turns in an episode, tool-calling turns included."""
+    max_tool_calls: int = 4
+    """Most tool calls in an episode; later calls are answered with an error message."""
+    tool_timeout_s: float = 5.0
+    """A tool call running longer is answered with a timeout error."""
+    max_tokens: int = 512
+    """Most tokens of an episode before a policy turn (the turn may add `generation.max_new_tokens`)."""
+
+
+EPISODE_ALGOS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+"""The algorithms that train on episodes (`env`): the critic-free ones with a group, leave-one-out or batch
+baseline. PPO needs per-token values over the policy tokens only, ReMax a greedy episode as its baseline, DAPO's
+dynamic sampling and overlong shaping and GSPO/CISPO's sequence terms are not tested on episodes yet."""
+
+
+@dataclass
 class RLTrainConfig:
     """How step 3 (RLHF) runs."""
 
@@ -549,6 +570,8 @@ class RLTrainConfig:
     `judge` `eval/judge_mean`; responses in `samples.jsonl`); 0 = only at the end."""
     eval_prompts: int = 64
     """Held-out prompts each evaluation answers (the first of the held-out share)."""
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """Bounds of the multi-turn episodes played with `env` (unused without it)."""
 
 
 @dataclass
@@ -617,7 +640,8 @@ class RLConfig(StageOptions):
     reward_functions: list[str] = field(default_factory=list)
     """Python rewards `module:function(prompt, response, **fields) -> float` (fields = the record's extra fields)."""
     reward_weights: list[float] | None = None
-    """Weights of [reward model, *reward_functions] in the summed reward; None = 1 each."""
+    """Weights of [reward model, environment (with `env`), *reward_functions] in the summed reward; None = 1
+    each."""
     critic: str | None = None
     """PPO's critic initialisation; None = the reward model (as DeepSpeed-Chat does). Critic-free algorithms have
     none."""
@@ -626,6 +650,11 @@ class RLConfig(StageOptions):
     then learns values from scratch. False refuses a critic without a trained head."""
     reference: str | None = None
     """Frozen reference policy for the KL penalty; None = the actor's starting weights."""
+    env: str = ""
+    """An environment `module:Class` (docs/episodes.md): each rollout is then a batch of multi-turn episodes, the
+    policy's turns alternating with the environment's messages and tool results, and the loss covers the policy's
+    tokens only. Its turn rewards, summed, are a reward source (`reward/env_mean`, first in `reward_weights` after
+    the reward model); `reward_functions` then see the whole conversation. Empty = single-turn responses."""
     judge: str | None = None
     """A held-out judge `module:function(prompt, response, **fields) -> float` that RL does not optimise: it scores
     the held-out evaluations (`train.eval_every`), where the RL doctor watches it. None = no judge."""
@@ -639,14 +668,16 @@ class RLConfig(StageOptions):
     def validate(self, need_data: bool = True) -> None:
         _validate_types(self)
         _require(self.actor, "actor", "the SFT model directory")
-        if not self.reward_model and not self.reward_functions:
-            raise ConfigError("no reward: set reward_model and/or reward_functions")
-        n_sources = int(bool(self.reward_model)) + len(self.reward_functions)
+        if not self.reward_model and not self.reward_functions and not self.env:
+            raise ConfigError("no reward: set reward_model and/or reward_functions (or env)")
+        n_sources = int(bool(self.reward_model)) + int(bool(self.env)) + len(self.reward_functions)
         if self.reward_weights is not None and len(self.reward_weights) != n_sources:
             raise ConfigError(
                 f"reward_weights has {len(self.reward_weights)} values for {n_sources} reward sources "
-                "(reward_model, if set, then each of reward_functions)"
+                "(reward_model, if set, the environment, if env is set, then each of reward_functions)"
             )
+        if self.env:
+            self._validate_episodes()
         algo, has_critic = self.train.algo, ALGORITHM_RULES[self.train.algo].critic
         if has_critic and not (self.critic or self.reward_model):
             raise ConfigError(f"train.algo={algo} needs a critic: set critic (or reward_model, which initialises it)")
@@ -660,6 +691,31 @@ class RLConfig(StageOptions):
             _require(self.data.paths, "data.paths", "at least one prompt source")
         _validate_data(self.data)
         _validate_rl(self.train)
+
+    def _validate_episodes(self) -> None:
+        """What `env` (RL on multi-turn episodes) does not support yet, each refused by name."""
+        t = self.train
+        unsupported = {
+            f"train.algo={t.algo}": t.algo not in EPISODE_ALGOS,
+            "reward_model": bool(self.reward_model),
+            "judge": self.judge is not None,
+            "engine.kind=deepspeed": self.engine.kind == "deepspeed",
+            "train.rollout.backend=vllm": t.rollout.backend == "vllm",
+            f"resume={self.resume}": self.resume != "no",
+        }
+        named = [k for k, v in unsupported.items() if v]
+        if named:
+            raise ConfigError(
+                f"env (RL on multi-turn episodes) does not support {', '.join(named)} yet: episodes train with "
+                f"train.algo in {', '.join(EPISODE_ALGOS)}, rewards from the environment and reward_functions (the "
+                "reward model and the judge score single responses), one process with engine.kind=single, the hf "
+                "rollout backend, and resume=no (docs/episodes.md)"
+            )
+        e = t.episode
+        if e.max_turns < 1 or e.max_tool_calls < 0 or e.tool_timeout_s <= 0 or e.max_tokens < 1:
+            raise ConfigError(
+                "train.episode: max_turns and max_tokens must be >= 1, max_tool_calls >= 0, tool_timeout_s > 0"
+            )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Generated data sources: a source spec `NAME:...` whose NAME is a registered generator is written to a file
 first (once per spec and data directory), and the file is then read like any other source.
 
-The bundled demo registers `demo` (`demo:pairs:N:SEED`, `demo:prompts:N:SEED`; chatrlhf/demo/task.py). Generators
+The bundled demos register `demo` (`demo:pairs:N:SEED`, `demo:prompts:N:SEED`; chatrlhf/demo/task.py) and
+`calculator` (`calculator:prompts:N:SEED`; chatrlhf/demo/calculator.py). Generators
 are looked up by `module:function` name when a spec uses them, as reward functions are, so this generic layer does
 not import any task.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-GENERATORS = {"demo": "chatrlhf.demo.task:materialize"}
+GENERATORS = {"demo": "chatrlhf.demo.task:materialize", "calculator": "chatrlhf.demo.calculator:materialize"}
 """Scheme → `module:function` called as `function(spec, data_dir) -> path` for specs `SCHEME:...`."""
 
 

@@ -8,7 +8,10 @@ Three kinds of reward source, each with `score(batch) -> (B,) float tensor`:
   DeBERTa or a Llama-based RM); prompt and response text are re-tokenized for it — with its chat template when it
   has one, else as a (prompt, response) text pair — and the model's own pooled logit is the score.
 - `FunctionReward`: `module:function(prompt, response, **fields) -> float`, called on the prompt text, the decoded
-  response and the RL record's extra fields (e.g. the demo judge `chatrlhf.demo.task:judge`).
+  response and the RL record's extra fields (e.g. the demo judge `chatrlhf.demo.task:judge`); on a multi-turn
+  episode, the response is the policy's last turn and `messages` (the whole conversation) joins the fields.
+- `EnvironmentReward`: the return of each multi-turn episode, its environment's turn rewards summed
+  (docs/episodes.md).
 
 A reward model must hold a trained head: a causal LM given as one is refused (`load_value_model`). A Python function
 that raises, or returns something other than a finite number, stops the run (`call_score`): its output is never
@@ -57,6 +60,8 @@ class ScoringBatch:
     """The decoded response, special tokens removed."""
     extras: list[dict] = field(default_factory=list)
     """The RL record's other fields, passed to reward functions."""
+    episode_rewards: torch.Tensor | None = None
+    """(B,) float — the environment's return of each episode (multi-turn episodes only)."""
 
 
 class RewardSource(Protocol):
@@ -123,6 +128,17 @@ class FunctionReward:
                 )
             values.append(call_score(self.fn, f"{self.role} '{self.spec}'", p, r, extra))
         return torch.tensor(values, dtype=torch.float32, device=batch.sequences.device)
+
+
+class EnvironmentReward:
+    """The environment's return of each episode: its turn rewards summed (envs/runner.py:Episode.reward)."""
+
+    name = "env"
+
+    def score(self, batch: ScoringBatch) -> torch.Tensor:
+        if batch.episode_rewards is None:
+            raise ValueError("EnvironmentReward scores episodes; this batch holds single responses")
+        return batch.episode_rewards.to(batch.sequences.device)
 
 
 def call_score(fn: Callable[..., object], what: str, prompt: str, response: str, extra: dict) -> float:
@@ -236,18 +252,22 @@ def build_scorer(
     policy_tok: PreTrainedTokenizerBase,
     dtype: str,
     device: torch.device,
+    environment: bool = False,
 ) -> Scorer:
-    """Sources in a fixed order — the reward model first, then the functions — with weights in that order
-    (default 1 each)."""
+    """Sources in a fixed order — the reward model, the environment's episode return (`environment`), then the
+    functions — with weights in that order (default 1 each)."""
     sources: list[RewardSource] = []
     if reward_model:
         sources.append(load_reward_model(reward_model, policy_tok, dtype, device))
+    if environment:
+        sources.append(EnvironmentReward())
     for spec in reward_functions:
         sources.append(FunctionReward(load_function(spec), name=spec.rsplit(":", 1)[-1], spec=spec))
     return Scorer(sources, list(weights) if weights is not None else [1.0] * len(sources))
 
 
 __all__ = [
+    "EnvironmentReward",
     "ForeignRewardModel",
     "FunctionReward",
     "PolicyVocabRewardModel",

@@ -3,7 +3,8 @@ REINFORCE++, ReMax, DAPO, GSPO, CISPO), all on the same loop, the same update an
 
 One iteration (docs/architecture.md), each a named function below:
   1. sample a batch of prompts (left-padded), each repeated `group_size` times;
-  2. generation mode: sample responses, truncate after EOS, build the response mask;
+  2. generation mode: sample responses, truncate after EOS, build the response mask (with `env`: play multi-turn
+     episodes, the mask on the policy's tokens, the attention on all of them; docs/episodes.md);
   3. score: reward model end score and/or Python reward functions, weighted and summed;
   4. log-probs of the actor (old) and the reference, values of the critic (PPO) — one no-grad forward each;
      steps 1–4 are one round; the algorithm's sampling policy draws one round, or (DAPO) more until the batch is
@@ -50,8 +51,10 @@ from chatrlhf.train.rollout import (
     PromptStream,
     Rollout,
     all_empty,
+    episode_metrics,
     gather_rollout,
     generate_rollout,
+    play_rollout,
     response_texts,
     rollout_logprobs,
     rollout_logprobs_and_entropy,
@@ -119,7 +122,10 @@ def draw_round(
     mine, _ = dist.shard(batch)  # 1. each rank samples for its share of the prompts
     width = max(len(p.ids) for p in batch)
     logprobs = train.rollout.tis_cap is not None or m.actor.backend != "hf"  # vLLM's log-probs cost nothing
-    rollout = generate_rollout(m.actor, mine, train.group_size, m.tok, m.device, logprobs=logprobs, width=width)  # 2
+    if m.runner is not None:  # 2, multi-turn episodes
+        rollout = play_rollout(m.runner, m.actor, mine, train.group_size, m.tok, m.device)
+    else:  # 2
+        rollout = generate_rollout(m.actor, mine, train.group_size, m.tok, m.device, logprobs=logprobs, width=width)
     _add(times, generate=time.perf_counter() - started, sync=m.actor.setup_s)
     ev = evaluate_rollout(m, rollout, mine, algo, train, times)  # 3–4
     return gather_rollout(rollout, ev, batch, train.group_size, m.tok.pad_token_id)
@@ -175,6 +181,8 @@ def rollout_metrics(
         metrics["reward/overlong_penalty_mean"] = float(adv.length_penalty.mean())
     if ev.entropy is not None:
         metrics["policy/entropy"] = float(masked_mean(ev.entropy, mask))
+    if rollout.episodes is not None:
+        metrics.update(episode_metrics(rollout.episodes, rollout))
     if rollout.rollout_logprobs is not None:
         # the engine mismatch: the same tokens, the same definition of log π, the trainer's weights vs the rollout's
         diff = (ev.old_logprobs - rollout.rollout_logprobs).abs()
@@ -250,6 +258,8 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
     obj = objective(algo.policy_loss, train)
     world = dist.world_size()
     check_ranks(train, world)
+    if cfg.env and world > 1:
+        raise UserError(f"env (RL on multi-turn episodes) runs in one process for now; this run has {world} ranks")
 
     m = build_models(cfg, algo, out, device)
     tok = m.tok

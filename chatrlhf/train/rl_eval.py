@@ -5,7 +5,8 @@ It runs every `train.eval_every` iterations (logged as `eval/score_mean`, `eval/
 the responses appended to `samples.jsonl`, so the report can show the same prompts at several points of training
 and the doctor can see the judge fall while the reward rises) and once more at the end (summary.json). Sampling
 uses its own seed, always the same, inside a forked RNG: the training stream, and so resume equivalence, are
-untouched, and every evaluation answers the same prompts under the same randomness.
+untouched, and every evaluation answers the same prompts under the same randomness. With an environment (`env`)
+each held-out prompt plays one episode, scored as in training, and its row carries the conversation (`messages`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from chatrlhf import distributed as dist
 from chatrlhf.models.rewards import call_score, load_function
 from chatrlhf.train.rl_models import Models
-from chatrlhf.train.rollout import Prompt, generate_rollout, response_texts, score_rollout
+from chatrlhf.train.rollout import Prompt, generate_rollout, play_rollout, response_texts, score_rollout
 
 
 @dataclass
@@ -58,11 +59,17 @@ def evaluate_held_out(m: Models, held: HeldOut, iteration: int) -> tuple[dict[st
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(held.seed)
         for i in range(0, len(held.prompts), held.batch_size):
-            rollout = generate_rollout(m.actor, held.prompts[i : i + held.batch_size], 1, m.tok, m.device)
+            batch = held.prompts[i : i + held.batch_size]
+            if m.runner is not None:  # one episode per prompt
+                rollout = play_rollout(m.runner, m.actor, batch, 1, m.tok, m.device)
+            else:
+                rollout = generate_rollout(m.actor, batch, 1, m.tok, m.device)
             with m.resident(m.scorer.modules()):
                 scores = score_rollout(m.scorer, rollout, m.tok).total.tolist()
-            for p, text, score in zip(rollout.prompts, response_texts(rollout, m.tok), scores):
+            for j, (p, text, score) in enumerate(zip(rollout.prompts, response_texts(rollout, m.tok), scores)):
                 row = {"iteration": iteration, "prompt": p.text, "response": text, "reward": score}
+                if rollout.episodes is not None:
+                    row["messages"] = rollout.episodes[j].messages
                 if held.judge is not None:
                     what = f"judge '{held.judge_name}'"
                     row["judge"] = call_score(held.judge, what, p.text, text, p.extra)

@@ -19,6 +19,8 @@ from chatrlhf.engine.base import TrainEngine
 from chatrlhf.engine.factory import build_engine
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.vllm import VLLMGenerator, check_vllm_support
+from chatrlhf.envs.episode import load_environment
+from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, resolve_model
 from chatrlhf.models.rewards import Scorer, build_scorer
@@ -40,6 +42,8 @@ class Models:
     scorer: Scorer
     device: torch.device
     offload_frozen: bool = False
+    runner: EpisodeRunner | None = None
+    """Plays the rollout's multi-turn episodes (with `env`); None = single responses."""
 
     @property
     def engines(self) -> list[TrainEngine]:
@@ -93,7 +97,9 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         policy_tok=tok,
         dtype=dtype,
         device=frozen_device,
+        environment=bool(cfg.env),
     )
+    runner = episode_runner(cfg, tok) if cfg.env else None
     steps = train.iterations * train.update.epochs * updates_per_epoch(train)
     actor_engine = build_engine(actor, train.actor_optim, steps, "actor", cfg.engine, cfg.run)
     critic_engine = None
@@ -115,7 +121,15 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         scorer=scorer,
         device=device,
         offload_frozen=cfg.engine.offload_frozen,
+        runner=runner,
     )
+
+
+def episode_runner(cfg: RLConfig, tok) -> EpisodeRunner:
+    """The environment `cfg.env` loaded and its episode runner (which checks the chat template up front)."""
+    e = cfg.train.episode
+    limits = EpisodeLimits(e.max_turns, e.max_tool_calls, e.tool_timeout_s, e.max_tokens)
+    return EpisodeRunner(load_environment(cfg.env), tok, limits)
 
 
 def rollout_engine(cfg: RLConfig, actor_path: str, tok, device) -> VLLMGenerator | None:

@@ -4,6 +4,11 @@ the sampling policies that decide how many rounds of them make an iteration's ba
 sampling).
 
 Shapes: B = sequences (prompts × group_size), P = prompt width, R = response width.
+
+With an environment (`env`, docs/episodes.md) each sequence is a multi-turn episode: the "prompt" is the
+environment's first messages, the "response" everything after them — the policy's turns and, between them, the
+environment's messages and tool results. The response mask is then 1 on the policy's tokens only (what the loss,
+KL, entropy and advantages cover) and `response_attention` on every real token (what the forwards attend to).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from chatrlhf import distributed as dist
 from chatrlhf.data.collate import encode_all, encode_prompt, pad
 from chatrlhf.engine.hybrid import HybridEngine
+from chatrlhf.envs.runner import END_REASONS, Episode, EpisodeRunner
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import ValueModel
 from chatrlhf.models.rewards import Scorer, Scores, ScoringBatch
@@ -48,23 +54,34 @@ class Rollout:
     response: torch.Tensor
     """(B, R) long — sampled tokens, pad after the first EOS."""
     response_mask: torch.Tensor
-    """(B, R) float — 1 up to and including the first EOS."""
+    """(B, R) float — 1 on the policy's sampled tokens: up to and including the first EOS of a single response;
+    the policy's turns of an episode. What the loss, KL, entropy and advantages cover."""
     rollout_logprobs: torch.Tensor | None = None
     """(B, R) raw log-probs of the sampled tokens under the rollout engine (vLLM always; hf with truncated
-    importance sampling): the freshness check and TIS compare them with the trainer's."""
+    importance sampling; episodes always): the freshness check and TIS compare them with the trainer's."""
+    response_attention: torch.Tensor | None = None
+    """(B, R) long — 1 on every real token of an episode's response part, the environment's included: what the
+    forwards attend to. None = the response mask (a single response has no other tokens)."""
+    episodes: list[Episode] | None = None
+    """(B) the played episodes (with an environment), for scoring and metrics; None for single responses."""
 
     @property
     def sequences(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.response], dim=1)
 
     @property
+    def response_attention_mask(self) -> torch.Tensor:
+        """(B, R) long — the response positions attended to."""
+        return self.response_attention if self.response_attention is not None else self.response_mask.long()
+
+    @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+        return torch.cat([self.prompt_mask, self.response_attention_mask], dim=1)
 
     @property
     def last_index(self) -> torch.Tensor:
         """(B,) position of the last real response token in `sequences`."""
-        return self.prompt_ids.shape[1] + last_token_index(self.response_mask)
+        return self.prompt_ids.shape[1] + last_token_index(self.response_attention_mask)
 
     def select(self, idx: torch.Tensor) -> Rollout:
         """A sub-batch for training (tensors only; the texts stay with the full rollout)."""
@@ -74,6 +91,7 @@ class Rollout:
             prompt_mask=self.prompt_mask[idx],
             response=self.response[idx],
             response_mask=self.response_mask[idx],
+            response_attention=self.response_attention[idx] if self.response_attention is not None else None,
         )
 
 
@@ -153,15 +171,65 @@ def generate_rollout(
     )
 
 
+def play_rollout(
+    runner: EpisodeRunner, actor: HybridEngine, batch: list[Prompt], group_size: int, tok, device, greedy: bool = False
+) -> Rollout:
+    """2, with an environment: play `group_size` episodes per prompt (consecutive) in generation mode. The
+    environment's `reset` gets the record: its prompt text as `prompt` and its other fields."""
+    expanded = [p for p in batch for _ in range(group_size)]
+    with actor.generation_mode():
+        episodes = runner.run(actor, [{"prompt": p.text, **p.extra} for p in expanded], greedy=greedy)
+    return episode_rollout(episodes, expanded, tok.pad_token_id, device)
+
+
+def episode_rollout(episodes: list[Episode], prompts: list[Prompt], pad_id: int, device) -> Rollout:
+    """Episodes as a `Rollout`: each is cut before its first policy token into a left-padded prompt (the
+    environment's first messages) and a right-padded response (everything after); the response mask is the policy
+    mask, the response attention every real token, the rollout log-probs the sampler's."""
+    starts = [first_policy_token(e) for e in episodes]
+    prompt_ids, prompt_mask = pad([e.ids[:s] for e, s in zip(episodes, starts)], pad_id, left=True)
+    response, attention = pad([e.ids[s:] for e, s in zip(episodes, starts)], pad_id)
+    policy, _ = pad([e.policy_mask[s:] for e, s in zip(episodes, starts)], 0)
+    width = response.shape[1]
+    logprobs = torch.tensor([e.logprobs[s:] + [0.0] * (width - len(e.ids) + s) for e, s in zip(episodes, starts)])
+    return Rollout(
+        prompts=prompts,
+        prompt_ids=prompt_ids.to(device),
+        prompt_mask=prompt_mask.to(device),
+        response=response.to(device),
+        response_mask=policy.float().to(device),
+        rollout_logprobs=logprobs.to(device),
+        response_attention=attention.to(device),
+        episodes=episodes,
+    )
+
+
+def first_policy_token(episode: Episode) -> int:
+    """Position of an episode's first policy token: the length of the environment's first messages."""
+    if 1 not in episode.policy_mask:
+        raise ValueError("an episode without policy tokens: every episode has at least one policy turn")
+    return episode.policy_mask.index(1)
+
+
 def response_texts(rollout: Rollout, tok) -> list[str]:
-    """The decoded text of each response (EOS and padding left out), as reward functions and the doctor see it."""
-    lengths = rollout.response_mask.sum(1).long().tolist()
-    return [tok.decode(r[:n], skip_special_tokens=True).strip() for r, n in zip(rollout.response, lengths)]
+    """The decoded text of each response's policy tokens (EOS and padding left out), as reward functions and the
+    doctor see it; an episode's policy turns are decoded together."""
+    return [
+        tok.decode(r[m > 0], skip_special_tokens=True).strip() for r, m in zip(rollout.response, rollout.response_mask)
+    ]
 
 
 def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
-    """3. The summed reward of each response (decoded text for functions, tokens for a shared-vocabulary RM)."""
+    """3. The summed reward of each response (decoded text for functions, tokens for a shared-vocabulary RM). On
+    episodes, reward functions get the policy's last turn as the response and the conversation as `messages`, and
+    the environment's returns are the `env` source's scores."""
     texts = response_texts(rollout, tok)
+    extras = [p.extra for p in rollout.prompts]
+    episode_rewards = None
+    if rollout.episodes is not None:
+        texts = [[m for m in e.messages if m["role"] == "assistant"][-1]["content"] for e in rollout.episodes]
+        extras = [{**x, "messages": e.messages} for x, e in zip(extras, rollout.episodes)]
+        episode_rewards = torch.tensor([e.reward for e in rollout.episodes], dtype=torch.float32)
     return scorer(
         ScoringBatch(
             sequences=rollout.sequences,
@@ -169,9 +237,26 @@ def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
             last_index=rollout.last_index,
             prompts=[p.text for p in rollout.prompts],
             responses=texts,
-            extras=[p.extra for p in rollout.prompts],
+            extras=extras,
+            episode_rewards=episode_rewards,
         )
     )
+
+
+def episode_metrics(episodes: list[Episode], rollout: Rollout) -> dict[str, float]:
+    """8. What the episodes looked like (docs/metrics.md, `episode/*`)."""
+    n = len(episodes)
+    env_tokens = rollout.response_attention_mask.sum(1) - rollout.response_mask.sum(1)
+    metrics = {
+        "episode/turns_mean": sum(e.turns for e in episodes) / n,
+        "episode/tool_calls_mean": sum(len(e.tool_results) for e in episodes) / n,
+        "episode/tool_errors_mean": sum(e.tool_errors for e in episodes) / n,
+        "episode/tokens_mean": sum(len(e.ids) for e in episodes) / n,
+        "episode/env_tokens_mean": float(env_tokens.float().mean()),
+    }
+    for reason in END_REASONS:
+        metrics[f"episode/end_{reason}_frac"] = sum(e.end == reason for e in episodes) / n
+    return metrics
 
 
 def rollout_logprobs(model, rollout: Rollout) -> torch.Tensor:
@@ -204,6 +289,7 @@ def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group
         response=g(rollout.response, pad_id),
         response_mask=g(rollout.response_mask, 0.0),
         rollout_logprobs=g(rollout.rollout_logprobs, 0.0) if rollout.rollout_logprobs is not None else None,
+        response_attention=g(rollout.response_attention, 0) if rollout.response_attention is not None else None,
     )
     scores = Scores(total=g(ev.scores.total, 0.0), parts={k: g(v, 0.0) for k, v in ev.scores.parts.items()})
     return full, Evaluated(
@@ -313,6 +399,8 @@ def select(rollout: Rollout, ev: Evaluated, idx: torch.Tensor) -> tuple[Rollout,
         response=rollout.response[idx],
         response_mask=rollout.response_mask[idx],
         rollout_logprobs=rows(rollout.rollout_logprobs),
+        response_attention=rows(rollout.response_attention),
+        episodes=[rollout.episodes[i] for i in idx.tolist()] if rollout.episodes is not None else None,
     )
     scores = Scores(total=ev.scores.total[idx], parts={k: v[idx] for k, v in ev.scores.parts.items()})
     return part, Evaluated(
@@ -350,6 +438,8 @@ def concat(parts: list[tuple[Rollout, Evaluated]], pad_id: int) -> tuple[Rollout
         response=cat([r.response for r in rs], resp_w, pad_id),
         response_mask=cat([r.response_mask for r in rs], resp_w, 0.0),
         rollout_logprobs=cat([r.rollout_logprobs for r in rs], resp_w, 0.0),
+        response_attention=cat([r.response_attention for r in rs], resp_w, 0),
+        episodes=[e for r in rs for e in r.episodes] if rs[0].episodes is not None else None,
     )
     names = evs[0].scores.parts
     scores = Scores(

@@ -1,0 +1,226 @@
+"""RL on multi-turn episodes (`env`): the rollout attends to the environment's tokens but trains only on the
+policy's, episode rewards and reward functions on the conversation, the calculator demo through the CLI, and the
+combinations that are refused.
+
+Expected values never come from the code under test: the policy's tokens are the scripted replies' bytes (byte
+tokenizer: id = byte), the episode's tokens the runner's own record of them, the log-probs a plain forward over the
+collated episodes (envs/runner.py:collate_episodes, train/forward.py:sequence_token_logprobs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatrlhf.config import ConfigError, EngineConfig, RLConfig, RLTrainConfig, RolloutConfig
+from chatrlhf.demo.calculator import judge
+from chatrlhf.engine.generation import Generated
+from chatrlhf.envs.calculator import CalculatorEnv
+from chatrlhf.envs.episode import LoadedEnvironment, Reply
+from chatrlhf.envs.runner import ChatFormat, EpisodeLimits, EpisodeRunner, collate_episodes
+from chatrlhf.models.rewards import build_scorer
+from chatrlhf.models.tiny import EOS_ID
+from chatrlhf.train.forward import sequence_token_logprobs
+from chatrlhf.train.rollout import Prompt, episode_metrics, episode_rollout, rollout_logprobs, score_rollout
+
+ROOT = Path(__file__).resolve().parents[2]
+CALCULATOR = "chatrlhf.envs.calculator:CalculatorEnv"
+HERE = "tests.train.test_rl_episodes"
+QUESTION = {"prompt": "What is 408 + 5?", "a": 408, "op": "+", "b": 5, "answer": 413}
+
+
+class AreYouSure:
+    """The calculator question, then "Are you sure?" after the first answer; the second answer is judged."""
+
+    def reset(self, record: dict) -> list[dict]:
+        self.record = record
+        return [{"role": "user", "content": record["prompt"]}]
+
+    def step(self, turn: str) -> Reply:
+        if not hasattr(self, "asked"):
+            self.asked = True
+            return Reply([{"role": "user", "content": "Are you sure? Answer again."}])
+        return Reply(reward=judge(self.record["prompt"], turn, self.record["answer"]), done=True)
+
+
+def assistant_turns(prompt: str, response: str, messages: list[dict], **fields) -> float:
+    """A reward function that reads the conversation: the number of policy turns."""
+    return float(sum(m["role"] == "assistant" for m in messages))
+
+
+class PerRow:
+    """A generator whose n-th call answers active row r with `replies[n][r]` + EOS (byte tokens, log-prob 0)."""
+
+    def __init__(self, replies: list[list[str]]):
+        self.replies, self.calls = replies, 0
+
+    def generate(self, prompts, *, greedy=False, logprobs=False, width=None) -> Generated:
+        rows = [list(r.encode()) + [EOS_ID] for r in self.replies[self.calls]]
+        self.calls += 1
+        width = max(map(len, rows))
+        tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+        return Generated(tokens, mask, torch.zeros(tokens.shape), ["stop"] * len(rows))
+
+
+def call(**arguments) -> str:
+    return f"<tool_call>{json.dumps({'name': 'calculator', 'arguments': arguments})}</tool_call>"
+
+
+@pytest.fixture(scope="module")
+def played(tiny_dirs):
+    """Two calculator episodes: row 0 calls the tool, then answers 413 (two turns, the tool result between);
+    row 1 answers 36 at once. Returns (tokenizer, the policy tokens of each row, episodes, rollout)."""
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    runner = EpisodeRunner(LoadedEnvironment(CALCULATOR, CalculatorEnv), tok, EpisodeLimits(max_tokens=4096))
+    replies = [[" " + call(a=408, op="+", b=5), " 36"], [" 413"]]
+    episodes = runner.run(PerRow(replies), [QUESTION, QUESTION])
+    policy = [list(replies[0][0].encode()) + [EOS_ID] + list(replies[1][0].encode()) + [EOS_ID]]
+    policy.append(list(replies[0][1].encode()) + [EOS_ID])
+    prompts = [Prompt(ids=[], text=QUESTION["prompt"], extra={k: v for k, v in QUESTION.items() if k != "prompt"})] * 2
+    return tok, policy, episodes, episode_rollout(episodes, prompts, tok.pad_token_id, torch.device("cpu"))
+
+
+def test_the_loss_mask_covers_the_policy_tokens_and_the_attention_every_token(played):
+    tok, policy, episodes, rollout = played
+    assert [e.end for e in episodes] == ["done", "done"] and episodes[0].tool_results[0].content == "413"
+    for i, ep in enumerate(episodes):
+        assert rollout.response[i][rollout.response_mask[i] > 0].tolist() == policy[i]
+        assert rollout.sequences[i][rollout.attention_mask[i] > 0].tolist() == ep.ids
+    # row 0's response holds the tool result: attended to, not trained on
+    env_part = (rollout.response_attention[0] > 0) & (rollout.response_mask[0] == 0)
+    assert "<tool_response>\n413\n</tool_response>" in tok.decode(rollout.response[0][env_part])
+    assert not ((rollout.response_attention[1] > 0) & (rollout.response_mask[1] == 0)).any()
+
+
+def test_trainer_logprobs_attend_to_the_environments_tokens(played, tiny_dirs):
+    tok, _, episodes, rollout = played
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32).eval()
+    batch = collate_episodes(episodes, tok.pad_token_id)
+    with torch.no_grad():
+        expected = sequence_token_logprobs(model, batch.ids, batch.attention_mask)[batch.policy_mask.bool()]
+        got = rollout_logprobs(model, rollout)[rollout.response_mask.bool()]
+        # the old rollout's attention (the loss mask) would hide the tool result from the answer after it
+        blind = dataclasses.replace(rollout, response_attention=None)
+        wrong = rollout_logprobs(model, blind)[rollout.response_mask.bool()]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(wrong, expected, atol=1e-3)
+
+
+def test_episode_rewards_and_reward_functions_on_the_conversation(played):
+    tok, policy, episodes, rollout = played
+    spec = f"{HERE}:assistant_turns"
+    scorer = build_scorer(None, [spec], [1.0, 0.5], tok, "float32", torch.device("cpu"), environment=True)
+    scores = score_rollout(scorer, rollout, tok)
+    assert scores.parts["env"].tolist() == [1.0, 0.0]  # 413 is right, 36 is not
+    assert scores.parts["assistant_turns"].tolist() == [2.0, 1.0]
+    assert scores.total.tolist() == [1.0 + 0.5 * 2.0, 0.5 * 1.0]
+    metrics = episode_metrics(episodes, rollout)
+    first = ChatFormat(tok, LoadedEnvironment(CALCULATOR, CalculatorEnv).tools).prompt_ids(episodes[0].messages[:1])
+    env_tokens = len(episodes[0].ids) - len(first) - len(policy[0])  # row 0's tokens after the question, not sampled
+    assert metrics["episode/turns_mean"] == 1.5 and metrics["episode/tool_calls_mean"] == 0.5
+    assert metrics["episode/tool_errors_mean"] == 0.0 and metrics["episode/end_done_frac"] == 1.0
+    assert metrics["episode/env_tokens_mean"] == env_tokens / 2 and env_tokens > 10
+
+
+# ------------------------------------------------------------------------------------------------ through the CLI
+
+
+def chatrlhf(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "chatrlhf.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def rl_args(actor, out, env: str, algo: str, group_size: int, *extra: str) -> list[str]:
+    return ["rl", "--actor", str(actor), "--env", env, "--output_dir", str(out), "--data.paths",
+            "calculator:prompts:48:1", "--data.eval_fraction", "0.1", "--train.algo", algo, "--train.group_size",
+            str(group_size), "--train.iterations", "2", "--train.rollout_batch_size", "4",
+            "--train.generation.max_new_tokens", "40", "--train.episode.max_tokens", "2048",
+            "--train.eval_prompts", "2", "--train.actor_optim.lr", "1e-3", "--run.progress", "False",
+            "--run.log_every", "1", *extra]  # fmt: skip
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+EPISODE_KEYS = ("episode/turns_mean", "episode/tool_calls_mean", "episode/tool_errors_mean", "episode/tokens_mean",
+                "episode/env_tokens_mean", "episode/end_done_frac", "reward/env_mean")  # fmt: skip
+
+
+def test_rl_on_calculator_episodes_through_the_cli(sft_llama, tmp_path):
+    out = tmp_path / "calc"
+    chatrlhf(*rl_args(sft_llama, out, CALCULATOR, "grpo", 2))
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert all(k in m for k in EPISODE_KEYS)
+        assert 0.0 <= m["reward/env_mean"] <= 1.0 and m["episode/turns_mean"] >= 1.0
+        assert m["rollout/logprob_diff"] < 1e-4  # the trainer scores the sampled ids, as the sampler did
+    summary = json.loads((out / "summary.json").read_text())
+    assert "eval/score_mean" in summary and (out / "model" / "config.json").is_file()
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(r["messages"][0] == {"role": "user", "content": r["prompt"]} for r in rows)
+
+
+@pytest.mark.parametrize("algo, group_size", [("grpo", 2), ("rloo", 2), ("reinforce_pp", 1)])
+def test_multi_turn_episodes_train_on_policy_tokens_only(algo, group_size, sft_llama, tmp_path):
+    """A follow-up user turn inside every episode that reaches it: its tokens are in the sequence (attended to:
+    the trainer's log-probs still equal the sampler's) but not in the loss (`response/length_mean` counts the
+    policy's tokens only); a reward function sees the whole conversation."""
+    out = tmp_path / algo
+    env, fn = f"{HERE}:AreYouSure", f"{HERE}:assistant_turns"
+    chatrlhf(*rl_args(sft_llama, out, env, algo, group_size, "--reward_functions", fn, "--train.episode.max_turns",
+                      "3"))  # fmt: skip
+    for m in metrics(out):
+        assert m["episode/turns_mean"] > 1.0 and m["episode/env_tokens_mean"] > 0
+        assert m["reward/assistant_turns_mean"] == pytest.approx(m["episode/turns_mean"], abs=1e-6)
+        assert m["rollout/logprob_diff"] < 1e-4
+        assert m["response/length_mean"] + m["episode/env_tokens_mean"] < m["episode/tokens_mean"]
+
+
+# ------------------------------------------------------------------------------------------------ refused
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"train": RLTrainConfig(algo="ppo")}, "train.algo=ppo"),
+        ({"train": RLTrainConfig(algo="dapo", group_size=2)}, "train.algo=dapo"),
+        ({"reward_model": "rm"}, "reward_model"),
+        ({"judge": "chatrlhf.demo.calculator:judge"}, "judge"),
+        ({"engine": EngineConfig(kind="deepspeed")}, "engine.kind=deepspeed"),
+        ({"train": RLTrainConfig(algo="grpo", group_size=2, rollout=RolloutConfig(backend="vllm"))}, "backend=vllm"),
+        ({"resume": "auto"}, "resume=auto"),
+    ],
+)
+def test_unsupported_combinations_with_episodes_are_refused(change, named):
+    cfg = RLConfig(actor="a", env=CALCULATOR, train=RLTrainConfig(algo="grpo", group_size=2))
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    with pytest.raises(ConfigError, match="env .RL on multi-turn episodes. does not support") as e:
+        cfg.validate(need_data=False)
+    assert named in str(e.value)
+
+
+def test_an_environment_that_does_not_import_stops_the_run_with_exit_2(tiny_dirs, tmp_path):
+    proc = chatrlhf(*rl_args(tiny_dirs["llama"], tmp_path / "bad", "no_such_module:Env", "grpo", 2), code=2)
+    assert "environment 'no_such_module:Env': cannot import" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_environment_is_a_reward_source():
+    RLConfig(actor="a", env=CALCULATOR, train=RLTrainConfig(algo="grpo", group_size=2)).validate(need_data=False)
+    cfg = RLConfig(actor="a", env=CALCULATOR, reward_weights=[1.0], reward_functions=["m:f"],
+                   train=RLTrainConfig(algo="grpo", group_size=2))  # fmt: skip
+    with pytest.raises(ConfigError, match="1 values for 2 reward sources"):
+        cfg.validate(need_data=False)
