@@ -237,7 +237,7 @@ def test_a_resumed_stage_continues_its_tracker_runs(tmp_path):
 
 
 def test_pipeline_stages_are_tracker_runs_named_after_the_run(tmp_path):
-    """The GRPO demo recipe on a budget of seconds: one MLflow run per stage, `NAME/sft` and `NAME/rl`."""
+    """The GRPO demo recipe on a budget of seconds: one MLflow run per stage, `NAME/sft`, `NAME/reward`, `NAME/rl`."""
     import mlflow
 
     env = tracker_env(tmp_path)
@@ -252,5 +252,5 @@ def test_pipeline_stages_are_tracker_runs_named_after_the_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     with environment(env):
         runs = mlflow.search_runs(experiment_names=["chatrlhf"], output_format="list")
-    assert sorted(r.info.run_name for r in runs) == ["demo-run/rl", "demo-run/sft"]
-    assert {r.data.tags["stage"] for r in runs} == {"sft", "rl"}
+    assert sorted(r.info.run_name for r in runs) == ["demo-run/reward", "demo-run/rl", "demo-run/sft"]
+    assert {r.data.tags["stage"] for r in runs} == {"sft", "reward", "rl"}
