@@ -422,8 +422,9 @@ def main() -> int:
                 print(f"{item['model']}: {f} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()))
     versions = {n: version(n) for n in ("torch", "transformers", "trl", "accelerate", "datasets")}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    payload = {"machine": machine_summary(), "versions": versions, "args": {k: str(v) for k, v in vars(a).items()
-               if k not in ("worker", "counts", "spec", "rest")}, "summary": summary, "runs": rows}  # fmt: skip
+    args = {k: "WORKDIR" if k == "workdir" else str(v) for k, v in vars(a).items()
+            if k not in ("worker", "counts", "spec", "rest")}  # fmt: skip
+    payload = {"machine": machine_summary(), "versions": versions, "args": args, "summary": summary, "runs": rows}
     write_json(a.json or workdir / "trl_compare.json", payload)
     return 0
 
