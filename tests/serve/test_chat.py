@@ -134,11 +134,17 @@ def test_replies_are_streamed_as_they_are_generated(random_llama):
 
 def test_ctrl_c_stops_a_reply_and_forgets_the_turn(random_llama):
     child = spawn(random_llama, "--temperature", "0", "--max_new_tokens", "5000")
-    child.sendline("hello")
-    child.expect_exact("model> ")
-    child.expect_exact("::::")  # it is generating
-    child.sendintr()
-    child.expect_exact("(interrupted; this turn is forgotten)")
+    for _ in range(3):  # on a loaded machine the reply (cut at the 512-token context) may end before Ctrl-C lands
+        child.sendline("hello")
+        child.expect_exact("model> ")
+        child.expect_exact("::::")  # it is generating
+        child.sendintr()
+        if child.expect_exact(["(interrupted; this turn is forgotten)", "(cut at"]) == 0:
+            break
+        child.expect_exact(PROMPT)
+        send(child, "/clear")
+    else:
+        pytest.fail("three replies ended before Ctrl-C reached them")
     child.expect_exact(PROMPT)
     shown = send(child, "/show")
     assert "User:" not in shown
