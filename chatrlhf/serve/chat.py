@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import unicodedata
 from dataclasses import dataclass, field
@@ -182,6 +183,9 @@ def run_chat(cfg: ChatConfig) -> None:
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k
     )
     chat = Chat(opened, sampling, cfg.system)
+    # Ctrl-C stops a reply even when this process was started with SIGINT ignored (as a launcher's child, or from a
+    # non-interactive shell's background job inherits it): Python then leaves it ignored rather than raising
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
