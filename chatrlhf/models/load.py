@@ -320,6 +320,8 @@ def check_value_model_support(spec: str) -> str:
     tiny = parse_tiny_spec(spec)
     if tiny is not None:
         sizes = {k: v for k, v in tiny.items() if k in ("hidden", "layers", "heads")}
+        if "positions" in tiny:
+            sizes["max_positions"] = tiny["positions"]
         ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
         return value_model_format(tiny_config(tiny["arch"], TINY_VOCAB_SIZE, **sizes, **ids))
     with loading(spec, "its config"):

@@ -7,7 +7,8 @@ UTF-8 text round-trips and the token id of a byte is its value (0–255); three 
     <|pad|> = 256, <|bos|> = 257, <|eos|> = 258        (vocabulary size 259)
 
 A preset is named by a spec string, e.g. "tiny:llama" or "tiny:qwen2:hidden=192,layers=4,heads=4"
-(see `parse_tiny_spec`).
+(see `parse_tiny_spec`); `positions=N` sets the context length (position embeddings and the tokenizer's
+`model_max_length`, 512 by default).
 
 `AutoTokenizer` loads the tokenizer of a qwen2 directory as `Qwen2Tokenizer`, which rebuilds the backend with an
 NFC normalizer: ids are the same for NFC text (all of the demo), but text that is not NFC is normalised first.
@@ -65,7 +66,7 @@ TINY_ARCHS = ("gpt2", "opt", "llama", "qwen2", "granite")
 the base model plus a separate head (the backbone+head value-model format, docs/models.md)."""
 ROTARY_ARCHS = ("llama", "qwen2", "granite")
 DEFAULT_HIDDEN, DEFAULT_LAYERS, DEFAULT_HEADS = 128, 2, 4
-_SPEC_INT_KEYS = ("hidden", "layers", "heads", "seed")
+_SPEC_INT_KEYS = ("hidden", "layers", "heads", "positions", "seed")
 
 
 def _byte_symbols() -> list[str]:
@@ -82,11 +83,11 @@ def _byte_symbols() -> list[str]:
     return [symbols[b] for b in range(256)]
 
 
-def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+def byte_tokenizer(chat_template: bool = True, max_length: int = MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:
     """Byte-level tokenizer with no merges: token id = byte value, then <|pad|>, <|bos|>, <|eos|> (256, 257, 258).
 
-    No BOS or EOS is added on encoding (no post-processor); padding is on the right by default. With
-    `chat_template`, it carries the simple CHAT_TEMPLATE.
+    No BOS or EOS is added on encoding (no post-processor); padding is on the right by default; its
+    `model_max_length` is `max_length`. With `chat_template`, it carries the simple CHAT_TEMPLATE.
     """
     vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -101,7 +102,7 @@ def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
         # Saved as null: a byte tokenizer has no unknown token, and without it Qwen2Tokenizer (which transformers
         # uses to load a qwen2 model directory) would add "<|endoftext|>" as a 260th token.
         unk_token=None,
-        model_max_length=MODEL_MAX_LENGTH,
+        model_max_length=max_length,
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
@@ -113,10 +114,10 @@ def byte_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _check_sizes(arch: str, hidden: int, layers: int, heads: int) -> None:
+def _check_sizes(arch: str, hidden: int, layers: int, heads: int, positions: int = MODEL_MAX_LENGTH) -> None:
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
-    for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads)):
+    for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads), ("positions", positions)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"tiny model {name} must be a positive integer, got {value!r}")
     if hidden % heads:
@@ -199,6 +200,7 @@ def build_tiny_model(
     heads: int = DEFAULT_HEADS,
     seed: int = 0,
     chat_template: bool = True,
+    positions: int = MODEL_MAX_LENGTH,
 ) -> Path:
     """Build a randomly initialised `arch` model with the byte tokenizer and save both to `out_dir`.
 
@@ -206,10 +208,10 @@ def build_tiny_model(
     leaves a half-written model. Raises FileExistsError if `out_dir` exists and is not empty.
     """
     out_dir = Path(out_dir)
-    _check_sizes(arch, hidden, layers, heads)
+    _check_sizes(arch, hidden, layers, heads, positions)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty directory")
-    tokenizer = byte_tokenizer(chat_template=chat_template)
+    tokenizer = byte_tokenizer(chat_template=chat_template, max_length=positions)
     ids = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     config = tiny_config(arch, len(tokenizer), hidden, layers, heads, tokenizer.model_max_length, **ids)
     with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's RNG
@@ -232,7 +234,7 @@ def build_tiny_model(
 def parse_tiny_spec(spec: str) -> dict | None:
     """Keyword arguments of `build_tiny_model` (all but out_dir) for a spec "tiny:ARCH[:key=int,...]".
 
-    Keys: hidden, layers, heads, seed. Returns None when `spec` does not start with "tiny:" (it names something
+    Keys: hidden, layers, heads, positions (the context length), seed. Returns None when `spec` does not start with "tiny:" (it names something
     else, e.g. a model directory); raises ValueError on a malformed tiny spec.
     """
     if not spec.startswith(TINY_PRESET_PREFIX):
@@ -256,7 +258,7 @@ def parse_tiny_spec(spec: str) -> dict | None:
     layers = kwargs.get("layers", DEFAULT_LAYERS)
     heads = kwargs.get("heads", DEFAULT_HEADS)
     try:
-        _check_sizes(arch, hidden, layers, heads)
+        _check_sizes(arch, hidden, layers, heads, kwargs.get("positions", MODEL_MAX_LENGTH))
     except ValueError as e:
         raise ValueError(f"bad tiny model spec {spec!r}: {e}") from None
     return kwargs

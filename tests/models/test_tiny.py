@@ -155,6 +155,7 @@ def test_parse_tiny_spec():
         "heads": 4,
     }
     assert parse_tiny_spec("tiny:qwen2:seed=3") == {"arch": "qwen2", "seed": 3}
+    assert parse_tiny_spec("tiny:gpt2:positions=1024") == {"arch": "gpt2", "positions": 1024}
     for bad in [
         "tiny:",
         "tiny:bert",
@@ -165,6 +166,19 @@ def test_parse_tiny_spec():
         "tiny:llama:hidden=64,hidden=64",
         "tiny:llama:hidden=100,heads=3",
         "tiny:llama:layers=0",
+        "tiny:llama:positions=0",
     ]:
         with pytest.raises(ValueError):
             parse_tiny_spec(bad)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_positions_sets_the_context_length(tmp_path, arch):
+    out = build_tiny_model(tmp_path / arch, arch=arch, hidden=32, layers=1, heads=4, positions=1024)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.model_max_length == 1024
+    positions = model.config.n_positions if arch == "gpt2" else model.config.max_position_embeddings
+    assert positions == 1024
+    ids = torch.randint(0, 256, (1, 900))  # past the default 512 positions
+    assert model(ids).logits.shape == (1, 900, len(tok))
