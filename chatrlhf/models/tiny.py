@@ -234,8 +234,8 @@ def build_tiny_model(
 def parse_tiny_spec(spec: str) -> dict | None:
     """Keyword arguments of `build_tiny_model` (all but out_dir) for a spec "tiny:ARCH[:key=int,...]".
 
-    Keys: hidden, layers, heads, positions (the context length), seed. Returns None when `spec` does not start with "tiny:" (it names something
-    else, e.g. a model directory); raises ValueError on a malformed tiny spec.
+    Keys: hidden, layers, heads, positions (the context length), seed. Returns None when `spec` does not start
+    with "tiny:" (it names something else, e.g. a model directory); raises ValueError on a malformed tiny spec.
     """
     if not spec.startswith(TINY_PRESET_PREFIX):
         return None
