@@ -711,11 +711,7 @@ class RLConfig(StageOptions):
                 "reward model and the judge score single responses), one process with engine.kind=single, the hf "
                 "rollout backend, and resume=no (docs/episodes.md)"
             )
-        e = t.episode
-        if e.max_turns < 1 or e.max_tool_calls < 0 or e.tool_timeout_s <= 0 or e.max_tokens < 1:
-            raise ConfigError(
-                "train.episode: max_turns and max_tokens must be >= 1, max_tool_calls >= 0, tool_timeout_s > 0"
-            )
+        _validate_episode_bounds(t.episode, "train.episode")
 
 
 @dataclass
@@ -1064,6 +1060,12 @@ class EvaluateConfig(BackendOptions):
     """The score at which a verifier passes a response."""
     pass_at: list[int] = field(default_factory=lambda: [1])
     """The k of pass@k (each <= samples_per_prompt): the unbiased estimator of Chen et al. 2021 from the samples."""
+    env: str = ""
+    """An environment `module:Class` (docs/episodes.md): each sample is then an episode played from the prompt
+    record, scored by its return (`env`) and by the judges and verifiers (on the policy's last turn, with the
+    conversation as `messages`)."""
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """Bounds of each episode (with `env`)."""
     perplexity_data: list[str] = field(default_factory=list)
     """SFT-format sources (docs/data.md) for each model's perplexity on their response tokens."""
     pairs: list[str] = field(default_factory=list)
@@ -1118,10 +1120,26 @@ class EvaluateConfig(BackendOptions):
                 f"pass_at {bad}: each k must be in 1..samples_per_prompt ({self.samples_per_prompt}); pass@k needs at "
                 "least k samples per prompt"
             )
+        if self.env:
+            if not side_by_side:
+                raise ConfigError("env plays side-by-side episodes: give models and prompts too")
+            if self.reward_model:
+                raise ConfigError(
+                    "env with reward_model is not supported: episodes are scored by their return and the judges "
+                    "and verifiers (docs/episodes.md)"
+                )
+            if self.backend != "hf":
+                raise ConfigError("env plays episodes on the hf backend only; leave backend at hf")
+            _validate_episode_bounds(self.episode, "episode")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # validation helpers
+
+
+def _validate_episode_bounds(e: EpisodeConfig, prefix: str) -> None:
+    if e.max_turns < 1 or e.max_tool_calls < 0 or e.tool_timeout_s <= 0 or e.max_tokens < 1:
+        raise ConfigError(f"{prefix}: max_turns and max_tokens must be >= 1, max_tool_calls >= 0, tool_timeout_s > 0")
 
 
 def _validate_options(o: StageOptions) -> None:

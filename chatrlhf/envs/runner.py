@@ -29,7 +29,6 @@ A policy turn that calls tools (envs/tools.py) is answered by the tools, not the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from chatrlhf.data.collate import pad
+from chatrlhf.data.tool_format import tool_response_turn, with_tool_prompt
 from chatrlhf.envs.episode import LoadedEnvironment
 from chatrlhf.envs.tools import Tool, ToolResult, call_tool, parse_tool_calls
 from chatrlhf.errors import UserError
@@ -94,7 +94,7 @@ class Episode:
 class ChatFormat:
     """How a conversation is rendered with the tokenizer's chat template, tools included: passed as `tools=` and
     answered in role `tool` where the template supports both; otherwise described in a system message (the
-    fallback format of envs/tools.py) and answered as a user turn `<tool_response>...</tool_response>`."""
+    fallback format of data/tool_format.py) and answered as a user turn `<tool_response>...</tool_response>`."""
 
     def __init__(self, tok, tools: Sequence[Tool] = ()):
         if not tok.chat_template:
@@ -106,7 +106,7 @@ class ChatFormat:
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         messages = [self._renderable(m) for m in messages]
         if self.tools and not self.native_tools:
-            messages = _with_tool_prompt(messages, self.schemas)
+            messages = with_tool_prompt(messages, self.schemas)
         tools = self.schemas if self.native_tools else None
         try:
             return self.tok.apply_chat_template(
@@ -117,7 +117,7 @@ class ChatFormat:
 
     def _renderable(self, m: dict) -> dict:
         if m["role"] == "tool" and not self.native_tools:
-            return {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+            return tool_response_turn(m["content"])
         return {k: v for k, v in m.items() if k in ("role", "content", "name")}
 
     def encode(self, text: str, first: bool) -> list[int]:
@@ -152,19 +152,6 @@ def _supports_tools(tok, schema: dict) -> bool:
     except TemplateError:
         return False
     return schema["function"]["name"] in shown and marker in answered
-
-
-def _with_tool_prompt(messages: list[dict], schemas: list[dict]) -> list[dict]:
-    """The fallback tool description, as (or added to) the conversation's first system message."""
-    listed = "\n".join(json.dumps(s) for s in schemas)
-    text = (
-        f"You may call these tools:\n{listed}\nTo call one, write "
-        '<tool_call>{"name": NAME, "arguments": {...}}</tool_call>; '
-        "its result comes back as <tool_response>...</tool_response>."
-    )
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
 
 
 def _check_prefix(earlier: str, later: str, what: str) -> None:

@@ -29,12 +29,21 @@ from chatrlhf.data import PromptRecord, to_pair, to_prompt, to_sft
 from chatrlhf.data.cache import Prep
 from chatrlhf.data.collate import encode_all, encode_pair, encode_prompt, encode_sft
 from chatrlhf.engine.backends import open_configured, start
+from chatrlhf.envs.episode import load_environment
+from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner, collate_episodes
 from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import ModelSamples, compare_models, sample_and_score, write_samples
 from chatrlhf.eval.page import print_eval, write_page
 from chatrlhf.eval.stats import distribution, mean_ci
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, same_vocabulary
-from chatrlhf.models.rewards import FunctionReward, RewardSource, load_function, load_reward_model
+from chatrlhf.models.rewards import (
+    EnvironmentReward,
+    FunctionReward,
+    RewardSource,
+    ScoringBatch,
+    load_function,
+    load_reward_model,
+)
 from chatrlhf.rlhf import pairwise_loss
 from chatrlhf.train.data import convert, read_all
 from chatrlhf.train.outputs import Stopwatch
@@ -93,11 +102,12 @@ def side_by_side(
     roles = {spec: "judge" if spec in cfg.judges else "verifier" for spec in specs}
     scorers = [FunctionReward(load_function(spec, roles[spec]), key[spec], spec, roles[spec]) for spec in specs]
     reward_models: list[tuple] = []  # (tokenizer, source): one reward-model source per vocabulary
+    env = load_environment(cfg.env) if cfg.env else None
     samples: dict[str, ModelSamples] = {}
     for name, path in zip(names, cfg.models):
         opened = open_configured(cfg, path, device, generation=cfg.generation)
         tok = opened.tokenizer
-        prompts = encode_all(records, encode_prompt, tok, max_len=cfg.max_prompt_len)
+        prompts = encode_all(records, encode_prompt, tok, max_len=cfg.max_prompt_len) if env is None else records
         sources: list[RewardSource] = list(scorers)
         if cfg.reward_model:
             rm = next((s for t, s in reward_models if same_vocabulary(t, tok)), None)
@@ -105,7 +115,15 @@ def side_by_side(
                 rm = load_reward_model(cfg.reward_model, tok, cfg.run.dtype, device)
                 reward_models.append((tok, rm))
             sources.insert(0, rm)
-        print(f"eval: {name}: {len(prompts)} prompts × {cfg.samples_per_prompt} samples")
+        print(f"eval: {name}: {len(prompts)} prompts × {cfg.samples_per_prompt} {'episodes' if env else 'samples'}")
+        if env is not None:
+            e = cfg.episode
+            runner = EpisodeRunner(
+                env, tok, EpisodeLimits(e.max_turns, e.max_tool_calls, e.tool_timeout_s, e.max_tokens)
+            )
+            samples[name] = play_and_score(opened.generator, runner, texts, extras, cfg, sources)
+            opened.close()
+            continue
         samples[name] = sample_and_score(
             opened.generator,
             tok,
@@ -123,6 +141,47 @@ def side_by_side(
     report = compare_models(samples, verifiers, cfg.pass_at)
     report.update(prompts=len(records), samples_per_prompt=cfg.samples_per_prompt)
     return SideBySide(report, samples, texts)
+
+
+@torch.no_grad()
+def play_and_score(
+    generator, runner: EpisodeRunner, texts: list[str], extras: list[dict], cfg: EvaluateConfig, judges
+) -> ModelSamples:
+    """`cfg.samples_per_prompt` episodes per prompt (its text and fields, reset as RL resets them), in batches of
+    `cfg.batch_size` with the seed `cfg.run.seed`: each scored by its return (`env`) and by every judge on the
+    policy's last turn, with the conversation as `messages`. A sample's text is the conversation after the
+    environment's first messages, one `role: content` line per message."""
+    torch.manual_seed(cfg.run.seed)
+    records = [{"prompt": t, **x} for t, x in zip(texts, extras)]
+    conversations: list[list[str]] = [[] for _ in records]
+    scores: dict[str, list[list[float]]] = {s.name: [[] for _ in records] for s in [EnvironmentReward(), *judges]}
+    flat = [i for i in range(len(records)) for _ in range(cfg.samples_per_prompt)]
+    for b0 in range(0, len(flat), cfg.batch_size):
+        idx = flat[b0 : b0 + cfg.batch_size]
+        episodes = runner.run(generator, [records[i] for i in idx])
+        for i, ep in zip(idx, episodes):
+            conversations[i].append(transcript(ep))
+            scores["env"][i].append(ep.reward)
+        if judges:
+            batch = collate_episodes(episodes, runner.tok.pad_token_id)
+            scoring = ScoringBatch(
+                sequences=batch.ids,
+                attention_mask=batch.attention_mask,
+                last_index=batch.attention_mask.sum(1) - 1,
+                prompts=[texts[i] for i in idx],
+                responses=[[m for m in e.messages if m["role"] == "assistant"][-1]["content"] for e in episodes],
+                extras=[{**extras[i], "messages": e.messages} for i, e in zip(idx, episodes)],
+            )
+            for judge in judges:
+                for i, value in zip(idx, judge.score(scoring).tolist()):
+                    scores[judge.name][i].append(float(value))
+    return ModelSamples(conversations, scores)
+
+
+def transcript(episode) -> str:
+    """The conversation after the environment's first messages, one `role: content` line per message."""
+    first = next(i for i, m in enumerate(episode.messages) if m["role"] == "assistant")
+    return "\n".join(f"{m['role']}: {m['content']}" for m in episode.messages[first:])
 
 
 def perplexities(cfg: EvaluateConfig, records: list, names: list[str], device: torch.device) -> dict:

@@ -80,7 +80,7 @@ def played(tiny_dirs):
     row 1 answers 36 at once. Returns (tokenizer, the policy tokens of each row, episodes, rollout)."""
     tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     runner = EpisodeRunner(LoadedEnvironment(CALCULATOR, CalculatorEnv), tok, EpisodeLimits(max_tokens=4096))
-    replies = [[" " + call(a=408, op="+", b=5), " 36"], [" 413"]]
+    replies = [[" " + call(expression="408 + 5"), " 36"], [" 413"]]
     episodes = runner.run(PerRow(replies), [QUESTION, QUESTION])
     policy = [list(replies[0][0].encode()) + [EOS_ID] + list(replies[1][0].encode()) + [EOS_ID]]
     policy.append(list(replies[0][1].encode()) + [EOS_ID])
