@@ -842,7 +842,11 @@ class PipelineConfig(StageOptions):
     reward_functions: list[str] = field(default_factory=list)
     """Python rewards `module:function(prompt, response, **fields) -> float` for RL, alone or with the reward model."""
     reward_weights: list[float] | None = None
-    """Weights of [reward model (if trained), *reward_functions] in RL's summed reward; None = 1 each."""
+    """Weights of [reward model (if trained), environment (with env), *reward_functions] in RL's summed reward;
+    None = 1 each."""
+    env: str = ""
+    """An environment `module:Class`: RL plays multi-turn episodes (docs/episodes.md), rewarded by their return (and
+    `reward_functions`), and the final comparison plays episodes too. Needs train_reward_model false."""
     run_dir: str = "runs/pipeline"
     """Everything goes here: `sft/`, `reward/`, `rl/` (or `dpo/`), `summary.json`, `config.yaml`."""
     method: Literal["rlhf", "dpo"] = "rlhf"
@@ -911,9 +915,14 @@ class PipelineConfig(StageOptions):
         self.dpo.validate("dpo")
 
     def _validate_rl_rewards(self) -> None:
-        if not self.train_reward_model and not self.reward_functions:
+        if self.env and self.train_reward_model:
+            raise ConfigError(
+                "env is set and train_reward_model is true: the reward model scores single responses, not episodes; "
+                "set train_reward_model false (the environment's return is the reward)"
+            )
+        if not self.train_reward_model and not self.reward_functions and not self.env:
             raise ConfigError("train_reward_model is false and reward_functions is empty: RL would have no reward")
-        n_sources = int(self.train_reward_model) + len(self.reward_functions)
+        n_sources = int(self.train_reward_model) + bool(self.env) + len(self.reward_functions)
         if self.reward_weights is not None and len(self.reward_weights) != n_sources:
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {n_sources} reward sources")
         if ALGORITHM_RULES[self.rl.algo].critic and not self.train_reward_model:

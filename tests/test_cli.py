@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from chatrlhf.demo.calculator import make_prompts as make_calculator_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--run.progress", "False", "--run.log_every", "1"]
@@ -238,6 +241,36 @@ def test_grpo_pipeline_rewarded_by_a_function(tmp_path):
     assert set(summary["time_s"]) == {"sft", "rl", "eval"}
     lines = [json.loads(x) for x in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert all("reward/judge_mean" in m and "loss/value" not in m for m in lines)
+
+
+def test_calculator_pipeline_plays_episodes(tmp_path):
+    """The tool-using demo recipe on a budget of seconds: SFT on transcripts, RL on episodes rewarded by the
+    environment alone, the final comparison on episodes; each sample's scores recomputed from its conversation."""
+    run = tmp_path / "calc"
+    ok(chatrlhf(
+        "pipeline", "--recipe", "recipes/demo-calculator.yaml", "--run_dir", str(run),
+        "--data.sft_paths", "calculator:sft:24:1:80", "--data.rl_paths", "calculator:prompts:40:2",
+        "--model", "tiny:llama:hidden=32,layers=2,heads=4,positions=1024", "--sft.epochs", "1",
+        "--rl.iterations", "1", "--rl.rollout_batch_size", "4", "--rl.update.mini_batch_size", "16",
+        "--rl.eval_prompts", "2", "--eval.prompts", "calculator:prompts:4:9",
+        "--eval.num_prompts", "4", "--eval.samples_per_prompt", "2", "--run.progress", "False",
+    ))  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["time_s"]) == {"sft", "rl", "eval"} and not (run / "reward").exists()
+    assert set(summary["comparison"]) >= {"env", "judge"} and summary["comparison"]["env"]["sft"]["n"] == 4
+    lines = [json.loads(x) for x in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/env_mean" in m and "episode/turns_mean" in m for m in lines)
+    answers = {q["prompt"]: q["answer"] for q in make_calculator_prompts(4, 9)}
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 2
+    for r in rows:
+        for model in ("sft", "rlhf"):
+            last_turn = [line for line in r[model].split("\n") if line.startswith("assistant: ")][-1]
+            numbers = re.findall(r"-?\d+(?:\.\d+)?", last_turn)
+            right = float(bool(numbers) and float(numbers[-1]) == answers[r["prompt"]])
+            assert r["scores"][model]["judge"] == right
+            # the return is the judgement of the answer that ended the episode (0 when none did)
+            assert r["scores"][model]["env"] in (0.0, right)
 
 
 def test_tensorboard_events_match_metrics(tmp_path, pairs_file, tiny_dirs):

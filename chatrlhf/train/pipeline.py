@@ -199,7 +199,8 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
             reward_model=str(rm_dir / "model") if rm_dir else "",
             reward_functions=cfg.reward_functions,
             reward_weights=cfg.reward_weights,
-            judge=cfg.eval.judge,
+            env=cfg.env,
+            judge=None if cfg.env else cfg.eval.judge,  # on episodes the final comparison judges the last turns
             output_dir=str(rl_dir),
             data=stage_data_cfg,
             train=cfg.rl,
@@ -273,6 +274,8 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, eval_raws: list, policy_dir: Pa
         batch_size=e.batch_size,
         max_prompt_len=cfg.rl.max_prompt_len,
         generation=cfg.rl.generation,
+        env=cfg.env,
+        episode=cfg.rl.episode,
         run=RunOptions(seed=cfg.run.seed + 1, device=cfg.run.device, dtype=cfg.run.dtype),
     )
     result = side_by_side(spec, recs, names, device, judge_names=["judge"])
@@ -297,7 +300,7 @@ def print_table(summary: dict) -> None:
     c = summary["comparison"]
     tuned = "DPO" if summary["method"] == "dpo" else "RLHF"
     rows = []
-    for name in ("judge", "reward_model"):
+    for name in ("judge", "env", "reward_model"):
         if name in c:
             r = c[name]
             rows.append((f"{name} score", _fmt(r["sft"]), _fmt(r["rlhf"]), _fmt(r["rlhf_minus_sft"], "+")))
