@@ -72,8 +72,9 @@ def trl_letter_share(prompts, completions, **kwargs) -> list[float]:
 # ------------------------------------------------------------------------------------------------ the workload
 
 
-def build_model(workdir: Path, hidden: int) -> Path:
-    """The tiny Llama of one size, unable to sample its special tokens (module docstring)."""
+def build_model(workdir: Path, hidden: int, layers: int = LAYERS) -> Path:
+    """The tiny Llama of one size, unable to sample its special tokens (module docstring): `workdir/llama-h{hidden}`,
+    reused when it exists (so one `workdir` per layer count)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,7 +83,7 @@ def build_model(workdir: Path, hidden: int) -> Path:
     out = workdir / f"llama-h{hidden}"
     if (out / "config.json").is_file():
         return out
-    raw = build_tiny_model(workdir / f"llama-h{hidden}-raw", arch="llama", hidden=hidden, layers=LAYERS,
+    raw = build_tiny_model(workdir / f"llama-h{hidden}-raw", arch="llama", hidden=hidden, layers=layers,
                            heads=max(2, hidden // 64))  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
     with torch.no_grad():
