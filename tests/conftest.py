@@ -30,15 +30,16 @@ def pairs_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sft_llama(tmp_path_factory):
-    """A tiny llama (hidden 64, 2 layers, 2 heads of 32: vLLM's CPU attention needs head size >= 32) after a
-    300-step SFT on the demo task (seconds), through the CLI: its greedy answers vary from prompt to prompt and end
-    with EOS, which a random model's do not. Returns the model directory."""
+    """A tiny llama (hidden 64, 2 layers, 2 heads of 32: vLLM's CPU attention needs head size >= 32; a context of
+    2048 positions, for episodes longer than 512 tokens) after a 300-step SFT on the demo task (seconds), through the
+    CLI: its greedy answers vary from prompt to prompt and end with EOS, which a random model's do not. Returns the
+    model directory."""
     from chatrlhf.cli import main
     from chatrlhf.demo.task import make_pairs, write_jsonl
 
     root = tmp_path_factory.mktemp("sft-llama")
     pairs = write_jsonl(make_pairs(512, seed=5), root / "pairs.jsonl")
-    args = ["sft", "--model", "tiny:llama:hidden=64,layers=2,heads=2", "--output_dir", str(root / "sft"),
+    args = ["sft", "--model", "tiny:llama:hidden=64,layers=2,heads=2,positions=2048", "--output_dir", str(root / "sft"),
             "--data.paths", str(pairs), "--train.max_steps", "300", "--train.epochs", "100",
             "--train.batch_size", "16", "--train.optim.lr", "3e-3", "--train.max_seq_len", "96",
             "--run.progress", "False"]  # fmt: skip

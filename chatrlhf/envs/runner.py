@@ -22,6 +22,11 @@ Every episode ends, with `Episode.end`:
 - `length`: a policy turn was cut at the generator's max_new_tokens (it has no EOS to close the turn);
 - `max_tokens`: the environment's next messages would take the episode past `max_tokens` tokens.
 
+So an episode is at most `max_tokens` tokens before each policy turn and `max_tokens + max_new_tokens` in all. The
+runner refuses limits under which that is more than the model's context (`EpisodeLimits.context`), and first
+messages that cannot fit in `max_tokens` (checked up front on the environment's tools' description, and on every
+episode's first messages), so no episode ever reaches positions the model does not have.
+
 A policy turn that calls tools (envs/tools.py) is answered by the tools, not the environment; after
 `max_tool_calls` calls, further calls are answered with an error message. Tool failures are counted in
 `Episode.tool_errors` and told to the model; they never stop the run.
@@ -58,6 +63,12 @@ class EpisodeLimits:
     """A tool call running longer is answered with a timeout error."""
     max_tokens: int = 512
     """Most tokens of an episode before a policy turn (the turn may add the generator's max_new_tokens)."""
+    max_new_tokens: int = 0
+    """Most tokens of one policy turn: the generator's max_new_tokens (checked against `context`)."""
+    context: int | None = None
+    """The model's context length (models/load.py:context_length): `max_tokens + max_new_tokens`, the longest an
+    episode can grow, must fit in it, which the runner checks when it is built. None = not checked (a generator
+    without a model, in tests)."""
 
 
 @dataclass
@@ -203,6 +214,36 @@ def check_template(fmt: ChatFormat, conversation: Sequence[dict] = PROBE_CONVERS
     return checked
 
 
+def check_lengths(fmt: ChatFormat, limits: EpisodeLimits) -> None:
+    """Refuse limits under which an episode could grow past the model's context (`max_tokens + max_new_tokens` over
+    `limits.context`), and first messages that could never fit in `max_tokens`: the template's rendering of an
+    empty user turn (with the tools' description, where the environment has tools) is the least any episode starts
+    with. Raises `UserError` naming the options of `chatrlhf rl`."""
+    longest = limits.max_tokens + limits.max_new_tokens
+    if limits.context is not None and longest > limits.context:
+        raise UserError(
+            f"episodes could grow past the model's context of {limits.context} tokens (max_position_embeddings): "
+            f"max_tokens={limits.max_tokens} (train.episode.max_tokens) before a policy turn plus "
+            f"max_new_tokens={limits.max_new_tokens} (train.generation.max_new_tokens) of the turn is {longest} "
+            f"tokens; lower them so that their sum is at most {limits.context}, or use a model with a longer context"
+        )
+    least = len(fmt.prompt_ids([{"role": "user", "content": ""}]))
+    if least > limits.max_tokens:
+        what, fix = ("the tools' description and an empty user turn", "raise it or describe fewer tools")
+        if not fmt.tools:
+            what, fix = "an empty user turn", "raise it"
+        raise UserError(
+            f"every episode's first messages take at least {least} tokens ({what}, rendered with the chat "
+            f"template), over max_tokens={limits.max_tokens} (train.episode.max_tokens), the most an episode may "
+            f"hold before a policy turn; {fix}"
+        )
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # ------------------------------------------------------------------------------------------------ the runner
 
 
@@ -215,6 +256,7 @@ class EpisodeRunner:
         self.fmt = ChatFormat(tok, env.tools)
         self.tools = {t.name: t for t in env.tools}
         check_template(self.fmt)
+        check_lengths(self.fmt, limits)
 
     def run(self, generator, records: Sequence[dict], greedy: bool = False) -> list[Episode]:
         envs = [self.env.new() for _ in records]
@@ -232,7 +274,9 @@ class EpisodeRunner:
         ids = self.fmt.prompt_ids(messages)
         if len(ids) > self.limits.max_tokens:
             raise UserError(
-                f"an episode's first messages are {len(ids)} tokens, over max_tokens={self.limits.max_tokens}"
+                f"environment '{self.env.spec}': the first messages of the episode of record {_short(record)} are "
+                f"{len(ids)} tokens, over max_tokens={self.limits.max_tokens} (train.episode.max_tokens), the most an "
+                "episode may hold before a policy turn; raise it (within the model's context) or shorten the messages"
             )
         return Episode(record, list(messages), ids, [0] * len(ids), [0.0] * len(ids))
 

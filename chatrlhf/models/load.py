@@ -210,6 +210,14 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def context_length(config) -> int | None:
+    """The most tokens a model takes in one sequence: its config's `max_position_embeddings` (transformers maps the
+    names other architectures give it, e.g. GPT-2's `n_positions`), or None when the config gives none (a model
+    without position limits). Past it, learned position embeddings (GPT-2, OPT) fail with an index error and rotary
+    ones (Llama, Qwen2) silently extrapolate to positions they never saw."""
+    return getattr(config, "max_position_embeddings", None)
+
+
 def _check_vocab(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: str) -> None:
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tok):

@@ -22,7 +22,7 @@ from chatrlhf.engine.vllm import VLLMGenerator, check_vllm_support
 from chatrlhf.envs.episode import load_environment
 from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner
 from chatrlhf.errors import UserError
-from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, resolve_model
+from chatrlhf.models.load import context_length, load_causal_lm, load_tokenizer, load_value_model, resolve_model
 from chatrlhf.models.rewards import Scorer, build_scorer
 from chatrlhf.models.training import prepare_for_training
 from chatrlhf.train.algorithms import Algorithm
@@ -99,7 +99,6 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         device=frozen_device,
         environment=bool(cfg.env),
     )
-    runner = episode_runner(cfg, tok) if cfg.env else None
     steps = train.iterations * train.update.epochs * updates_per_epoch(train)
     actor_engine = build_engine(actor, train.actor_optim, steps, "actor", cfg.engine, cfg.run)
     critic_engine = None
@@ -112,6 +111,8 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         )
         critic = trainable(critic_model, cfg)
         critic_engine = build_engine(critic, train.critic_optim, steps, "critic", cfg.engine, cfg.run)
+    readers = [actor, reference, *scorer.modules()] + ([critic_engine.module] if critic_engine else [])
+    runner = episode_runner(cfg, tok, readers) if cfg.env else None
     return Models(
         tok=tok,
         actor=HybridEngine(actor_engine, tok, train.generation, rollout_engine(cfg, actor_path, tok, device)),
@@ -125,10 +126,16 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
     )
 
 
-def episode_runner(cfg: RLConfig, tok) -> EpisodeRunner:
-    """The environment `cfg.env` loaded and its episode runner (which checks the chat template up front)."""
+def episode_runner(cfg: RLConfig, tok, models: list[torch.nn.Module]) -> EpisodeRunner:
+    """The environment `cfg.env` loaded and its episode runner, which checks up front the chat template and that an
+    episode fits the context of every model that reads it (`models`: the actor, the reference, the critic, a
+    reward model)."""
     e = cfg.train.episode
-    limits = EpisodeLimits(e.max_turns, e.max_tool_calls, e.tool_timeout_s, e.max_tokens)
+    contexts = [c for c in (context_length(m.config) for m in models) if c is not None]
+    limits = EpisodeLimits(
+        e.max_turns, e.max_tool_calls, e.tool_timeout_s, e.max_tokens, cfg.train.generation.max_new_tokens,
+        min(contexts, default=None),
+    )  # fmt: skip
     return EpisodeRunner(load_environment(cfg.env), tok, limits)
 
 

@@ -273,6 +273,61 @@ def test_a_turn_cut_at_max_new_tokens_ends_the_episode(tok):
     assert ep.end == "length" and ep.turns == 1 and ep.policy_mask[-3:] == [1, 1, 1]
 
 
+# ------------------------------------------------------------------------------------------------ the context
+
+
+def test_limits_past_the_models_context_are_refused(tok):
+    EpisodeRunner(env(Endless), tok, EpisodeLimits(max_tokens=472, max_new_tokens=40, context=512))  # 512: fits
+    with pytest.raises(UserError, match="past the model's context of 512 tokens") as e:
+        EpisodeRunner(env(Endless), tok, EpisodeLimits(max_tokens=473, max_new_tokens=40, context=512))
+    for named in ("max_tokens=473 (train.episode.max_tokens)", "max_new_tokens=40 (train.generation.max_new_tokens)",
+                  "is 513 tokens"):  # fmt: skip
+        assert named in str(e.value)
+
+
+def test_first_messages_that_cannot_fit_are_refused(tok):
+    """The fallback tool description alone is longer than the tiny models' 512 positions (byte tokens)."""
+    described = sum(len(json.dumps(t.schema)) for t in env(Calculator).tools)  # one byte token per character
+    assert described > 512
+    with pytest.raises(UserError, match=r"first messages take at least (\d+) tokens \(the tools' description") as e:
+        EpisodeRunner(env(Calculator), tok, EpisodeLimits(max_tokens=512))
+    assert int(str(e.value).split("at least ")[1].split()[0]) > described
+    EpisodeRunner(env(Endless), tok, EpisodeLimits(max_tokens=512))  # without tools the same bound is fine
+
+    class LongReset(Endless):
+        def reset(self, record):
+            return [{"role": "user", "content": "x" * 600}]
+
+    # "User: " + 600 bytes + "\n" + the generation prompt "Assistant:" = 617 tokens
+    with pytest.raises(UserError, match="first messages of the episode of record .* are 617 tokens, over max_tokens"):
+        EpisodeRunner(env(LongReset), tok, EpisodeLimits(max_tokens=512)).run(Scripted([" a"]), [{}])
+
+
+def test_episodes_on_learned_positions_stay_within_the_context(tmp_path):
+    """GPT-2's position embeddings are a table of `positions` rows: one position more is an index error. An episode
+    that keeps going stops at max_tokens before a turn, and its last turn of at most max_new_tokens still fits."""
+    from chatrlhf.models.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "gpt2", arch="gpt2", hidden=32, layers=2, heads=4, positions=128)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert model.config.n_positions == 128
+    with pytest.raises(UserError, match="context of 128 tokens"):
+        EpisodeRunner(env(Endless), tok, EpisodeLimits(max_turns=99, max_tokens=109, max_new_tokens=20, context=128))
+    runner = EpisodeRunner(env(Endless), tok, EpisodeLimits(max_turns=99, max_tokens=108, max_new_tokens=20,
+                                                            context=128))  # fmt: skip
+    ep = runner.run(Scripted(["x" * 19] * 20), [{}])[0]  # 19 bytes + EOS = 20 tokens a turn
+    # "User: Hi.\nAssistant:" is 20 tokens, each answer "\nUser: Again.\nAssistant:" 24: the third turn starts at
+    # 20 + 2·(20 + 24) = 108 = max_tokens and ends at 128, the whole context; the next answer does not fit
+    assert ep.end == "max_tokens" and ep.turns == 3 and len(ep.ids) == 128
+    with torch.no_grad():  # the whole episode goes through the model: no position past its table
+        ids = torch.tensor([ep.ids])
+        assert sequence_token_logprobs(model, ids, torch.ones_like(ids)).shape == (1, len(ep.ids))
+        with pytest.raises(IndexError):  # what an unchecked episode one token longer would do
+            long = torch.tensor([ep.ids + [0] * (129 - len(ep.ids))])
+            sequence_token_logprobs(model, long, torch.ones_like(long))
+
+
 def test_tool_calls_in_the_fallback_format_parse():
     calls = parse_tool_calls(
         'x <tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call> <tool_call>[1]</tool_call>'

@@ -145,7 +145,7 @@ def rl_args(actor, out, env: str, algo: str, group_size: int, *extra: str) -> li
     return ["rl", "--actor", str(actor), "--env", env, "--output_dir", str(out), "--data.paths",
             "calculator:prompts:48:1", "--data.eval_fraction", "0.1", "--train.algo", algo, "--train.group_size",
             str(group_size), "--train.iterations", "2", "--train.rollout_batch_size", "4",
-            "--train.generation.max_new_tokens", "40", "--train.episode.max_tokens", "2048",
+            "--train.generation.max_new_tokens", "40", "--train.episode.max_tokens", "1024",
             "--train.eval_prompts", "2", "--train.actor_optim.lr", "1e-3", "--run.progress", "False",
             "--run.log_every", "1", *extra]  # fmt: skip
 
@@ -216,6 +216,20 @@ def test_unsupported_combinations_with_episodes_are_refused(change, named):
 def test_an_environment_that_does_not_import_stops_the_run_with_exit_2(tiny_dirs, tmp_path):
     proc = chatrlhf(*rl_args(tiny_dirs["llama"], tmp_path / "bad", "no_such_module:Env", "grpo", 2), code=2)
     assert "environment 'no_such_module:Env': cannot import" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_episodes_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_path):
+    """The tiny GPT-2 has 512 learned positions: 1024 + 40 tokens would index past them. The calculator's first
+    messages alone (the tool description) are more than 512 tokens."""
+    proc = chatrlhf(*rl_args(tiny_dirs["gpt2"], tmp_path / "long", CALCULATOR, "grpo", 2), code=2)
+    assert "past the model's context of 512 tokens" in proc.stderr and "Traceback" not in proc.stderr
+    assert "max_tokens=1024 (train.episode.max_tokens)" in proc.stderr
+    assert "max_new_tokens=40 (train.generation.max_new_tokens)" in proc.stderr
+    args = rl_args(tiny_dirs["gpt2"], tmp_path / "tools", CALCULATOR, "grpo", 2)
+    args[args.index("--train.episode.max_tokens") + 1] = "472"
+    proc = chatrlhf(*args, code=2)
+    assert "first messages take at least" in proc.stderr and "over max_tokens=472" in proc.stderr
+    assert not (tmp_path / "long").exists() and not (tmp_path / "tools").exists()
 
 
 def test_an_environment_is_a_reward_source():
