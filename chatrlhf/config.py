@@ -507,10 +507,11 @@ class EpisodeConfig:
     """Most tokens of an episode before a policy turn (the turn may add `generation.max_new_tokens`)."""
 
 
-EPISODE_ALGOS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-"""The algorithms that train on episodes (`env`): the critic-free ones with a group, leave-one-out or batch
-baseline. PPO needs per-token values over the policy tokens only, ReMax a greedy episode as its baseline, DAPO's
-dynamic sampling and overlong shaping and GSPO/CISPO's sequence terms are not tested on episodes yet."""
+EPISODE_ALGOS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+"""The algorithms that train on episodes (`env`): PPO (the critic's values and GAE over the policy's tokens, the
+environment's skipped) and the critic-free ones with a group, leave-one-out or batch baseline. ReMax needs a greedy
+episode as its baseline; DAPO's dynamic sampling and overlong shaping and GSPO/CISPO's sequence terms are not tested
+on episodes yet."""
 
 
 @dataclass

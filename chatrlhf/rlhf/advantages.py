@@ -13,16 +13,20 @@ from torch import Tensor
 def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Advantages and returns by GAE (Schulman et al. 2016, arXiv 1506.02438, eq. 16).
 
-    δ_t = r_t + γ·V_{t+1} − V_t,   A_t = Σ_l (γλ)^l δ_{t+l} = δ_t + γλ·A_{t+1},   G_t = A_t + V_t.
+    δ_t = r_t + γ·V_{t'} − V_t,   A_t = δ_t + γλ·A_{t'},   G_t = A_t + V_t,
 
-    Rewards and values are zeroed outside the mask, so V is 0 beyond the last real token (the episode ends there)
-    and A, G are 0 after it. Computed without autograd: advantages and returns are fixed targets for PPO.
+    where t' is the next position of the mask after t: t + 1 for a single response, whose mask is a contiguous
+    prefix. The mask may have gaps — the environment's tokens between the policy's turns of a multi-turn episode
+    (docs/episodes.md) — and the recursion then runs over the masked tokens only, as if the gaps were cut out: the
+    next value of a policy token is the value at the next POLICY token (the state after the environment answered),
+    and the tokens in the gaps get no advantage or return. Past the last masked token V = 0 (the episode ends
+    there). Computed without autograd: advantages and returns are fixed targets for PPO.
 
     Args:
         rewards: (B, T) float — per-token rewards r_t, e.g. from `kl_penalized_rewards`.
         values: (B, T) float — critic values V(s_t) of the states before each response token.
-        mask: (B, T) float — response mask (a contiguous prefix of 1s).
-        gamma: γ, the discount.
+        mask: (B, T) float — 1 on the tokens the policy sampled (a contiguous prefix of 1s for single responses).
+        gamma: γ, the discount (per policy token).
         lam: λ, the GAE bias/variance trade-off.
 
     Returns:
@@ -31,17 +35,19 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
     """
     rewards = rewards * mask
     values = values * mask
-    num_steps = rewards.shape[1]
+    on = mask != 0
     last_gae = torch.zeros_like(rewards[:, 0])
+    next_values = torch.zeros_like(rewards[:, 0])  # V at the next masked position; 0 past the last
     reversed_advantages = []
-    for t in reversed(range(num_steps)):
-        # V beyond the last position is 0
-        next_values = values[:, t + 1] if t + 1 < num_steps else torch.zeros_like(last_gae)
-        # δ_t = r_t + γ·V(s_{t+1}) − V(s_t)
+    for t in reversed(range(rewards.shape[1])):
+        # δ_t = r_t + γ·V(s_t') − V(s_t)
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        # A_t = δ_t + γλ·A_{t+1}
-        last_gae = delta + gamma * lam * last_gae
-        reversed_advantages.append(last_gae)
+        # A_t = δ_t + γλ·A_t'
+        gae = delta + gamma * lam * last_gae
+        reversed_advantages.append(gae)
+        # a token off the mask (an environment's) leaves the recursion as it was: t' skips it
+        last_gae = torch.where(on[:, t], gae, last_gae)
+        next_values = torch.where(on[:, t], values[:, t], next_values)
     advantages = torch.stack(reversed_advantages[::-1], dim=1) * mask
     # G_t = A_t + V_t
     returns = (advantages + values) * mask
@@ -106,17 +112,20 @@ def remax_advantages(scores: Tensor, greedy_scores: Tensor) -> Tensor:
 
 @torch.no_grad()
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """G_t = Σ_{k≥t} γ^{k−t} r_k over the masked response (REINFORCE++, Hu 2025, arXiv 2501.03262, §3).
+    """G_t = Σ_{k≥t, k masked} γ^{n(t,k)} r_k over the masked response (REINFORCE++, Hu 2025, arXiv 2501.03262, §3),
+    n(t, k) the masked tokens after t up to k: G_t = r_t + γ·G_t', t' the next masked position. The mask may have
+    gaps (an episode's environment tokens, docs/episodes.md); they are not discount steps and get no return.
 
     rewards: (B, T) float — per-token rewards (KL-shaped, the score at the last token); mask: (B, T) float.
     Returns (B, T) float, 0 outside the mask.
     """
     rewards = rewards * mask
+    on = mask != 0
     running = torch.zeros_like(rewards[:, 0])
     out = []
     for t in reversed(range(rewards.shape[1])):
-        # G_t = r_t + γ·G_{t+1}
-        running = rewards[:, t] + gamma * running
+        # G_t = r_t + γ·G_t'; a token off the mask leaves G as it was
+        running = torch.where(on[:, t], rewards[:, t] + gamma * running, running)
         out.append(running)
     return torch.stack(out[::-1], dim=1) * mask
 

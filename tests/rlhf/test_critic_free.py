@@ -76,6 +76,18 @@ def test_discounted_returns_by_hand():
             assert float(out[b, t]) == pytest.approx(expected, abs=1e-6)
 
 
+def test_discounted_returns_skip_the_gaps_of_the_mask():
+    """An episode's environment tokens (mask 0 between the policy's turns) are not discount steps: the returns are
+    those of the masked tokens alone, by the explicit sum over the compressed row."""
+    rewards = torch.tensor([[0.1, 5.0, 5.0, -0.2, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 0, 0, 1, 1, 0]])
+    gamma = 0.9
+    out = discounted_returns(rewards, mask, gamma)
+    r = [0.1, -0.2, 0.3]  # the masked tokens' rewards, in order
+    expected = [sum(gamma ** (k - t) * r[k] for k in range(t, 3)) for t in range(3)]
+    assert out[0].tolist() == pytest.approx([expected[0], 0.0, 0.0, expected[1], expected[2], 0.0], abs=1e-6)
+
+
 def test_sequence_to_tokens():
     out = sequence_to_tokens(torch.tensor([2.0, -1.0]), torch.tensor([[1.0, 1, 0], [1, 0, 0]]))
     assert out.tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,15 +21,24 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatrlhf.config import ConfigError, EngineConfig, RLConfig, RLTrainConfig, RolloutConfig
+from chatrlhf.data.collate import position_ids
 from chatrlhf.demo.calculator import judge
 from chatrlhf.engine.generation import Generated
 from chatrlhf.envs.calculator import CalculatorEnv
 from chatrlhf.envs.episode import LoadedEnvironment, Reply
 from chatrlhf.envs.runner import ChatFormat, EpisodeLimits, EpisodeRunner, collate_episodes
+from chatrlhf.models.load import load_value_model
 from chatrlhf.models.rewards import build_scorer
 from chatrlhf.models.tiny import EOS_ID
 from chatrlhf.train.forward import sequence_token_logprobs
-from chatrlhf.train.rollout import Prompt, episode_metrics, episode_rollout, rollout_logprobs, score_rollout
+from chatrlhf.train.rollout import (
+    Prompt,
+    episode_metrics,
+    episode_rollout,
+    rollout_logprobs,
+    rollout_values,
+    score_rollout,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CALCULATOR = "chatrlhf.envs.calculator:CalculatorEnv"
@@ -114,6 +124,24 @@ def test_trainer_logprobs_attend_to_the_environments_tokens(played, tiny_dirs):
     assert not torch.allclose(wrong, expected, atol=1e-3)
 
 
+def test_critic_values_attend_to_the_environments_tokens(played, tiny_dirs):
+    """PPO's V(s_t) at each policy token is the critic's value at the token before it in the whole episode (the
+    tool result included), as a plain forward over the collated episodes gives it."""
+    tok, _, episodes, rollout = played
+    critic = load_value_model(tiny_dirs["llama"], tok, "float32", torch.device("cpu"), require_head=False).eval()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(critic.head.weight, std=1.0)  # values of order 1 (a fresh head's are near 0)
+    batch = collate_episodes(episodes, tok.pad_token_id)
+    policy = batch.policy_mask.bool()
+    with torch.no_grad():
+        direct = critic(batch.ids, batch.attention_mask, position_ids(batch.attention_mask))
+        expected = direct[:, :-1][policy[:, 1:]]  # the value of the state before token t sits at t − 1
+        got = rollout_values(critic, rollout)[rollout.response_mask.bool()]
+        blind = rollout_values(critic, dataclasses.replace(rollout, response_attention=None))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(blind[rollout.response_mask.bool()], expected, atol=1e-3)
+
+
 def test_episode_rewards_and_reward_functions_on_the_conversation(played):
     tok, policy, episodes, rollout = played
     spec = f"{HERE}:assistant_turns"
@@ -189,13 +217,30 @@ def test_multi_turn_episodes_train_on_policy_tokens_only(algo, group_size, sft_l
         assert m["response/length_mean"] + m["episode/env_tokens_mean"] < m["episode/tokens_mean"]
 
 
+def test_ppo_on_multi_turn_episodes(sft_llama, tmp_path):
+    """PPO with a fresh critic on the two-turn environment: the critic's values and GAE cover the policy's tokens
+    (the values attend to the follow-up question; tests/rlhf/test_advantages.py checks GAE across it), the value
+    loss trains, and the trainer's log-probs equal the sampler's."""
+    out = tmp_path / "ppo"
+    chatrlhf(*rl_args(sft_llama, out, f"{HERE}:AreYouSure", "ppo", 1, "--critic", str(sft_llama),
+                      "--critic_fresh_head", "True", "--train.episode.max_turns", "3"))  # fmt: skip
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["episode/turns_mean"] > 1.0 and m["episode/env_tokens_mean"] > 0
+        assert m["rollout/logprob_diff"] < 1e-4
+        for key in ("values/mean", "returns/mean", "loss/value", "optim/critic_grad_norm"):
+            assert math.isfinite(m[key]), key
+    assert lines[0]["loss/value"] > 0 and (out / "critic" / "config.json").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ refused
 
 
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"train": RLTrainConfig(algo="ppo")}, "train.algo=ppo"),
+        ({"train": RLTrainConfig(algo="remax")}, "train.algo=remax"),
         ({"train": RLTrainConfig(algo="dapo", group_size=2)}, "train.algo=dapo"),
         ({"reward_model": "rm"}, "reward_model"),
         ({"judge": "chatrlhf.demo.calculator:judge"}, "judge"),
