@@ -637,7 +637,8 @@ class RLConfig(StageOptions):
     """The policy to train: the SFT output directory (or any causal LM)."""
     reward_model: str = ""
     """Reward model: a `chatrlhf reward` output, or any 1-label sequence-classification model (one with another
-    tokenizer scores re-tokenized text). Empty = rewards from `reward_functions` only."""
+    tokenizer scores re-tokenized text; not on episodes, where it scores the episode's tokens as played). Empty =
+    rewards from `reward_functions` only."""
     reward_functions: list[str] = field(default_factory=list)
     """Python rewards `module:function(prompt, response, **fields) -> float` (fields = the record's extra fields)."""
     reward_weights: list[float] | None = None
@@ -698,7 +699,6 @@ class RLConfig(StageOptions):
         t = self.train
         unsupported = {
             f"train.algo={t.algo}": t.algo not in EPISODE_ALGOS,
-            "reward_model": bool(self.reward_model),
             "judge": self.judge is not None,
             "engine.kind=deepspeed": self.engine.kind == "deepspeed",
             "train.rollout.backend=vllm": t.rollout.backend == "vllm",
@@ -708,8 +708,8 @@ class RLConfig(StageOptions):
         if named:
             raise ConfigError(
                 f"env (RL on multi-turn episodes) does not support {', '.join(named)} yet: episodes train with "
-                f"train.algo in {', '.join(EPISODE_ALGOS)}, rewards from the environment and reward_functions (the "
-                "reward model and the judge score single responses), one process with engine.kind=single, the hf "
+                f"train.algo in {', '.join(EPISODE_ALGOS)}, rewards from the environment, reward_functions and a "
+                "reward model (the judge scores single responses), one process with engine.kind=single, the hf "
                 "rollout backend, and resume=no (docs/episodes.md)"
             )
         _validate_episode_bounds(t.episode, "train.episode")

@@ -3,7 +3,9 @@
 Three kinds of reward source, each with `score(batch) -> (B,) float tensor`:
 
 - `PolicyVocabRewardModel`: a 1-label sequence-classification model that shares the policy's tokenizer (what
-  `chatrlhf reward` trains); it scores the policy's own tokens at the last real response token.
+  `chatrlhf reward` trains); it scores the policy's own tokens at the last real response token. On a multi-turn
+  episode that is the whole conversation as played (the environment's tokens included), scored at the episode's
+  last real token; the only kind of reward model episodes take.
 - `ForeignRewardModel`: any Hugging Face sequence-classification reward model with its own tokenizer (e.g. a
   DeBERTa or a Llama-based RM); prompt and response text are re-tokenized for it — with its chat template when it
   has one, else as a (prompt, response) text pair — and the model's own pooled logit is the score.
@@ -194,11 +196,21 @@ def load_function(spec: str, role: str = "reward function") -> Callable:
     return fn
 
 
-def load_reward_model(path: str, policy_tok: PreTrainedTokenizerBase, dtype: str, device: torch.device):
-    """A reward model directory or hub id → the source that fits its tokenizer."""
+def load_reward_model(
+    path: str, policy_tok: PreTrainedTokenizerBase, dtype: str, device: torch.device, episodes: bool = False
+):
+    """A reward model directory or hub id → the source that fits its tokenizer. On multi-turn `episodes` it must
+    share the policy's: it scores the episode's tokens as played (the whole conversation, the end score at its last
+    real token), never a re-rendered text."""
     rm_tok = load_tokenizer(path)
     if same_vocabulary(policy_tok, rm_tok):
         return PolicyVocabRewardModel(load_value_model(path, policy_tok, dtype, device).eval().requires_grad_(False))
+    if episodes:
+        raise UserError(
+            f"reward model '{path}' has a tokenizer other than the actor's: on episodes (env) the reward model scores "
+            "the episode's tokens as played, so it must share the actor's tokenizer (a reward model trained with "
+            "chatrlhf reward from the SFT model does)"
+        )
     with loading(path, "as a reward model (a sequence-classification model)"):
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=DTYPES[dtype], output_loading_info=True
@@ -258,7 +270,7 @@ def build_scorer(
     functions — with weights in that order (default 1 each)."""
     sources: list[RewardSource] = []
     if reward_model:
-        sources.append(load_reward_model(reward_model, policy_tok, dtype, device))
+        sources.append(load_reward_model(reward_model, policy_tok, dtype, device, episodes=environment))
     if environment:
         sources.append(EnvironmentReward())
     for spec in reward_functions:

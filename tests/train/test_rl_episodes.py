@@ -27,7 +27,8 @@ from chatrlhf.engine.generation import Generated
 from chatrlhf.envs.calculator import CalculatorEnv
 from chatrlhf.envs.episode import LoadedEnvironment, Reply
 from chatrlhf.envs.runner import ChatFormat, EpisodeLimits, EpisodeRunner, collate_episodes
-from chatrlhf.models.load import load_value_model
+from chatrlhf.errors import UserError
+from chatrlhf.models.load import add_value_head, load_value_model
 from chatrlhf.models.rewards import build_scorer
 from chatrlhf.models.tiny import EOS_ID
 from chatrlhf.train.forward import sequence_token_logprobs
@@ -142,6 +143,39 @@ def test_critic_values_attend_to_the_environments_tokens(played, tiny_dirs):
     assert not torch.allclose(blind[rollout.response_mask.bool()], expected, atol=1e-3)
 
 
+def test_the_reward_model_scores_the_whole_episode_as_played(played, tiny_dirs, tmp_path):
+    """The reward model's score of an episode is its value at the episode's last token, from a forward over the
+    episode's own ids alone (unpadded): the whole conversation, the tool result included, token in."""
+    tok, _, episodes, rollout = played
+    rm_dir = add_value_head(tiny_dirs["llama"], tmp_path / "rm")
+    scorer = build_scorer(str(rm_dir), [], None, tok, "float32", torch.device("cpu"), environment=True)
+    rm = scorer.modules()[0]
+    torch.manual_seed(0)
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # scores of order 1 (a fresh head's are near 0)
+    with torch.no_grad():
+        scores = score_rollout(scorer, rollout, tok)
+        expected = []
+        for ep in episodes:
+            ids = torch.tensor([ep.ids])
+            expected.append(float(rm(ids, torch.ones_like(ids), torch.arange(len(ep.ids))[None])[0, -1]))
+        blind = score_rollout(scorer, dataclasses.replace(rollout, response_attention=None), tok)
+    assert sorted(scores.parts) == ["env", "reward_model"]
+    assert torch.allclose(scores.parts["reward_model"], torch.tensor(expected), atol=1e-5)
+    assert torch.allclose(scores.total, scores.parts["reward_model"] + scores.parts["env"])
+    # without the environment's tokens in view, the episode that called the tool would score otherwise
+    assert abs(float(blind.parts["reward_model"][0]) - expected[0]) > 1e-3
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused_on_episodes(tiny_dirs, tmp_path):
+    rm_dir = add_value_head(tiny_dirs["llama"], tmp_path / "rm")
+    other = AutoTokenizer.from_pretrained(rm_dir)
+    other.add_tokens(["<|extra|>"])
+    other.save_pretrained(rm_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    with pytest.raises(UserError, match="has a tokenizer other than the actor's: on episodes"):
+        build_scorer(str(rm_dir), [], None, tok, "float32", torch.device("cpu"), environment=True)
+
+
 def test_episode_rewards_and_reward_functions_on_the_conversation(played):
     tok, policy, episodes, rollout = played
     spec = f"{HERE}:assistant_turns"
@@ -217,20 +251,23 @@ def test_multi_turn_episodes_train_on_policy_tokens_only(algo, group_size, sft_l
         assert m["response/length_mean"] + m["episode/env_tokens_mean"] < m["episode/tokens_mean"]
 
 
-def test_ppo_on_multi_turn_episodes(sft_llama, tmp_path):
-    """PPO with a fresh critic on the two-turn environment: the critic's values and GAE cover the policy's tokens
-    (the values attend to the follow-up question; tests/rlhf/test_advantages.py checks GAE across it), the value
-    loss trains, and the trainer's log-probs equal the sampler's."""
+def test_ppo_with_a_reward_model_on_multi_turn_episodes(sft_llama, tmp_path):
+    """InstructGPT's setting on the two-turn environment: PPO with a reward model that scores the whole episode
+    and initialises the critic (DeepSpeed-Chat's default). The critic's values and GAE cover the policy's tokens (the
+    values attend to the follow-up question; tests/rlhf/test_advantages.py checks GAE across it), the value loss
+    trains, and the trainer's log-probs equal the sampler's."""
     out = tmp_path / "ppo"
-    chatrlhf(*rl_args(sft_llama, out, f"{HERE}:AreYouSure", "ppo", 1, "--critic", str(sft_llama),
-                      "--critic_fresh_head", "True", "--train.episode.max_turns", "3"))  # fmt: skip
+    rm = add_value_head(sft_llama, tmp_path / "rm")
+    chatrlhf(*rl_args(sft_llama, out, f"{HERE}:AreYouSure", "ppo", 1, "--reward_model", str(rm),
+                      "--train.episode.max_turns", "3"))  # fmt: skip
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2]
     for m in lines:
         assert m["episode/turns_mean"] > 1.0 and m["episode/env_tokens_mean"] > 0
         assert m["rollout/logprob_diff"] < 1e-4
-        for key in ("values/mean", "returns/mean", "loss/value", "optim/critic_grad_norm"):
+        for key in ("values/mean", "returns/mean", "loss/value", "optim/critic_grad_norm", "reward/reward_model_mean"):
             assert math.isfinite(m[key]), key
+        assert m["reward/score_mean"] == pytest.approx(m["reward/reward_model_mean"] + m["reward/env_mean"], abs=1e-5)
     assert lines[0]["loss/value"] > 0 and (out / "critic" / "config.json").is_file()
 
 
@@ -242,7 +279,6 @@ def test_ppo_on_multi_turn_episodes(sft_llama, tmp_path):
     [
         ({"train": RLTrainConfig(algo="remax")}, "train.algo=remax"),
         ({"train": RLTrainConfig(algo="dapo", group_size=2)}, "train.algo=dapo"),
-        ({"reward_model": "rm"}, "reward_model"),
         ({"judge": "chatrlhf.demo.calculator:judge"}, "judge"),
         ({"engine": EngineConfig(kind="deepspeed")}, "engine.kind=deepspeed"),
         ({"train": RLTrainConfig(algo="grpo", group_size=2, rollout=RolloutConfig(backend="vllm"))}, "backend=vllm"),
