@@ -702,15 +702,14 @@ class RLConfig(StageOptions):
             "judge": self.judge is not None,
             "engine.kind=deepspeed": self.engine.kind == "deepspeed",
             "train.rollout.backend=vllm": t.rollout.backend == "vllm",
-            f"resume={self.resume}": self.resume != "no",
         }
         named = [k for k, v in unsupported.items() if v]
         if named:
             raise ConfigError(
                 f"env (RL on multi-turn episodes) does not support {', '.join(named)} yet: episodes train with "
                 f"train.algo in {', '.join(EPISODE_ALGOS)}, rewards from the environment, reward_functions and a "
-                "reward model (the judge scores single responses), one process with engine.kind=single, the hf "
-                "rollout backend, and resume=no (docs/episodes.md)"
+                "reward model (the judge scores single responses), one process with engine.kind=single, and the hf "
+                "rollout backend (docs/episodes.md)"
             )
         _validate_episode_bounds(t.episode, "train.episode")
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,33 @@ def test_ppo_with_a_reward_model_on_multi_turn_episodes(sft_llama, tmp_path):
     assert lines[0]["loss/value"] > 0 and (out / "critic" / "config.json").is_file()
 
 
+def test_a_resumed_episode_run_continues_as_the_uninterrupted_one(sft_llama, tmp_path):
+    """4 GRPO iterations on the two-turn environment, checkpointed every 2, with a held-out evaluation every 2. The
+    interrupted run is the finished one with its last checkpoint, models and summary deleted (killed after
+    iteration 4, before its checkpoint); `--resume auto` continues from iteration 2, and every metric line, the
+    summary, the held-out episodes (samples.jsonl) and every saved weight equal the uninterrupted run's, exactly."""
+    from tests.train.test_resume import RESUMING, assert_same_results
+
+    def args(out: Path, *extra: str) -> list[str]:
+        a = rl_args(sft_llama, out, f"{HERE}:AreYouSure", "grpo", 2, "--reward_functions", f"{HERE}:assistant_turns",
+                    "--train.episode.max_turns", "3", "--checkpoint.every", "2", "--checkpoint.keep", "2",
+                    "--train.eval_every", "2", *extra)  # fmt: skip
+        a[a.index("--train.iterations") + 1] = "4"
+        return a
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    chatrlhf(*args(reference))
+    assert [m["step"] for m in metrics(reference)] == [1, 2, 3, 4]
+    shutil.copytree(reference, killed)
+    shutil.rmtree(killed / "checkpoints" / "step-00000004")
+    shutil.rmtree(killed / "model")
+    (killed / "summary.json").unlink()
+    out = chatrlhf(*args(killed, "--resume", "auto")).stdout
+    assert RESUMING.findall(out) == [(str(killed / "checkpoints" / "step-00000002"), "2")], out
+    assert_same_results(reference, killed)
+    assert all(m["episode/turns_mean"] > 1.0 for m in metrics(killed))
+
+
 # ------------------------------------------------------------------------------------------------ refused
 
 
@@ -282,7 +310,6 @@ def test_ppo_with_a_reward_model_on_multi_turn_episodes(sft_llama, tmp_path):
         ({"judge": "chatrlhf.demo.calculator:judge"}, "judge"),
         ({"engine": EngineConfig(kind="deepspeed")}, "engine.kind=deepspeed"),
         ({"train": RLTrainConfig(algo="grpo", group_size=2, rollout=RolloutConfig(backend="vllm"))}, "backend=vllm"),
-        ({"resume": "auto"}, "resume=auto"),
     ],
 )
 def test_unsupported_combinations_with_episodes_are_refused(change, named):
