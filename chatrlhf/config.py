@@ -701,15 +701,14 @@ class RLConfig(StageOptions):
             f"train.algo={t.algo}": t.algo not in EPISODE_ALGOS,
             "judge": self.judge is not None,
             "engine.kind=deepspeed": self.engine.kind == "deepspeed",
-            "train.rollout.backend=vllm": t.rollout.backend == "vllm",
         }
         named = [k for k, v in unsupported.items() if v]
         if named:
             raise ConfigError(
                 f"env (RL on multi-turn episodes) does not support {', '.join(named)} yet: episodes train with "
                 f"train.algo in {', '.join(EPISODE_ALGOS)}, rewards from the environment, reward_functions and a "
-                "reward model (the judge scores single responses), one process with engine.kind=single, and the hf "
-                "rollout backend (docs/episodes.md)"
+                "reward model (the judge scores single responses), and one process with engine.kind=single "
+                "(docs/episodes.md)"
             )
         _validate_episode_bounds(t.episode, "train.episode")
 

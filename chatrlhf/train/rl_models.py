@@ -153,10 +153,17 @@ def rollout_engine(cfg: RLConfig, actor_path: str, tok, device) -> VLLMGenerator
         train.generation,
         train.rollout,
         dtype=cfg.run.dtype,
-        max_model_len=train.max_prompt_len + train.generation.max_new_tokens,
+        max_model_len=longest_sequence(cfg),
         device=device,
         data_parallel=dist.world_size(),
     )
+
+
+def longest_sequence(cfg: RLConfig) -> int:
+    """The most tokens a rollout sequence holds: a prompt and a response, or (with `env`) an episode — at most
+    `train.episode.max_tokens` before its last policy turn (envs/runner.py)."""
+    train = cfg.train
+    return (train.episode.max_tokens if cfg.env else train.max_prompt_len) + train.generation.max_new_tokens
 
 
 def updates_per_epoch(train: RLTrainConfig) -> int:

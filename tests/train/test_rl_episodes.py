@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatrlhf.config import ConfigError, EngineConfig, RLConfig, RLTrainConfig, RolloutConfig
+from chatrlhf.config import ConfigError, EngineConfig, RLConfig, RLTrainConfig
 from chatrlhf.data.collate import position_ids
 from chatrlhf.demo.calculator import judge
 from chatrlhf.engine.generation import Generated
@@ -309,7 +309,6 @@ def test_a_resumed_episode_run_continues_as_the_uninterrupted_one(sft_llama, tmp
         ({"train": RLTrainConfig(algo="dapo", group_size=2)}, "train.algo=dapo"),
         ({"judge": "chatrlhf.demo.calculator:judge"}, "judge"),
         ({"engine": EngineConfig(kind="deepspeed")}, "engine.kind=deepspeed"),
-        ({"train": RLTrainConfig(algo="grpo", group_size=2, rollout=RolloutConfig(backend="vllm"))}, "backend=vllm"),
     ],
 )
 def test_unsupported_combinations_with_episodes_are_refused(change, named):
