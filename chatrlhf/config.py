@@ -700,15 +700,20 @@ class RLConfig(StageOptions):
         unsupported = {
             f"train.algo={t.algo}": t.algo not in EPISODE_ALGOS,
             "judge": self.judge is not None,
-            "engine.kind=deepspeed": self.engine.kind == "deepspeed",
         }
         named = [k for k, v in unsupported.items() if v]
         if named:
             raise ConfigError(
                 f"env (RL on multi-turn episodes) does not support {', '.join(named)} yet: episodes train with "
-                f"train.algo in {', '.join(EPISODE_ALGOS)}, rewards from the environment, reward_functions and a "
-                "reward model (the judge scores single responses), and one process with engine.kind=single "
-                "(docs/episodes.md)"
+                f"train.algo in {', '.join(EPISODE_ALGOS)}, and rewards from the environment, reward_functions and a "
+                "reward model (the judge scores single responses; docs/episodes.md)"
+            )
+        engine = self.engine
+        if engine.kind == "deepspeed" and engine.zero_stage == 3 and not engine.gather_for_generation:
+            raise ConfigError(
+                "env (RL on multi-turn episodes) with engine.zero_stage=3 and engine.gather_for_generation=False: "
+                "generating on the sharded model needs every rank to take the same generation steps, and the ranks' "
+                "episodes take different numbers of turns; use engine.gather_for_generation=True (the default)"
             )
         _validate_episode_bounds(t.episode, "train.episode")
 

@@ -4,7 +4,7 @@ Every rank builds the same global batch from the same seed and takes its contigu
 same data in the same order whatever the number of ranks (a 2-rank run with `batch_size 4` trains on the same
 micro-batches as one process with `batch_size 8`). Losses are normalised by global counts (tokens, pairs), which
 every rank knows without talking to the others. We never write collectives beyond a scalar sum and a gather of
-rollout tensors; sharding and gradient reduction are DeepSpeed's.
+rollout tensors (and of a rollout's played episodes); sharding and gradient reduction are DeepSpeed's.
 """
 
 from __future__ import annotations
@@ -101,9 +101,10 @@ def sum_across(value: float) -> float:
     return float(t.item())
 
 
-def gather_padded(t: torch.Tensor, pad_value: float | int) -> torch.Tensor:
+def gather_padded(t: torch.Tensor, pad_value: float | int, left: bool = False) -> torch.Tensor:
     """Concatenate (B_r, L_r) tensors from all ranks in rank order into (ΣB_r, max L_r), right-padding with
-    `pad_value` (rollouts of different lengths)."""
+    `pad_value` (rollouts of different lengths), or left-padding with `left` (left-padded prompts, whose last
+    token must stay next to the response)."""
     if not is_distributed():
         return t
     device = t.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -113,7 +114,9 @@ def gather_padded(t: torch.Tensor, pad_value: float | int) -> torch.Tensor:
     rows = max(int(s[0]) for s in shapes)
     width = max(int(s[1]) for s in shapes) if t.dim() > 1 else 0
     padded = torch.full((rows, *([width] if t.dim() > 1 else [])), pad_value, dtype=t.dtype, device=device)
-    if t.dim() > 1:
+    if t.dim() > 1 and left:
+        padded[: t.shape[0], width - t.shape[1] :] = t.to(device)
+    elif t.dim() > 1:
         padded[: t.shape[0], : t.shape[1]] = t.to(device)
     else:
         padded[: t.shape[0]] = t.to(device)
@@ -121,6 +124,15 @@ def gather_padded(t: torch.Tensor, pad_value: float | int) -> torch.Tensor:
     dist.all_gather(parts, padded)
     out = torch.cat([p[: int(s[0])] for p, s in zip(parts, shapes)])
     return out.to(t.device)
+
+
+def gather_objects(items: list[T]) -> list[T]:
+    """Concatenate picklable lists from all ranks in rank order (the played episodes of a rollout's shares)."""
+    if not is_distributed():
+        return items
+    parts: list[list[T] | None] = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 def sum_dict_across(values: dict[str, float]) -> dict[str, float]:

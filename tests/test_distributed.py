@@ -1,6 +1,6 @@
-"""Data-parallel bookkeeping without a process group: each rank's share of a batch (`distributed.shard`, with the
-rank and world size patched in) and the DeepSpeed JSON config built from ours (`deepspeed_config`; DeepSpeed itself
-is not needed)."""
+"""Data-parallel bookkeeping: each rank's share of a batch (`distributed.shard`, with the rank and world size patched
+in), the gathers of rollout shares (on two gloo ranks), and the DeepSpeed JSON config built from ours
+(`deepspeed_config`; DeepSpeed itself is not needed)."""
 
 from __future__ import annotations
 
@@ -65,9 +65,48 @@ def test_shard_of_a_tensor_gives_its_rows(monkeypatch):
 
 def test_collectives_outside_a_process_group_are_the_identity():
     t = torch.arange(6).reshape(2, 3)
-    assert dist.gather_padded(t, 0) is t
+    assert dist.gather_padded(t, 0) is t and dist.gather_padded(t, 0, left=True) is t
+    assert dist.gather_objects(["a"]) == ["a"]
     assert dist.sum_across(2.5) == 2.5
     assert dist.sum_dict_across({"a": 1.0, "b": -2.0}) == {"a": 1.0, "b": -2.0}
+
+
+def _gather_on(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One rank of `test_gathers_across_two_gloo_ranks`: rank r holds r + 1 rows of width 2 + r."""
+    import os
+
+    import torch.distributed as torch_dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        t = torch.full((rank + 1, 2 + rank), rank + 1)
+        results = {
+            "right": dist.gather_padded(t, 0).tolist(),
+            "left": dist.gather_padded(t, 0, left=True).tolist(),
+            "objects": dist.gather_objects([{"rank": rank, "i": i} for i in range(rank + 1)]),
+        }
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_gathers_across_two_gloo_ranks(tmp_path):
+    """Rollout shares of different sizes gathered in rank order: right-padded (responses), left-padded (prompts,
+    whose last token must stay next to the response), and lists of objects (an episode rollout's episodes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_on, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["right"] == [[1, 1, 0], [2, 2, 2], [2, 2, 2]]
+        assert got["left"] == [[0, 1, 1], [2, 2, 2], [2, 2, 2]]
+        assert got["objects"] == [{"rank": 0, "i": 0}, {"rank": 1, "i": 0}, {"rank": 1, "i": 1}]
 
 
 # ------------------------------------------------------------------------------------------------ deepspeed_config

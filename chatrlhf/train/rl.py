@@ -258,8 +258,6 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
     obj = objective(algo.policy_loss, train)
     world = dist.world_size()
     check_ranks(train, world)
-    if cfg.env and world > 1:
-        raise UserError(f"env (RL on multi-turn episodes) runs in one process for now; this run has {world} ranks")
 
     m = build_models(cfg, algo, out, device)
     tok = m.tok

@@ -284,12 +284,13 @@ def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group
     g = dist.gather_padded
     full = Rollout(
         prompts=[p for p in prompts for _ in range(group_size)],
-        prompt_ids=g(rollout.prompt_ids, pad_id),
-        prompt_mask=g(rollout.prompt_mask, 0),
+        prompt_ids=g(rollout.prompt_ids, pad_id, left=True),  # episodes' first messages differ in width by rank
+        prompt_mask=g(rollout.prompt_mask, 0, left=True),
         response=g(rollout.response, pad_id),
         response_mask=g(rollout.response_mask, 0.0),
         rollout_logprobs=g(rollout.rollout_logprobs, 0.0) if rollout.rollout_logprobs is not None else None,
         response_attention=g(rollout.response_attention, 0) if rollout.response_attention is not None else None,
+        episodes=dist.gather_objects(rollout.episodes) if rollout.episodes is not None else None,
     )
     scores = Scores(total=g(ev.scores.total, 0.0), parts={k: g(v, 0.0) for k, v in ev.scores.parts.items()})
     return full, Evaluated(

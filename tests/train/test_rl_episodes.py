@@ -308,7 +308,6 @@ def test_a_resumed_episode_run_continues_as_the_uninterrupted_one(sft_llama, tmp
         ({"train": RLTrainConfig(algo="remax")}, "train.algo=remax"),
         ({"train": RLTrainConfig(algo="dapo", group_size=2)}, "train.algo=dapo"),
         ({"judge": "chatrlhf.demo.calculator:judge"}, "judge"),
-        ({"engine": EngineConfig(kind="deepspeed")}, "engine.kind=deepspeed"),
     ],
 )
 def test_unsupported_combinations_with_episodes_are_refused(change, named):
@@ -318,6 +317,15 @@ def test_unsupported_combinations_with_episodes_are_refused(change, named):
     with pytest.raises(ConfigError, match="env .RL on multi-turn episodes. does not support") as e:
         cfg.validate(need_data=False)
     assert named in str(e.value)
+
+
+def test_episodes_on_a_sharded_zero3_generation_are_refused():
+    engine = EngineConfig(kind="deepspeed", zero_stage=3, gather_for_generation=False)
+    cfg = RLConfig(actor="a", env=CALCULATOR, engine=engine, train=RLTrainConfig(algo="grpo", group_size=2))
+    with pytest.raises(ConfigError, match="engine.zero_stage=3 and engine.gather_for_generation=False"):
+        cfg.validate(need_data=False)
+    cfg.engine = EngineConfig(kind="deepspeed", zero_stage=3)
+    cfg.validate(need_data=False)
 
 
 def test_an_environment_that_does_not_import_stops_the_run_with_exit_2(tiny_dirs, tmp_path):
