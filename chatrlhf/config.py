@@ -507,13 +507,6 @@ class EpisodeConfig:
     """Most tokens of an episode before a policy turn (the turn may add `generation.max_new_tokens`)."""
 
 
-EPISODE_ALGOS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")
-"""The algorithms that train on episodes (`env`): PPO (the critic's values and GAE over the policy's tokens, the
-environment's skipped) and the critic-free ones with a group, leave-one-out or batch baseline. ReMax needs a greedy
-episode as its baseline; DAPO's dynamic sampling and overlong shaping and GSPO/CISPO's sequence terms are not tested
-on episodes yet."""
-
-
 @dataclass
 class RLTrainConfig:
     """How step 3 (RLHF) runs."""
@@ -695,18 +688,23 @@ class RLConfig(StageOptions):
         _validate_rl(self.train)
 
     def _validate_episodes(self) -> None:
-        """What `env` (RL on multi-turn episodes) does not support yet, each refused by name."""
+        """What `env` (RL on multi-turn episodes) cannot do, each refused by name (every algorithm trains on
+        episodes)."""
         t = self.train
-        unsupported = {
-            f"train.algo={t.algo}": t.algo not in EPISODE_ALGOS,
-            "judge": self.judge is not None,
-        }
-        named = [k for k, v in unsupported.items() if v]
+        refused = [
+            (self.judge is not None, "judge", "the held-out judge scores single responses (prompt, response); score "
+             "episodes with the environment's reward, reward_functions (which see the conversation as messages) or "
+             "a reward model"),
+            (t.reward.overlong_buffer > 0, f"train.reward.overlong_buffer={t.reward.overlong_buffer}", "overlong "
+             "shaping punishes a response's length against train.generation.max_new_tokens, while an episode's "
+             "policy tokens span several turns that it bounds one by one; set it to 0 (a turn cut at max_new_tokens "
+             "ends its episode, and train.loss.mask_truncated leaves such episodes out of the loss)"),
+        ]  # fmt: skip
+        named = [(name, why) for bad, name, why in refused if bad]
         if named:
             raise ConfigError(
-                f"env (RL on multi-turn episodes) does not support {', '.join(named)} yet: episodes train with "
-                f"train.algo in {', '.join(EPISODE_ALGOS)}, and rewards from the environment, reward_functions and a "
-                "reward model (the judge scores single responses; docs/episodes.md)"
+                f"env (RL on multi-turn episodes) does not support {', '.join(n for n, _ in named)}: "
+                f"{'; '.join(w for _, w in named)} (docs/episodes.md)"
             )
         engine = self.engine
         if engine.kind == "deepspeed" and engine.zero_stage == 3 and not engine.gather_for_generation:

@@ -86,8 +86,11 @@ def evaluate_rollout(
     greedy_scores = None
     device = rollout.response.device
     if algo.needs_greedy:
-        width = rollout.prompt_ids.shape[1]
-        greedy = generate_rollout(m.actor, batch, train.group_size, m.tok, device, greedy=True, width=width)
+        if m.runner is not None:  # a greedy episode of each prompt, played against a new environment instance
+            greedy = play_rollout(m.runner, m.actor, batch, train.group_size, m.tok, device, greedy=True)
+        else:
+            width = rollout.prompt_ids.shape[1]
+            greedy = generate_rollout(m.actor, batch, train.group_size, m.tok, device, greedy=True, width=width)
         with m.resident(m.scorer.modules()):
             greedy_scores = score_rollout(m.scorer, greedy, m.tok).total
     with m.resident(m.scorer.modules()):

@@ -16,12 +16,21 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatrlhf.config import ConfigError, EngineConfig, RLConfig, RLTrainConfig
+from chatrlhf.config import (
+    ALGORITHM_RULES,
+    Algo,
+    ConfigError,
+    EngineConfig,
+    RewardShapingConfig,
+    RLConfig,
+    RLTrainConfig,
+)
 from chatrlhf.data.collate import position_ids
 from chatrlhf.demo.calculator import judge
 from chatrlhf.engine.generation import Generated
@@ -236,20 +245,38 @@ def test_rl_on_calculator_episodes_through_the_cli(sft_llama, tmp_path):
     assert rows and all(r["messages"][0] == {"role": "user", "content": r["prompt"]} for r in rows)
 
 
-@pytest.mark.parametrize("algo, group_size", [("grpo", 2), ("rloo", 2), ("reinforce_pp", 1)])
+def policy_words(prompt: str, response: str, messages: list[dict], **fields) -> float:
+    """A reward function that reads the conversation and tells almost any two samples apart: the words of the
+    policy's turns."""
+    return float(sum(len(m["content"].split()) for m in messages if m["role"] == "assistant"))
+
+
+ALGOS = [("grpo", 2), ("rloo", 2), ("reinforce_pp", 1), ("remax", 1), ("dapo", 2), ("gspo", 2), ("cispo", 2)]
+
+
+@pytest.mark.parametrize("algo, group_size", ALGOS)
 def test_multi_turn_episodes_train_on_policy_tokens_only(algo, group_size, sft_llama, tmp_path):
     """A follow-up user turn inside every episode that reaches it: its tokens are in the sequence (attended to:
     the trainer's log-probs still equal the sampler's) but not in the loss (`response/length_mean` counts the
-    policy's tokens only); a reward function sees the whole conversation."""
+    policy's tokens only); reward functions see the whole conversation. ReMax's baseline is a greedy episode (its
+    reward counts that episode's turns), DAPO's dynamic sampling draws rounds of episodes, GSPO's sequence ratio and
+    CISPO's weights run over the policy's tokens."""
     out = tmp_path / algo
-    env, fn = f"{HERE}:AreYouSure", f"{HERE}:assistant_turns"
-    chatrlhf(*rl_args(sft_llama, out, env, algo, group_size, "--reward_functions", fn, "--train.episode.max_turns",
-                      "3"))  # fmt: skip
-    for m in metrics(out):
+    env, turns, words = f"{HERE}:AreYouSure", f"{HERE}:assistant_turns", f"{HERE}:policy_words"
+    chatrlhf(*rl_args(sft_llama, out, env, algo, group_size, "--reward_functions", turns, words,
+                      "--reward_weights", "1", "1", "0.01", "--train.episode.max_turns", "3"))  # fmt: skip
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
         assert m["episode/turns_mean"] > 1.0 and m["episode/env_tokens_mean"] > 0
         assert m["reward/assistant_turns_mean"] == pytest.approx(m["episode/turns_mean"], abs=1e-6)
         assert m["rollout/logprob_diff"] < 1e-4
         assert m["response/length_mean"] + m["episode/env_tokens_mean"] < m["episode/tokens_mean"]
+        assert math.isfinite(m["loss/policy"]) and m["optim/actor_grad_norm"] > 0
+        if algo == "remax":  # env + turns + 0.01 · words of the greedy episode; it has at least one turn
+            assert m["reward/greedy_mean"] >= 1.0
+        if algo == "dapo":
+            assert m["sampling/rounds"] >= 1 and m["reward/score_std"] > 0
 
 
 def test_ppo_with_a_reward_model_on_multi_turn_episodes(sft_llama, tmp_path):
@@ -305,8 +332,10 @@ def test_a_resumed_episode_run_continues_as_the_uninterrupted_one(sft_llama, tmp
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"train": RLTrainConfig(algo="remax")}, "train.algo=remax"),
-        ({"train": RLTrainConfig(algo="dapo", group_size=2)}, "train.algo=dapo"),
+        (
+            {"train": RLTrainConfig(algo="dapo", group_size=2, reward=RewardShapingConfig(overlong_buffer=8))},
+            "train.reward.overlong_buffer=8",
+        ),
         ({"judge": "chatrlhf.demo.calculator:judge"}, "judge"),
     ],
 )
@@ -345,6 +374,15 @@ def test_episodes_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_pa
     proc = chatrlhf(*args, code=2)
     assert "first messages take at least" in proc.stderr and "over max_tokens=472" in proc.stderr
     assert not (tmp_path / "long").exists() and not (tmp_path / "tools").exists()
+
+
+@pytest.mark.parametrize("algo", get_args(Algo))
+def test_every_algorithm_is_accepted_on_episodes(algo):
+    rules = ALGORITHM_RULES[algo]
+    group = 1 if rules.max_group == 1 else 2
+    cfg = RLConfig(actor="a", env=CALCULATOR, train=RLTrainConfig(algo=algo, group_size=group))
+    cfg.critic = "c" if rules.critic else None
+    cfg.validate(need_data=False)
 
 
 def test_an_environment_is_a_reward_source():
