@@ -69,6 +69,9 @@ class EpisodeLimits:
     """The model's context length (models/load.py:context_length): `max_tokens + max_new_tokens`, the longest an
     episode can grow, must fit in it, which the runner checks when it is built. None = not checked (a generator
     without a model, in tests)."""
+    options: str = "train."
+    """Where the command's `episode.*` and `generation.*` options sit, for messages: "train." (chatrlhf rl) or ""
+    (chatrlhf eval)."""
 
 
 @dataclass
@@ -218,13 +221,14 @@ def check_lengths(fmt: ChatFormat, limits: EpisodeLimits) -> None:
     """Refuse limits under which an episode could grow past the model's context (`max_tokens + max_new_tokens` over
     `limits.context`), and first messages that could never fit in `max_tokens`: the template's rendering of an
     empty user turn (with the tools' description, where the environment has tools) is the least any episode starts
-    with. Raises `UserError` naming the options of `chatrlhf rl`."""
+    with. Raises `UserError` naming the command's options (`limits.options`)."""
     longest = limits.max_tokens + limits.max_new_tokens
+    o = limits.options
     if limits.context is not None and longest > limits.context:
         raise UserError(
             f"episodes could grow past the model's context of {limits.context} tokens (max_position_embeddings): "
-            f"max_tokens={limits.max_tokens} (train.episode.max_tokens) before a policy turn plus "
-            f"max_new_tokens={limits.max_new_tokens} (train.generation.max_new_tokens) of the turn is {longest} "
+            f"max_tokens={limits.max_tokens} ({o}episode.max_tokens) before a policy turn plus "
+            f"max_new_tokens={limits.max_new_tokens} ({o}generation.max_new_tokens) of the turn is {longest} "
             f"tokens; lower them so that their sum is at most {limits.context}, or use a model with a longer context"
         )
     least = len(fmt.prompt_ids([{"role": "user", "content": ""}]))
@@ -234,7 +238,7 @@ def check_lengths(fmt: ChatFormat, limits: EpisodeLimits) -> None:
             what, fix = "an empty user turn", "raise it"
         raise UserError(
             f"every episode's first messages take at least {least} tokens ({what}, rendered with the chat "
-            f"template), over max_tokens={limits.max_tokens} (train.episode.max_tokens), the most an episode may "
+            f"template), over max_tokens={limits.max_tokens} ({o}episode.max_tokens), the most an episode may "
             f"hold before a policy turn; {fix}"
         )
 
@@ -273,10 +277,11 @@ class EpisodeRunner:
         messages = self.env.reset(env, record)
         ids = self.fmt.prompt_ids(messages)
         if len(ids) > self.limits.max_tokens:
+            option = f"{self.limits.options}episode.max_tokens"
             raise UserError(
                 f"environment '{self.env.spec}': the first messages of the episode of record {_short(record)} are "
-                f"{len(ids)} tokens, over max_tokens={self.limits.max_tokens} (train.episode.max_tokens), the most an "
-                "episode may hold before a policy turn; raise it (within the model's context) or shorten the messages"
+                f"{len(ids)} tokens, over max_tokens={self.limits.max_tokens} ({option}), the most an episode may hold "
+                "before a policy turn; raise it (within the model's context) or shorten the messages"
             )
         return Episode(record, list(messages), ids, [0] * len(ids), [0.0] * len(ids))
 

@@ -118,9 +118,11 @@ def side_by_side(
         print(f"eval: {name}: {len(prompts)} prompts × {cfg.samples_per_prompt} {'episodes' if env else 'samples'}")
         if env is not None:
             e = cfg.episode
-            runner = EpisodeRunner(
-                env, tok, EpisodeLimits(e.max_turns, e.max_tool_calls, e.tool_timeout_s, e.max_tokens)
-            )
+            limits = EpisodeLimits(
+                e.max_turns, e.max_tool_calls, e.tool_timeout_s, e.max_tokens, cfg.generation.max_new_tokens,
+                opened.context, options="",
+            )  # fmt: skip
+            runner = EpisodeRunner(env, tok, limits)
             samples[name] = play_and_score(opened.generator, runner, texts, extras, cfg, sources)
             opened.close()
             continue

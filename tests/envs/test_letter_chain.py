@@ -108,7 +108,8 @@ def test_eval_plays_episodes_side_by_side(sft_llama, tmp_path):
     chatrlhf("eval", "--models", str(random), str(sft_llama), "--names", "random", "sft", "--env", CHAIN,
              "--prompts", "demo:prompts:6:4", "--num_prompts", "6", "--samples_per_prompt", "3",
              "--judges", "tests.envs.test_letter_chain:assistant_turns", "--episode.max_turns", "2",
-             "--generation.max_new_tokens", "24", "--batch_size", "8", "--output_dir", str(out))  # fmt: skip
+             "--generation.max_new_tokens", "24", "--episode.max_tokens", "488", "--batch_size", "8",
+             "--output_dir", str(out))  # fmt: skip  # 488 + 24: the random model's 512 positions
     report = json.loads((out / "eval.json").read_text())["side_by_side"]
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 * 3

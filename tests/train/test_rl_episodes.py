@@ -374,6 +374,13 @@ def test_episodes_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_pa
     proc = chatrlhf(*args, code=2)
     assert "first messages take at least" in proc.stderr and "over max_tokens=472" in proc.stderr
     assert not (tmp_path / "long").exists() and not (tmp_path / "tools").exists()
+    # chatrlhf eval --env checks each model it plays, naming its own options
+    proc = chatrlhf("eval", "--models", str(tiny_dirs["gpt2"]), "--env", f"{HERE}:AreYouSure", "--prompts",
+                    "calculator:prompts:4:9", "--num_prompts", "4", "--generation.max_new_tokens", "40",
+                    "--episode.max_tokens", "480", "--output_dir", str(tmp_path / "eval"), code=2)  # fmt: skip
+    assert "past the model's context of 512 tokens" in proc.stderr and "Traceback" not in proc.stderr
+    assert "max_tokens=480 (episode.max_tokens)" in proc.stderr
+    assert "max_new_tokens=40 (generation.max_new_tokens)" in proc.stderr
 
 
 @pytest.mark.parametrize("algo", get_args(Algo))
