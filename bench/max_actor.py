@@ -3,6 +3,10 @@
     python bench/max_actor.py                      # budget 1.5 GiB per process, six set-ups, 3 runs each
     python bench/max_actor.py --budget-gib 3 --configs plain lora8
     python bench/max_actor.py --print-commands     # the command of each set-up, for one ladder size
+    python bench/max_actor.py --configs zero3-nogather-r1 zero3-nogather zero3-nogather-r4 --hidden 768 1024 1280
+                                                   # ZeRO-3 on 1, 2 and 4 ranks: the limit grows with the ranks
+    python bench/max_actor.py --configs zero3-nogather-r1 zero3-nogather zero3-nogather-r4 --at-hidden 768
+                                                   # no search: each set-up once at one size, peaks side by side
 
 Method: a ladder of tiny Llama actors growing in width (4 layers, head size 64; `--hidden`). For each set-up, a
 binary search over the ladder runs a short PPO job (`--iterations` iterations of `--rollout-batch` prompts,
@@ -14,6 +18,12 @@ goes over. The search assumes that peak memory grows with model size, which the 
 All four PPO models have the actor's size: the reference is the actor's starting weights, and the critic and the
 reward model are the same backbone with a scalar head (the InstructGPT set-up; DeepSpeed-Chat often uses a smaller
 reward model). On CPU, "memory" is host RSS, and it includes each process's own copy of torch and its libraries.
+
+Under ZeRO-3 every one of the four is partitioned across the ranks: the actor and critic by their training
+engines, the reference and reward model by ZeRO-3 inference engines. Per rank, the model states then shrink as
+1/ranks, except for what is whole on one rank at a time: a model being loaded (before it is partitioned), the
+actor's whole copy for generation (`zero3`, not `zero3-nogather`), and on rank 0 the gathered weights of the final
+save. DeepSpeed set-ups always start under torchrun, one rank included, so every rank is measured alike.
 """
 
 from __future__ import annotations
@@ -40,10 +50,16 @@ CONFIGS = {
     "zero2-offload": {"ranks": 2, "flags": [*DS, "--engine.zero_stage", "2", "--engine.offload_optimizer", "True"]},
     "zero3": {"ranks": 2, "flags": [*DS, "--engine.zero_stage", "3"]},
     "zero3-nogather": {"ranks": 2, "flags": [*DS, "--engine.zero_stage", "3", *NO_GATHER]},
+    "zero3-r1": {"ranks": 1, "flags": [*DS, "--engine.zero_stage", "3"]},
+    "zero3-r4": {"ranks": 4, "flags": [*DS, "--engine.zero_stage", "3"]},
+    "zero3-nogather-r1": {"ranks": 1, "flags": [*DS, "--engine.zero_stage", "3", *NO_GATHER]},
+    "zero3-nogather-r4": {"ranks": 4, "flags": [*DS, "--engine.zero_stage", "3", *NO_GATHER]},
 }
 """Set-ups. LoRA (rank 8, PEFT's default targets: q_proj and v_proj) adapts the trained models, actor and critic.
 `--engine.offload_frozen` is left out: on a CPU-only machine the frozen models are on the CPU already.
-zero3-nogather (generation on the sharded actor, no whole copy) is not run unless asked for."""
+zero3-nogather (generation on the sharded actor, no whole copy) is not run unless asked for; nor are the rank
+sweeps `-r1` and `-r4` (the same set-up on 1 and 4 ranks; 4 ranks oversubscribe a 2-core machine, which slows them
+but does not change their memory)."""
 DEFAULT_CONFIGS = ["plain", "lora8", "gradckpt", "zero2", "zero2-offload", "zero3"]
 
 
@@ -60,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=400.0, help="a run taking longer is killed and counts as failed")
     p.add_argument("--workdir", type=Path, default=None, help="models and run directories (default: a temp directory)")
     p.add_argument("--json", type=Path, default=None, help="also write all results here (default: WORKDIR)")
+    p.add_argument("--deepspeed-config", type=Path, default=None,
+                   help="a DeepSpeed JSON passed to every DeepSpeed set-up (--engine.deepspeed_config)")  # fmt: skip
+    p.add_argument("--at-hidden", type=int, default=None,
+                   help="no search: run each set-up once at this width and compare the peaks per rank")  # fmt: skip
     p.add_argument("--print-commands", action="store_true", help="print one command per set-up and exit")
     keep = "keep the ladder models and each run's output directory (several GB at the default sizes)"
     p.add_argument("--keep-runs", action="store_true", help=keep)
@@ -111,10 +131,12 @@ def command(config: str, model: Path, out: Path, args: argparse.Namespace) -> tu
         "--output_dir", str(out), "--run.log_every", "1", "--run.progress", "False", "--run.device", "cpu",
         "--checkpoint.every", "0", "--data.eval_fraction", "0", *CONFIGS[config]["flags"],
     ]  # fmt: skip
+    if args.deepspeed_config is not None and DS[1] in flags:
+        flags += ["--engine.deepspeed_config", str(args.deepspeed_config.resolve())]
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
     ranks = CONFIGS[config]["ranks"]
-    if ranks == 1:
+    if ranks == 1 and DS[1] not in flags:
         return [sys.executable, "-m", "chatrlhf", *flags], env
     env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
@@ -150,6 +172,16 @@ def try_size(config: str, hidden: int, args: argparse.Namespace, workdir: Path, 
     }  # fmt: skip
 
 
+def probe(config: str, hidden: int, args: argparse.Namespace, workdir: Path, budget: int) -> dict:
+    """`try_size`, printed as it finishes."""
+    run = try_size(config, hidden, args, workdir, budget)
+    peak = fmt_mib(max(run["peak_run_bytes"], default=0))
+    print(f"  {config:18s} hidden {hidden:5d} ({run['params'] / 1e6:6.1f}M): {run['status']:14s} "
+          f"peak {peak:>5s} MiB/process  wall {run['wall_s']:5.1f}s  other cores {run['other_cores']:.2f}",
+          flush=True)  # fmt: skip
+    return run
+
+
 def search(config: str, args: argparse.Namespace, workdir: Path, budget: int) -> list[dict]:
     """Binary search over the ladder for the largest size that fits; returns every run made."""
     ladder = sorted(args.hidden)
@@ -157,12 +189,8 @@ def search(config: str, args: argparse.Namespace, workdir: Path, budget: int) ->
     runs = []
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        run = try_size(config, ladder[mid], args, workdir, budget)
+        run = probe(config, ladder[mid], args, workdir, budget)
         runs.append(run)
-        peak = fmt_mib(max(run["peak_run_bytes"], default=0))
-        print(f"  {config:15s} hidden {ladder[mid]:5d} ({run['params'] / 1e6:6.1f}M): {run['status']:14s} "
-              f"peak {peak:>5s} MiB/process  wall {run['wall_s']:5.1f}s  other cores {run['other_cores']:.2f}",
-              flush=True)  # fmt: skip
         if run["fits"]:
             lo = mid
         else:
@@ -224,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine}\nload average at start: {load_start}\nworkdir: {workdir}", flush=True)
     if "zero2-offload" in args.configs:
         prebuild_cpu_adam()
-    results = {config: search(config, args, workdir, budget) for config in args.configs}
+    if args.at_hidden is not None:
+        results = {config: [probe(config, args.at_hidden, args, workdir, budget)] for config in args.configs}
+    else:
+        results = {config: search(config, args, workdir, budget) for config in args.configs}
     if not args.keep_runs:
         shutil.rmtree(workdir / "models", ignore_errors=True)
     load_end = os.getloadavg()
@@ -236,9 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     path = args.json or workdir / "max_actor.json"
     data = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "budget_bytes": budget,
             "load_start": load_start, "load_end": load_end, "results": results}  # fmt: skip
-    path.write_text(json.dumps(data, indent=1, default=str))
+    path.write_text(public(json.dumps(data, indent=1, default=str), workdir))
     print(f"results: {path}")
     return 0
+
+
+def public(text: str, workdir: Path) -> str:
+    """`text` without this machine's paths: the work directory as WORKDIR, the interpreter as python, the repository
+    as ."""
+    root = Path(__file__).resolve().parents[1]
+    for path, name in ((workdir.resolve(), "WORKDIR"), (workdir, "WORKDIR"), (root, "."), (sys.executable, "python")):
+        text = text.replace(json.dumps(str(path))[1:-1], name)
+    return text
 
 
 def prebuild_cpu_adam() -> None:

@@ -76,7 +76,9 @@ class EngineConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, ~30% more compute)."""
     offload_frozen: bool = False
-    """RL: keep the reference and reward models on the CPU and move each to the device only while it scores."""
+    """RL: keep the reference and reward models on the CPU and move each to the device only while it scores. Under
+    ZeRO-3 (which shards the frozen models, the DPO reference too) their partitions stay on the CPU and DeepSpeed
+    fetches each layer to the device while it runs (docs/scale.md)."""
     gather_for_generation: bool = True
     """ZeRO-3 rollouts: gather the actor's full weights once per rollout batch and generate on a whole copy.
     False generates on the sharded model (`synced_gpus`), which gathers every layer for every token."""

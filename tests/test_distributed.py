@@ -146,6 +146,18 @@ def test_offload_keys():
     }
 
 
+def test_frozen_models_offload_with_offload_frozen_only():
+    """A frozen model's ZeRO-3 inference engine has no optimizer to offload; its parameters go to the CPU with
+    `engine.offload_frozen`, whatever `engine.offload_params` says of the trained models."""
+    pin = torch.cuda.is_available()
+    trained = EngineConfig(kind="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True)
+    assert deepspeed_config(trained, OptimConfig(), "float32", frozen=True)["zero_optimization"] == {"stage": 3}
+    offloaded = EngineConfig(kind="deepspeed", zero_stage=3, offload_frozen=True)
+    zero = deepspeed_config(offloaded, OptimConfig(), "float32", frozen=True)["zero_optimization"]
+    assert zero == {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": pin}}
+    assert deepspeed_config(offloaded, OptimConfig(), "float32")["zero_optimization"] == {"stage": 3}
+
+
 @pytest.mark.parametrize(
     ("dtype", "bf16", "fp16"),
     [("float32", False, False), ("bfloat16", True, False), ("float16", False, True)],

@@ -26,12 +26,14 @@ from chatrlhf.engine.base import StepStats, non_finite_gradient, param_groups
 from chatrlhf.errors import ConfigError
 
 
-def deepspeed_config(e: EngineConfig, optim: OptimConfig, dtype: str) -> dict:
-    """The DeepSpeed JSON config built from ours, with the user's `engine.deepspeed_config` merged over it."""
+def deepspeed_config(e: EngineConfig, optim: OptimConfig, dtype: str, frozen: bool = False) -> dict:
+    """The DeepSpeed JSON config built from ours, with the user's `engine.deepspeed_config` merged over it.
+    `frozen`: the config of a frozen model's ZeRO-3 inference engine (`shard_frozen`): no optimizer to offload,
+    and its parameters offloaded with `engine.offload_frozen` instead of `engine.offload_params`."""
     zero: dict = {"stage": e.zero_stage}
-    if e.offload_optimizer:
+    if e.offload_optimizer and not frozen:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if e.offload_params:
+    if e.offload_frozen if frozen else e.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
         "train_micro_batch_size_per_gpu": 1,  # we feed micro-batches ourselves; DeepSpeed only needs a number
@@ -69,6 +71,25 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def shard_frozen(model: nn.Module, engine: EngineConfig, dtype: str) -> nn.Module:
+    """A frozen `model` partitioned across the ranks, as DeepSpeed-Chat holds its reference and reward models under
+    ZeRO-3: `deepspeed.initialize` with the stage-3 config and no optimizer builds a parameter-only ZeRO-3 engine
+    (`DeepSpeedZeRoOffload`). Each rank keeps 1/N of every parameter (parameters under the stage-3 persistence
+    threshold stay whole) and gathers a layer's parameters only while its forward runs; with
+    `engine.offload_frozen` the partitions live on the CPU and are fetched to the device layer by layer.
+
+    The returned DeepSpeed engine is called like the model, and the model's own methods (a reward model's
+    `scores_at`) pass through to it. It must stay alive as long as the model scores: freeing it removes the hooks
+    that gather the parameters. Every forward is a collective: all ranks must make the same calls in the same
+    order."""
+    import deepspeed
+
+    config = deepspeed_config(engine, OptimConfig(), dtype, frozen=True)
+    sharded, *_ = deepspeed.initialize(model=model.eval().requires_grad_(False), config=config)
+    sharded.eval()  # DeepSpeed's eval() returns None
+    return sharded
 
 
 class DeepSpeedEngine:

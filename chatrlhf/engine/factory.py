@@ -1,5 +1,5 @@
 """Starting the engine a stage config names: the process group (DeepSpeed), the device of this rank, and one
-`TrainEngine` per trained model."""
+`TrainEngine` per trained model; the frozen models, partitioned under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from chatrlhf import distributed as dist
 from chatrlhf.config import EngineConfig, OptimConfig, RunConfig
 from chatrlhf.engine.base import TrainEngine
-from chatrlhf.engine.deepspeed import DeepSpeedEngine, deepspeed_config
+from chatrlhf.engine.deepspeed import DeepSpeedEngine, deepspeed_config, shard_frozen
 from chatrlhf.engine.single import SingleEngine
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import pick_device
@@ -24,6 +24,18 @@ def build_engine(
     if engine.kind == "deepspeed":
         return DeepSpeedEngine(model, optim, total_steps, name=name, engine=engine, dtype=run.dtype)
     return SingleEngine(model, optim, total_steps, name=name, max_bad_steps=run.max_bad_steps)
+
+
+def shards_frozen(engine: EngineConfig) -> bool:
+    """Whether the frozen models (RL reference and reward model, DPO reference) are partitioned across the ranks:
+    under DeepSpeed ZeRO-3. Otherwise every rank holds them whole."""
+    return engine.kind == "deepspeed" and engine.zero_stage == 3
+
+
+def frozen_model(model: nn.Module, engine: EngineConfig, run: RunConfig) -> nn.Module:
+    """A frozen model as it scores: under ZeRO-3 partitioned across the ranks by a DeepSpeed inference engine
+    (`deepspeed.shard_frozen`; every rank must then make the same forward calls), otherwise `model` itself, whole."""
+    return shard_frozen(model, engine, run.dtype) if shards_frozen(engine) else model
 
 
 def start(engine: EngineConfig, run: RunConfig) -> torch.device:

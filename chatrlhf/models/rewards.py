@@ -197,14 +197,23 @@ def load_function(spec: str, role: str = "reward function") -> Callable:
 
 
 def load_reward_model(
-    path: str, policy_tok: PreTrainedTokenizerBase, dtype: str, device: torch.device, episodes: bool = False
+    path: str,
+    policy_tok: PreTrainedTokenizerBase,
+    dtype: str,
+    device: torch.device,
+    episodes: bool = False,
+    place: Place | None = None,
 ):
     """A reward model directory or hub id → the source that fits its tokenizer. On multi-turn `episodes` it must
     share the policy's: it scores the episode's tokens as played (the whole conversation, the end score at its last
-    real token), never a re-rendered text."""
+    real token), never a re-rendered text. `place` readies the loaded model for scoring (the RL stage partitions it
+    across the ranks under ZeRO-3); None keeps it as loaded."""
+    place = place or _as_loaded
     rm_tok = load_tokenizer(path)
     if same_vocabulary(policy_tok, rm_tok):
-        return PolicyVocabRewardModel(load_value_model(path, policy_tok, dtype, device).eval().requires_grad_(False))
+        return PolicyVocabRewardModel(
+            place(load_value_model(path, policy_tok, dtype, device).eval().requires_grad_(False))
+        )
     if episodes:
         raise UserError(
             f"reward model '{path}' has a tokenizer other than the actor's: on episodes (env) the reward model scores "
@@ -226,7 +235,15 @@ def load_reward_model(
     if rm_tok.pad_token_id is not None:
         model.config.pad_token_id = rm_tok.pad_token_id
     max_length = min(rm_tok.model_max_length, getattr(model.config, "max_position_embeddings", 10**9))
-    return ForeignRewardModel(model.to(device).eval().requires_grad_(False), rm_tok, max_length)
+    return ForeignRewardModel(place(model.to(device).eval().requires_grad_(False)), rm_tok, max_length)
+
+
+Place = Callable[[torch.nn.Module], torch.nn.Module]
+"""Readies a loaded, frozen reward model for scoring and returns what to call."""
+
+
+def _as_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    return model
 
 
 @dataclass
@@ -265,12 +282,13 @@ def build_scorer(
     dtype: str,
     device: torch.device,
     environment: bool = False,
+    place: Place | None = None,
 ) -> Scorer:
-    """Sources in a fixed order — the reward model, the environment's episode return (`environment`), then the
-    functions — with weights in that order (default 1 each)."""
+    """Sources in a fixed order — the reward model (readied by `place`, see `load_reward_model`), the environment's
+    episode return (`environment`), then the functions — with weights in that order (default 1 each)."""
     sources: list[RewardSource] = []
     if reward_model:
-        sources.append(load_reward_model(reward_model, policy_tok, dtype, device, episodes=environment))
+        sources.append(load_reward_model(reward_model, policy_tok, dtype, device, episodes=environment, place=place))
     if environment:
         sources.append(EnvironmentReward())
     for spec in reward_functions:

@@ -34,6 +34,7 @@ import torch
 from chatrlhf.config import DPOConfig
 from chatrlhf.data import to_pair
 from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_responses
+from chatrlhf.engine.factory import frozen_model
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary
 from chatrlhf.models.training import prepare_for_training
@@ -98,7 +99,10 @@ def evaluate_pairs(
 
 
 def load_models(cfg: DPOConfig, path: str, tok, out: Path, device):
-    """The policy and its frozen reference (the policy's starting weights unless `reference` is set), in eval mode."""
+    """The policy and its frozen reference (the policy's starting weights unless `reference` is set), in eval mode;
+    under ZeRO-3 the reference is partitioned across the ranks (`factory.frozen_model`). Every rank calls it for
+    every batch: a rank without a record of an epoch's last batch scores a weight-0 stand-in, and every rank
+    evaluates every held-out pair."""
     policy = load_causal_lm(path, tok, cfg.run.dtype, device).eval()
     ref_path = resolve_model(cfg.reference, out) if cfg.reference else path
     if cfg.reference and not same_vocabulary(tok, load_tokenizer(ref_path)):
@@ -107,7 +111,7 @@ def load_models(cfg: DPOConfig, path: str, tok, out: Path, device):
             "models' log-probs of the same token ids, so they must share a tokenizer"
         )
     reference = load_causal_lm(ref_path, tok, cfg.run.dtype, device).eval().requires_grad_(False)
-    return policy, reference
+    return policy, frozen_model(reference, cfg.engine, cfg.run)
 
 
 def run_dpo(cfg: DPOConfig, raws=None, eval_raws=None) -> dict:

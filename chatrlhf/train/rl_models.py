@@ -16,7 +16,7 @@ from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_sft
 from chatrlhf.data.collate import collate_sft, encode_all, encode_sft
 from chatrlhf.engine.base import TrainEngine
-from chatrlhf.engine.factory import build_engine
+from chatrlhf.engine.factory import build_engine, frozen_model, shards_frozen
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.vllm import VLLMGenerator, check_vllm_support
 from chatrlhf.envs.episode import load_environment
@@ -32,7 +32,10 @@ from chatrlhf.train.data import convert, load_raw, prep_of
 @dataclass
 class Models:
     """Everything an iteration runs: the actor (trained, and generating through the hybrid engine), the critic
-    (PPO), the frozen reference and the reward sources."""
+    (PPO), the frozen reference and the reward sources. Under ZeRO-3 the reference and the reward model are
+    DeepSpeed inference engines holding 1/N of their parameters on each rank (`factory.frozen_model`): every rank
+    must call them equally often, which equal rollout shares and evaluating every held-out prompt on every rank
+    ensure."""
 
     tok: object
     actor: HybridEngine
@@ -41,7 +44,9 @@ class Models:
     reference: torch.nn.Module
     scorer: Scorer
     device: torch.device
-    offload_frozen: bool = False
+    move_frozen: bool = False
+    """`engine.offload_frozen` on whole frozen models: `resident` moves them to the device for each use. (Under
+    ZeRO-3, DeepSpeed keeps their partitions on the CPU and fetches each layer itself.)"""
     runner: EpisodeRunner | None = None
     """Plays the rollout's multi-turn episodes (with `env`); None = single responses."""
 
@@ -52,8 +57,8 @@ class Models:
 
     @contextmanager
     def resident(self, modules: list[torch.nn.Module]):
-        """With `engine.offload_frozen`, the frozen `modules` are on the device only for the block (CPU otherwise)."""
-        if not self.offload_frozen:
+        """With `move_frozen`, the frozen `modules` are on the device only for the block (CPU otherwise)."""
+        if not self.move_frozen:
             yield
             return
         for module in modules:
@@ -80,15 +85,21 @@ def trainable(model: torch.nn.Module, cfg: RLConfig) -> torch.nn.Module:
 
 def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
     """The trained actor (and critic for PPO), the frozen reference and the reward sources (on the CPU between
-    uses with `engine.offload_frozen`)."""
+    uses with `engine.offload_frozen`). Under ZeRO-3 each frozen model is partitioned as soon as it is loaded, so
+    that no rank holds two of them whole."""
     train = cfg.train
     actor_path = resolve_model(cfg.actor, out)
     tok = load_tokenizer(actor_path)
     dtype = cfg.run.dtype
-    frozen_device = torch.device("cpu") if cfg.engine.offload_frozen else device
+    sharded = shards_frozen(cfg.engine)
+    move_frozen = cfg.engine.offload_frozen and not sharded
+    frozen_device = torch.device("cpu") if move_frozen else device
+
+    def frozen(model: torch.nn.Module) -> torch.nn.Module:
+        return frozen_model(model.eval().requires_grad_(False), cfg.engine, cfg.run)
+
     actor = trainable(load_causal_lm(actor_path, tok, dtype, device), cfg)
-    reference = load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, frozen_device).eval()
-    reference.requires_grad_(False)
+    reference = frozen(load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, frozen_device))
     rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
     scorer = build_scorer(
         reward_model=rm,
@@ -98,6 +109,7 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         dtype=dtype,
         device=frozen_device,
         environment=bool(cfg.env),
+        place=frozen,
     )
     steps = train.iterations * train.update.epochs * updates_per_epoch(train)
     actor_engine = build_engine(actor, train.actor_optim, steps, "actor", cfg.engine, cfg.run)
@@ -121,7 +133,7 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         reference=reference,
         scorer=scorer,
         device=device,
-        offload_frozen=cfg.engine.offload_frozen,
+        move_frozen=move_frozen,
         runner=runner,
     )
 

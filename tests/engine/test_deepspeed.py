@@ -16,7 +16,8 @@ with one record, so one rank trains on a weight-0 stand-in; RL generation is gre
 prompts end generation at different steps on the two ranks (see `rl_models`). ZeRO-3 runs pass a DeepSpeed config
 with stage-3 persistence and prefetch limits at 0, so even the tiny model's parameters are really partitioned.
 Runs are shared between tests; the single-process references all start together when the module's first test
-does.
+does. ZeRO-3 also shards the frozen models (RL reference and reward model, DPO reference); the last tests read
+each rank's partitions of them from DeepSpeed (tests/engine/frozen_shards.py).
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def run_table(i: dict[str, str]) -> dict[str, tuple[str, int, list[str]]]:
     sharded = zero(3, i, "--engine.gather_for_generation", "False")
     table["rl-zero3-sharded-generation"] = ("rl", 2, [*stage_args("rl", i), *sharded])
     table["sft-zero2-offload"] = ("sft", 2, [*sft, *zero(2, i, "--engine.offload_optimizer", "True")])
+    table["rl-zero3-offload-frozen"] = ("rl", 2, [*stage_args("rl", i), *zero(3, i, "--engine.offload_frozen", "True")])
     return table
 
 
@@ -399,3 +401,58 @@ def test_episodes_on_two_ranks_match_one_process(inputs, sft_llama, tmp_path_fac
         assert math.isfinite(values["loss/value"]) and values["rollout/logprob_diff"] < 1e-4
     summary = json.loads((runs.get("episodes-zero3") / "summary.json").read_text())
     assert summary["eval/prompts"] == 2 and math.isfinite(summary["eval/score_mean"])
+
+
+# ------------------------------------------------------------------------------------------------ frozen models
+
+
+def frozen_shards(root: Path, stage: str, args: list[str]) -> list[dict]:
+    """What each of 2 ranks holds of the stage's frozen models (tests/engine/frozen_shards.py), one dict per rank."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    script = ROOT / "tests" / "engine" / "frozen_shards.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(root), stage, *args, "--output_dir", str(root)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
+    return [json.loads((root / f"rank-{r}.json").read_text(encoding="utf-8")) for r in range(2)]
+
+
+def halves(model_dir: str, cls_name: str) -> list[int]:
+    """Per parameter of the model as transformers alone loads it: the elements of one rank's ZeRO-3 partition on
+    2 ranks, ⌈numel / 2⌉ (DeepSpeed pads the last partition)."""
+    import transformers
+
+    model = getattr(transformers, cls_name).from_pretrained(model_dir)
+    return [math.ceil(p.numel() / 2) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("stage", ["rl", "dpo"])
+def test_zero3_shards_the_frozen_models(inputs, tmp_path, stage):
+    """Under ZeRO-3 the frozen models (RL reference and reward model, DPO reference) are partitioned: each of the 2
+    ranks holds half of every parameter (as DeepSpeed's own `ds_tensor` reports) and nothing whole. The expected
+    halves come from the model directories loaded by transformers alone. The RL run also offloads them
+    (`--engine.offload_frozen`), which must reach DeepSpeed as its parameter offload."""
+    if stage == "rl":
+        args = [*stage_args("rl", inputs), *zero(3, inputs, "--engine.offload_frozen", "True")]
+        expected = {"reference": halves(inputs["actor"], "AutoModelForCausalLM"),
+                    "reward_model": halves(inputs["rm"], "AutoModelForSequenceClassification")}  # fmt: skip
+    else:
+        args = [*stage_args("dpo", inputs), *zero(3, inputs)]
+        expected = {"reference": halves(inputs["llama"], "AutoModelForCausalLM")}
+    ranks = frozen_shards(tmp_path, stage, args)
+    for rank, held in enumerate(ranks):
+        assert held["world_size"] == 2
+        for name, want in expected.items():
+            params = held[name]["params"]
+            assert [p["partition"] for p in params] == want, f"rank {rank} {name}: not half of every parameter"
+            assert sum(p["local"] for p in params) == 0, f"rank {rank} {name}: parameters held whole"
+            assert held[name]["offload_param"] == ("cpu" if stage == "rl" else None)
+
+
+def test_zero3_offloaded_frozen_models(runs):
+    """`--engine.offload_frozen` under ZeRO-3 keeps the frozen models' partitions on the CPU (DeepSpeed's parameter
+    offload) and trains like one process."""
+    runs.start("rl-zero3-offload-frozen")
+    assert_metrics_match(runs.get("rl-zero3-offload-frozen"), runs.get("rl-single"), EQUAL)
