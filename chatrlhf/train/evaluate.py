@@ -8,7 +8,8 @@ are given:
    of the reward stage (`train/reward.py:pair_scores`).
 3. **Side by side** (`side_by_side`): every model answers the same prompts (k samples each), every answer is scored
    by the reward model and by each judge and verifier function; means per model, paired differences and win rates
-   per pair of models, pass@k per verifier (eval/compare.py). The pipeline's final comparison is this function.
+   per pair of models, pass@k per verifier (eval/compare.py). With `env`, each sample is a multi-turn episode
+   (`play_and_score`), scored by its return and the judges. The pipeline's final comparison is this function.
 
 Everything is validated (every record, every model directory) before the first model generates. Output in
 `output_dir`: `eval.json` (every number), `samples.jsonl` (every response with its scores), `eval.html` (one
