@@ -850,7 +850,8 @@ class PipelineConfig(StageOptions):
     None = 1 each."""
     env: str = ""
     """An environment `module:Class`: RL plays multi-turn episodes (docs/episodes.md), rewarded by their return (and
-    `reward_functions`), and the final comparison plays episodes too. Needs train_reward_model false."""
+    `reward_functions`, and the reward model, if trained, which scores each episode as played), and the final
+    comparison plays episodes too."""
     run_dir: str = "runs/pipeline"
     """Everything goes here: `sft/`, `reward/`, `rl/` (or `dpo/`), `summary.json`, `config.yaml`."""
     method: Literal["rlhf", "dpo"] = "rlhf"
@@ -919,11 +920,6 @@ class PipelineConfig(StageOptions):
         self.dpo.validate("dpo")
 
     def _validate_rl_rewards(self) -> None:
-        if self.env and self.train_reward_model:
-            raise ConfigError(
-                "env is set and train_reward_model is true: the reward model scores single responses, not episodes; "
-                "set train_reward_model false (the environment's return is the reward)"
-            )
         if not self.train_reward_model and not self.reward_functions and not self.env:
             raise ConfigError("train_reward_model is false and reward_functions is empty: RL would have no reward")
         n_sources = int(self.train_reward_model) + bool(self.env) + len(self.reward_functions)
@@ -1136,11 +1132,6 @@ class EvaluateConfig(BackendOptions):
         if self.env:
             if not side_by_side:
                 raise ConfigError("env plays side-by-side episodes: give models and prompts too")
-            if self.reward_model:
-                raise ConfigError(
-                    "env with reward_model is not supported: episodes are scored by their return and the judges "
-                    "and verifiers (docs/episodes.md)"
-                )
             if self.backend != "hf":
                 raise ConfigError("env plays episodes on the hf backend only; leave backend at hf")
             _validate_episode_bounds(self.episode, "episode")

@@ -273,6 +273,33 @@ def test_calculator_pipeline_plays_episodes(tmp_path):
             assert r["scores"][model]["env"] in (0.0, right)
 
 
+def test_ppo_pipeline_on_episodes_with_a_reward_model(tmp_path):
+    """The demo recipe (PPO, a reward model trained on the pairs) with the multi-turn chat task as `env`: the reward
+    model initialises the critic and scores every episode as played in RL and in the final comparison."""
+    run = tmp_path / "chain"
+    ok(chatrlhf(
+        "pipeline", "--recipe", "recipes/demo.yaml", "--run_dir", str(run), "--data.paths", "demo:pairs:400:0",
+        "--env", "chatrlhf.envs.letter_chain:LetterChainEnv", "--model", "tiny:llama:hidden=32,layers=2,heads=4",
+        "--sft.epochs", "1", "--reward.epochs", "1", "--rl.iterations", "2", "--rl.rollout_batch_size", "8",
+        "--rl.update.mini_batch_size", "8", "--rl.generation.max_new_tokens", "12", "--rl.episode.max_tokens", "160",
+        "--eval.num_prompts", "4", "--eval.samples_per_prompt", "2", "--run.progress", "False",
+    ))  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["time_s"]) == {"sft", "reward", "rl", "eval"}
+    lines = [json.loads(x) for x in (run / "rl" / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in lines if "loss/value" in m]
+    assert trained and trained[-1]["step"] == 2
+    assert all("reward/reward_model_mean" in m and "reward/env_mean" in m and "episode/turns_mean" in m for m in trained)
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 2
+    assert all(set(r["scores"]["rlhf"]) == {"judge", "env", "reward_model"} for r in rows)
+    for name in ("env", "reward_model"):
+        per_prompt = [sum(r["scores"]["rlhf"][name] for r in rows[i : i + 2]) / 2 for i in range(0, 8, 2)]
+        assert summary["comparison"][name]["rlhf"]["mean"] == pytest.approx(sum(per_prompt) / 4)
+    # the reward model's score depends on the episode: not one constant for every sample
+    assert len({r["scores"]["sft"]["reward_model"] for r in rows}) > 1
+
+
 def test_tensorboard_events_match_metrics(tmp_path, pairs_file, tiny_dirs):
     """With run.report_to tensorboard every logged scalar is also a TensorBoard event."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

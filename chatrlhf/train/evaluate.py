@@ -113,7 +113,7 @@ def side_by_side(
         if cfg.reward_model:
             rm = next((s for t, s in reward_models if same_vocabulary(t, tok)), None)
             if rm is None:
-                rm = load_reward_model(cfg.reward_model, tok, cfg.run.dtype, device)
+                rm = load_reward_model(cfg.reward_model, tok, cfg.run.dtype, device, episodes=env is not None)
                 reward_models.append((tok, rm))
             sources.insert(0, rm)
         print(f"eval: {name}: {len(prompts)} prompts × {cfg.samples_per_prompt} {'episodes' if env else 'samples'}")
@@ -151,8 +151,9 @@ def play_and_score(
     generator, runner: EpisodeRunner, texts: list[str], extras: list[dict], cfg: EvaluateConfig, judges
 ) -> ModelSamples:
     """`cfg.samples_per_prompt` episodes per prompt (its text and fields, reset as RL resets them), in batches of
-    `cfg.batch_size` with the seed `cfg.run.seed`: each scored by its return (`env`) and by every judge on the
-    policy's last turn, with the conversation as `messages`. A sample's text is the conversation after the
+    `cfg.batch_size` with the seed `cfg.run.seed`: each scored by its return (`env`), by the reward model (if in
+    `judges`) on the episode's tokens as played, and by every judge on the policy's last turn, with the conversation
+    as `messages`. A sample's text is the conversation after the
     environment's first messages, one `role: content` line per message."""
     torch.manual_seed(cfg.run.seed)
     records = [{"prompt": t, **x} for t, x in zip(texts, extras)]
