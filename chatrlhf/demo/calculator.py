@@ -16,10 +16,15 @@ Data (generated sources, data/generated.py):
 - `calculator:sft:N:SEED[:PCT]` — SFT records from N demonstrations (`make_transcripts`): PCT% of them (default
   50) call the calculator and then give its result, the others answer at once (with the right answer, which a
   tiny model cannot compute). Each assistant turn is one record, written in the fallback tool format
-  (data/tool_format.py: the tool description in the system message, the result as a `<tool_response>` user turn),
-  which is how episodes render the calculator for a chat template without tool support, such as the tiny
-  models'. So SFT learns exactly the text RL samples; a model whose template renders tools natively would need
-  transcripts in its own format.
+  (data/tool_format.py: the call in `<tool_call>` tags, the result as a `<tool_response>` user turn), which is how
+  episodes render the calculator for a chat template without tool support, such as the tiny models'. So SFT learns
+  exactly the text RL samples; a model whose template renders tools natively would need transcripts in its own
+  format.
+
+The tool is not described in the prompt (`CalculatorEnv.describe_tools = False`): SFT on these transcripts teaches
+the call, as a model fine-tuned on its tools knows them. The description would be ~450 tokens in every sequence;
+with it, the tiny models tried did not learn to copy numbers into the call within ~1000 SFT steps, and each step
+cost 10–20× more (docs/episodes.md, "The calculator demo").
 """
 
 from __future__ import annotations
@@ -31,9 +36,7 @@ import random
 import re
 from pathlib import Path
 
-from transformers.utils import get_json_schema
-
-from chatrlhf.data.tool_format import tool_call_text, tool_response_turn, with_tool_prompt
+from chatrlhf.data.tool_format import tool_call_text, tool_response_turn
 from chatrlhf.demo.task import write_jsonl
 from chatrlhf.errors import UserError
 
@@ -87,19 +90,16 @@ def make_transcripts(n: int, seed: int, tool_percent: int = 50) -> list[dict]:
     them (chosen with the same seed) call the calculator and then answer with its result, two records (one per
     assistant turn); the others answer at once, one record."""
     rng = random.Random(seed + 1)
-    schema = [get_json_schema(calculator)]
     records = []
     for q in make_prompts(n, seed):
         start = [{"role": "user", "content": q["prompt"]}]
         if rng.random() * 100 >= tool_percent:
-            records.append({"messages": with_tool_prompt([*start, _assistant(f"It is {q['answer']}.")], schema)})
+            records.append({"messages": [*start, _assistant(f"It is {q['answer']}.")]})
             continue
         call = _assistant(tool_call_text("calculator", {"expression": f"{q['a']} {q['op']} {q['b']}"}))
         result = tool_response_turn(json.dumps(q["answer"]))
-        records.append({"messages": with_tool_prompt([*start, call], schema)})
-        records.append(
-            {"messages": with_tool_prompt([*start, call, result, _assistant(f"It is {q['answer']}.")], schema)}
-        )
+        records.append({"messages": [*start, call]})
+        records.append({"messages": [*start, call, result, _assistant(f"It is {q['answer']}.")]})
     return records
 
 

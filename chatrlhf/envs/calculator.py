@@ -12,6 +12,7 @@ class CalculatorEnv:
     tool is its final answer, judged (reward 1 or 0), and ends the episode."""
 
     tools = [calculator]
+    describe_tools = False  # the SFT transcripts (calculator:sft:...) teach the call; see chatrlhf/demo/calculator.py
 
     def reset(self, record: dict) -> list[dict]:
         self.record = record

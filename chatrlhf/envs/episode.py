@@ -6,11 +6,16 @@ given as `module:Class` (like reward functions); one instance plays one episode:
 
     class Env:
         tools = [add]                              # optional: functions the policy may call (envs/tools.py)
+        describe_tools = True                      # optional: False leaves the tools out of the prompt
 
         def reset(self, record: dict) -> list[dict]:
             # the conversation before the policy's first turn, e.g. [{"role": "user", "content": ...}]
         def step(self, turn: str) -> Reply:
             # the policy's turn (its text) → the next messages, the turn's reward, and whether the episode is over
+
+`describe_tools = False` is for a policy trained on its tools (as SFT on the environment's own transcripts trains
+it): their description, hundreds of tokens in every episode, is then left out of the prompt (no `tools=` for the
+template, no system message in the fallback format); the policy's calls are parsed and answered all the same.
 
 `step` is called after every policy turn that calls no tool; turns that call tools are answered by the tools
 (envs/runner.py) without asking the environment. A `Reply`'s reward belongs to the policy turn it answers, so an
@@ -64,6 +69,9 @@ class LoadedEnvironment:
     def __init__(self, spec: str, cls: Callable):
         self.spec, self.cls = spec, cls
         self.tools = [Tool.of(fn, spec) for fn in getattr(cls, "tools", ())]
+        self.describe_tools = getattr(cls, "describe_tools", True)
+        if not isinstance(self.describe_tools, bool):
+            raise UserError(f"environment '{spec}': describe_tools is {self.describe_tools!r}; expected True or False")
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
             raise UserError(f"environment '{spec}': two tools have the same name ({names})")

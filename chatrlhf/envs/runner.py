@@ -108,20 +108,21 @@ class Episode:
 class ChatFormat:
     """How a conversation is rendered with the tokenizer's chat template, tools included: passed as `tools=` and
     answered in role `tool` where the template supports both; otherwise described in a system message (the
-    fallback format of data/tool_format.py) and answered as a user turn `<tool_response>...</tool_response>`."""
+    fallback format of data/tool_format.py) and answered as a user turn `<tool_response>...</tool_response>`.
+    Without `describe`, the tools are not described at all (envs/episode.py, `describe_tools`)."""
 
-    def __init__(self, tok, tools: Sequence[Tool] = ()):
+    def __init__(self, tok, tools: Sequence[Tool] = (), describe: bool = True):
         if not tok.chat_template:
             raise UserError("episodes need a tokenizer with a chat template; this one has none")
-        self.tok, self.tools = tok, list(tools)
+        self.tok, self.tools, self.describe = tok, list(tools), describe
         self.schemas = [t.schema for t in self.tools] or None
         self.native_tools = bool(self.tools) and _supports_tools(tok, self.tools[0].schema)
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         messages = [self._renderable(m) for m in messages]
-        if self.tools and not self.native_tools:
+        if self.tools and self.describe and not self.native_tools:
             messages = with_tool_prompt(messages, self.schemas)
-        tools = self.schemas if self.native_tools else None
+        tools = self.schemas if self.native_tools and self.describe else None
         try:
             return self.tok.apply_chat_template(
                 messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -234,7 +235,7 @@ def check_lengths(fmt: ChatFormat, limits: EpisodeLimits) -> None:
     least = len(fmt.prompt_ids([{"role": "user", "content": ""}]))
     if least > limits.max_tokens:
         what, fix = ("the tools' description and an empty user turn", "raise it or describe fewer tools")
-        if not fmt.tools:
+        if not (fmt.tools and fmt.describe):
             what, fix = "an empty user turn", "raise it"
         raise UserError(
             f"every episode's first messages take at least {least} tokens ({what}, rendered with the chat "
@@ -257,7 +258,7 @@ class EpisodeRunner:
 
     def __init__(self, env: LoadedEnvironment, tok, limits: EpisodeLimits = EpisodeLimits()):
         self.env, self.tok, self.limits = env, tok, limits
-        self.fmt = ChatFormat(tok, env.tools)
+        self.fmt = ChatFormat(tok, env.tools, env.describe_tools)
         self.tools = {t.name: t for t in env.tools}
         check_template(self.fmt)
         check_lengths(self.fmt, limits)

@@ -58,18 +58,19 @@ def test_the_generated_source(tmp_path):
 
 def test_sft_transcripts_are_the_text_episodes_render(tmp_path, tiny_dirs):
     """Every SFT record, rendered by the tiny template, is the text an episode of CalculatorEnv renders for the same
-    conversation (tool description in the system message, the result as a <tool_response> turn): SFT learns exactly
-    what RL samples. Tool demonstrations call the calculator on the question and answer with its result."""
+    conversation (no tool description, as CalculatorEnv asks; the result as a <tool_response> turn): SFT learns
+    exactly what RL samples. Tool demonstrations call the calculator on the question and answer with its result."""
     tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
-    fmt = ChatFormat(tok, load_environment(CALCULATOR).tools)
+    env = load_environment(CALCULATOR)
+    fmt = ChatFormat(tok, env.tools, env.describe_tools)
     path = resolve_generated("calculator:sft:40:3:50", tmp_path)
     records = [json.loads(x) for x in open(path, encoding="utf-8")]
     assert records == make_transcripts(40, 3, 50)
     questions = {q["prompt"]: q for q in make_prompts(40, 3)}
     calls = 0
     for rec in records:
-        system, user, *rest = rec["messages"]
-        assert system["role"] == "system" and '"name": "calculator"' in system["content"]
+        user, *rest = rec["messages"]
+        assert user["role"] == "user"  # no system message: the tool is not described
         q = questions[user["content"]]
         conversation = [user]
         for m in rest:
@@ -90,5 +91,5 @@ def test_sft_transcripts_are_the_text_episodes_render(tmp_path, tiny_dirs):
     # 40 demonstrations, about half with the tool: one record per direct answer, two per tool demonstration
     assert len(records) == 40 + calls and 10 <= calls <= 30
     assert all(rec["messages"][-1]["role"] == "assistant" for rec in records)
-    assert all(len(r["messages"]) == 3 for r in make_transcripts(20, 3, 0))  # no tool call: answers only
+    assert all(len(r["messages"]) == 2 for r in make_transcripts(20, 3, 0))  # no tool call: answers only
     assert len(make_transcripts(20, 3, 100)) == 40

@@ -235,6 +235,35 @@ def test_a_calculator_tool_is_called_and_its_result_appended(tok):
     assert tok.decode(ep.ids, skip_special_tokens=False) + "\n" == rendered
 
 
+class KnownCalculator(Calculator):
+    """The same tools, known to the policy: not described in the prompt."""
+
+    describe_tools = False
+
+
+def test_tools_left_undescribed_are_still_called(tok):
+    """describe_tools = False: the prompt is the bare conversation, the calls are answered as with a description."""
+    runner = EpisodeRunner(env(KnownCalculator), tok, EpisodeLimits(max_tokens=512))  # no ~1000-token description
+    question = Calculator().reset({})
+    bare = tok.apply_chat_template(question, tokenize=False, add_generation_prompt=True)
+    assert runner.fmt.render(question, add_generation_prompt=True) == bare
+    described = EpisodeRunner(env(Calculator), tok, EpisodeLimits(max_tokens=4096)).fmt
+    assert len(runner.fmt.prompt_ids(question)) + 900 < len(described.prompt_ids(question))
+    ep = runner.run(Scripted([" " + call("add", a=408, b=5), " 413"]), [{}])[0]
+    assert ep.end == "done" and ep.reward == 1.0 and [r.content for r in ep.tool_results] == ["413"]
+    rendered = runner.fmt.render(ep.messages, add_generation_prompt=False)
+    assert "<tool_response>\n413\n</tool_response>" in rendered and "You may call" not in rendered
+    assert tok.decode(ep.ids, skip_special_tokens=False) + "\n" == rendered
+
+
+def test_describe_tools_must_be_a_bool():
+    class Vague(Calculator):
+        describe_tools = "no"
+
+    with pytest.raises(UserError, match="describe_tools is 'no'; expected True or False"):
+        env(Vague)
+
+
 def test_failing_tools_become_error_messages_and_are_counted(tok):
     runner = EpisodeRunner(
         env(Calculator), tok, EpisodeLimits(tool_timeout_s=0.2, max_turns=6, max_tool_calls=8, max_tokens=4096)

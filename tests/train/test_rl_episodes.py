@@ -71,6 +71,12 @@ class AreYouSure:
         return Reply(reward=judge(self.record["prompt"], turn, self.record["answer"]), done=True)
 
 
+class DescribedCalculator(CalculatorEnv):
+    """The demo's environment with its tool described in the prompt (~450 byte tokens)."""
+
+    describe_tools = True
+
+
 def assistant_turns(prompt: str, response: str, messages: list[dict], **fields) -> float:
     """A reward function that reads the conversation: the number of policy turns."""
     return float(sum(m["role"] == "assistant" for m in messages))
@@ -195,7 +201,8 @@ def test_episode_rewards_and_reward_functions_on_the_conversation(played):
     assert scores.parts["assistant_turns"].tolist() == [2.0, 1.0]
     assert scores.total.tolist() == [1.0 + 0.5 * 2.0, 0.5 * 1.0]
     metrics = episode_metrics(episodes, rollout)
-    first = ChatFormat(tok, LoadedEnvironment(CALCULATOR, CalculatorEnv).tools).prompt_ids(episodes[0].messages[:1])
+    calc = LoadedEnvironment(CALCULATOR, CalculatorEnv)
+    first = ChatFormat(tok, calc.tools, calc.describe_tools).prompt_ids(episodes[0].messages[:1])
     env_tokens = len(episodes[0].ids) - len(first) - len(policy[0])  # row 0's tokens after the question, not sampled
     assert metrics["episode/turns_mean"] == 1.5 and metrics["episode/tool_calls_mean"] == 0.5
     assert metrics["episode/tool_errors_mean"] == 0.0 and metrics["episode/end_done_frac"] == 1.0
@@ -364,12 +371,12 @@ def test_an_environment_that_does_not_import_stops_the_run_with_exit_2(tiny_dirs
 
 def test_episodes_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_path):
     """The tiny GPT-2 has 512 learned positions: 1024 + 40 tokens would index past them. The calculator's first
-    messages alone (the tool description) are more than 512 tokens."""
+    messages alone, with its tool described, are more than 472 tokens."""
     proc = chatrlhf(*rl_args(tiny_dirs["gpt2"], tmp_path / "long", CALCULATOR, "grpo", 2), code=2)
     assert "past the model's context of 512 tokens" in proc.stderr and "Traceback" not in proc.stderr
     assert "max_tokens=1024 (train.episode.max_tokens)" in proc.stderr
     assert "max_new_tokens=40 (train.generation.max_new_tokens)" in proc.stderr
-    args = rl_args(tiny_dirs["gpt2"], tmp_path / "tools", CALCULATOR, "grpo", 2)
+    args = rl_args(tiny_dirs["gpt2"], tmp_path / "tools", f"{HERE}:DescribedCalculator", "grpo", 2)
     args[args.index("--train.episode.max_tokens") + 1] = "472"
     proc = chatrlhf(*args, code=2)
     assert "first messages take at least" in proc.stderr and "over max_tokens=472" in proc.stderr
