@@ -22,6 +22,18 @@ Observation, a `Dict` of fixed shape (W = max_prompt_tokens + max_new_tokens):
 - `length`: number of real tokens in `token_ids`;
 - `text`: those tokens decoded (special tokens kept), escaped with `escape_text`.
 
+**Multi-turn episodes** (`env="module:Class"`, docs/episodes.md): the same environments RL plays, seen through
+Gymnasium. `reset()` draws a record and starts the environment's episode (its first messages, and its tools'
+description where it gives one); the agent writes one policy turn at a time — token by token, or as text in one
+step — and each finished turn is answered as in RL (envs/runner.py: a tool call by the tools, any other turn by the
+environment's `step`), its reply appended as tokens. A step that finishes a turn returns that turn's reward (the
+environment's); the episode terminates when the environment says it is done, and is truncated at `max_turns`, at
+a turn cut at `max_new_tokens`, or when the next messages would pass `max_prompt_tokens` (the most an episode may
+hold before a policy turn). `prompt_length` is then the length of the conversation before the current turn, and
+`info` at the end of a turn holds `messages` (the conversation so far), `end` (why it ended, or None),
+`turn_reward`, `tool_calls` and `tool_errors`. The rewards are the environment's alone: reward functions and a
+reward model are refused with `env`.
+
 Text in the spaces is escaped because a Gymnasium `Text` space needs a finite charset, while a tokenizer can
 decode to any Unicode character (and a byte-level tokenizer to U+FFFD for bytes that are not valid UTF-8).
 `escape_text` keeps printable ASCII, newline and tab, doubles backslashes and writes every other character as
@@ -45,6 +57,8 @@ from transformers import PreTrainedTokenizerBase
 
 from chatrlhf.data import RawRecord, load_source, resolve_generated, to_prompt, validate_all
 from chatrlhf.data.collate import encode_prompt, render_prompt, response_ids
+from chatrlhf.envs.episode import load_environment
+from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner
 from chatrlhf.errors import ConfigError, UserError
 from chatrlhf.models.load import load_tokenizer, pick_device, resolve_model
 from chatrlhf.models.rewards import ScoringBatch, build_scorer
@@ -168,6 +182,10 @@ class ChatEnv(gym.Env):
         max_prompt_tokens: the longest rendered prompt in tokens; a longer prompt is an error when loading.
         device: where the reward model runs ("cpu", "cuda", "auto").
         render_mode: None or "ansi" (`render()` returns the conversation text).
+        env: an environment `module:Class` (docs/episodes.md): multi-turn episodes rewarded by it (see the module
+            docstring); `max_new_tokens` then bounds each policy turn and `max_prompt_tokens` the conversation
+            before one.
+        max_turns, max_tool_calls, tool_timeout_s: the episode's bounds with `env` (as `train.episode.*` in RL).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}  # gymnasium asks for an fps; text has no frame rate
@@ -184,8 +202,14 @@ class ChatEnv(gym.Env):
         max_prompt_tokens: int = 256,
         device: str = "cpu",
         render_mode: str | None = None,
+        env: str | None = None,
+        max_turns: int = 4,
+        max_tool_calls: int = 4,
+        tool_timeout_s: float = 10.0,
     ):
-        _check_arguments(reward_functions, reward_model, action_mode, max_new_tokens, max_prompt_tokens, render_mode)
+        _check_arguments(
+            reward_functions, reward_model, action_mode, max_new_tokens, max_prompt_tokens, render_mode, env
+        )
         self.action_mode, self.render_mode = action_mode, render_mode
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.device = pick_device(device)
@@ -194,15 +218,25 @@ class ChatEnv(gym.Env):
             self.tok = load_tokenizer(resolve_model(tokenizer, tmp / "tokenizer"))
             self.prompts = load_prompts(prompts, self.tok, max_prompt_tokens, tmp / "data")
             rm_path = resolve_model(reward_model, tmp / "reward_model") if reward_model else None
-            self.scorer = build_scorer(
-                reward_model=rm_path,
-                reward_functions=list(reward_functions),
-                weights=reward_weights,
-                policy_tok=self.tok,
-                dtype="float32",
-                device=self.device,
+            self.scorer = (
+                None
+                if env
+                else build_scorer(
+                    reward_model=rm_path,
+                    reward_functions=list(reward_functions),
+                    weights=reward_weights,
+                    policy_tok=self.tok,
+                    dtype="float32",
+                    device=self.device,
+                )
             )
 
+        self.runner = None
+        if env:
+            limits = EpisodeLimits(
+                max_turns, max_tool_calls, tool_timeout_s, max_prompt_tokens, max_new_tokens, options=""
+            )
+            self.runner = EpisodeRunner(load_environment(env), self.tok, limits)
         vocab, width = len(self.tok), max_prompt_tokens + max_new_tokens
         self._width = width
         # An upper bound on the escaped text of `width` tokens (see _ESCAPED_CHARS_PER_BYTE); +1 byte per token
@@ -223,15 +257,20 @@ class ChatEnv(gym.Env):
             self.action_space = spaces.Text(max_length=self._response_chars(), min_length=0, charset=ESCAPED_CHARSET)
             self._act = self._write_response
         self._prompt: EncodedPrompt | None = None
-        self._response: list[int] = []
+        self._response: list[int] = []  # the current policy turn's tokens
         self._done = False
+        self._episode = self._instance = None  # with env: the episode being played, and its environment
+        self._turn_start = 0  # with env: where the last policy turn began in the episode's tokens
 
     def _response_chars(self) -> int:
         """Longest text answer in response mode: what fits in max_new_tokens beside the template's own tokens
         around the answer (measured on an empty answer), at one token per ASCII character (a byte-level
         tokenizer's worst case). Denser tokenizers fit more; a longer answer is cut and reported truncated."""
         p = self.prompts[0]
-        overhead = len(response_ids(self.tok, p.rendered, list(p.context), ""))
+        if self.runner is not None:
+            overhead = len(self.runner.fmt.turn_ids(list(p.context), ""))
+        else:
+            overhead = len(response_ids(self.tok, p.rendered, list(p.context), ""))
         if self.max_new_tokens <= overhead:
             raise ConfigError(
                 f"max_new_tokens={self.max_new_tokens} leaves no room for an answer in response mode: the chat "
@@ -253,6 +292,9 @@ class ChatEnv(gym.Env):
         elif isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.prompts):
             raise ValueError(f"prompt_index={index!r}: expected an integer in [0, {len(self.prompts)})")
         self._prompt, self._response, self._done = self.prompts[index], [], False
+        if self.runner is not None:
+            self._instance = self.runner.env.new()
+            self._episode = self.runner.start(self._instance, {"prompt": self._prompt.text, **self._prompt.extra})
         return self._observation(), {"prompt_index": int(index), "prompt": self._prompt.text}
 
     def step(self, action) -> tuple[dict, float, bool, bool, dict]:
@@ -264,6 +306,13 @@ class ChatEnv(gym.Env):
             raise ValueError(self._bad_action(action))
         terminated, truncated = self._act(action)
         reward, info = 0.0, {}
+        if self.runner is not None:
+            if terminated or truncated:  # the turn is over: answer it
+                reward, info = self._answer_turn(finish="stop" if terminated else "length")
+                end = self._episode.end
+                terminated, truncated = end == "done", end not in (None, "done")
+            self._done = terminated or truncated
+            return self._observation(), reward, terminated, truncated, info
         if terminated or truncated:
             self._done = True
             reward, info = self._score()
@@ -274,7 +323,7 @@ class ChatEnv(gym.Env):
             return None
         if self._prompt is None:
             raise RuntimeError("call reset() before render()")
-        return self._decode(self._prompt.ids + tuple(self._response))
+        return self._decode(self._ids())
 
     # ------------------------------------------------------------------------------------------ the two modes
 
@@ -295,7 +344,10 @@ class ChatEnv(gym.Env):
                 "answer there and drop the rest"
             )
         p = self._prompt
-        ids = response_ids(self.tok, p.rendered, list(p.context), text)
+        if self.runner is not None:
+            ids = self.runner.fmt.turn_ids(self._episode.messages, text)
+        else:
+            ids = response_ids(self.tok, p.rendered, list(p.context), text)
         truncated = len(ids) > self.max_new_tokens
         self._response = ids[: self.max_new_tokens]
         return not truncated, truncated
@@ -314,8 +366,13 @@ class ChatEnv(gym.Env):
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def _ids(self) -> tuple[int, ...]:
+        """The conversation so far: the prompt (or the episode up to the current turn), then the turn's tokens."""
+        before = self._prompt.ids if self._episode is None else tuple(self._episode.ids)
+        return before + tuple(self._response)
+
     def _observation(self) -> dict[str, Any]:
-        ids = self._prompt.ids + tuple(self._response)
+        ids = self._ids()
         token_ids = np.full(self._width, self.tok.pad_token_id, dtype=np.int64)
         token_ids[: len(ids)] = ids
         text = escape_text(self._decode(ids))
@@ -324,7 +381,26 @@ class ChatEnv(gym.Env):
                 f"escaped conversation text is {len(text)} characters, over the observation bound "
                 f"{self._max_text}; the tokenizer decodes {len(ids)} tokens to more text than the bound allows"
             )
-        return {"token_ids": token_ids, "prompt_length": len(self._prompt.ids), "length": len(ids), "text": text}
+        prompt_length = len(ids) - len(self._response)
+        if self._episode is not None and self._episode.end is not None:
+            prompt_length = self._turn_start  # the episode ended with the last turn: that turn is the response
+        return {"token_ids": token_ids, "prompt_length": prompt_length, "length": len(ids), "text": text}
+
+    def _answer_turn(self, finish: str) -> tuple[float, dict]:
+        """With env: the policy turn just written is answered as in RL (envs/runner.py); its reward and what the
+        episode looks like now."""
+        ep = self._episode
+        self._turn_start = len(ep.ids)
+        self.runner.advance(self._instance, ep, self._response, [0.0] * len(self._response), finish)
+        self._response = []
+        info = {
+            "messages": [dict(m) for m in ep.messages],
+            "end": ep.end,
+            "turn_reward": ep.turn_rewards[-1],
+            "tool_calls": len(ep.tool_results),
+            "tool_errors": ep.tool_errors,
+        }
+        return ep.turn_rewards[-1], info
 
     def _score(self) -> tuple[float, dict]:
         """The Scorer's weighted reward of (prompt, response), and each source's score."""
@@ -345,14 +421,21 @@ class ChatEnv(gym.Env):
         return float(scores.total[0]), {"reward_parts": parts, "response": response}
 
 
-def _check_arguments(reward_functions, reward_model, action_mode, max_new_tokens, max_prompt_tokens, render_mode):
+def _check_arguments(
+    reward_functions, reward_model, action_mode, max_new_tokens, max_prompt_tokens, render_mode, env=None
+):
     """Fail before loading anything."""
+    if env and (reward_functions or reward_model):
+        raise ConfigError(
+            "env is set with reward_functions or reward_model: with env the rewards are the environment's (score "
+            "in its step()); leave the others out"
+        )
     if action_mode not in ACTION_MODES:
         raise ConfigError(f"action_mode={action_mode!r}: expected one of {', '.join(map(repr, ACTION_MODES))}")
     if isinstance(reward_functions, str):
         raise ConfigError(f"reward_functions={reward_functions!r}: expected a list of 'module:function' specs")
-    if not reward_functions and not reward_model:
-        raise ConfigError("no reward source: pass reward_model=... and/or reward_functions=[...]")
+    if not reward_functions and not reward_model and not env:
+        raise ConfigError("no reward source: pass reward_model=... and/or reward_functions=[...] (or env=...)")
     for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r}: expected a positive integer")

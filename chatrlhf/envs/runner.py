@@ -142,6 +142,16 @@ class ChatFormat:
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         return self.encode(self.render(messages, add_generation_prompt=True), first=True)
 
+    def turn_ids(self, history: Sequence[dict], text: str) -> list[int]:
+        """Tokens of `text` written as the assistant's turn after `history`, through exactly one EOS: what a policy
+        that wrote it would have sampled."""
+        prompt = self.render(history, add_generation_prompt=True)
+        full = self.render([*history, {"role": "assistant", "content": text}], add_generation_prompt=False)
+        _check_prefix(prompt, full, f"the assistant turn after {len(history)} messages")
+        ids = self.encode(full[len(prompt) :], first=False)
+        eos = self.tok.eos_token_id
+        return ids[: ids.index(eos) + 1] if eos in ids else [*ids, eos]
+
     def continuation_ids(self, history: Sequence[dict], turn: dict, new: Sequence[dict]) -> list[int]:
         """Tokens of the environment's messages `new` after the policy's `turn` (which follows `history`), through
         the next generation prompt (see the module docstring); raises `TemplateRewrite` where the template rewrites
@@ -265,16 +275,17 @@ class EpisodeRunner:
 
     def run(self, generator, records: Sequence[dict], greedy: bool = False) -> list[Episode]:
         envs = [self.env.new() for _ in records]
-        episodes = [self._start(env, dict(rec)) for env, rec in zip(envs, records)]
+        episodes = [self.start(env, dict(rec)) for env, rec in zip(envs, records)]
         while active := [i for i, ep in enumerate(episodes) if ep.end is None]:
             out = generator.generate([episodes[i].ids for i in active], greedy=greedy, logprobs=True)
             for row, i in enumerate(active):
                 n = int(out.mask[row].sum())
                 tokens, logprobs = out.tokens[row, :n].tolist(), out.logprobs[row, :n].tolist()
-                self._advance(envs[i], episodes[i], tokens, logprobs, out.finish_reasons[row])
+                self.advance(envs[i], episodes[i], tokens, logprobs, out.finish_reasons[row])
         return episodes
 
-    def _start(self, env, record: dict) -> Episode:
+    def start(self, env, record: dict) -> Episode:
+        """A new episode of the environment instance `env` on `record`: its first messages as tokens."""
         messages = self.env.reset(env, record)
         ids = self.fmt.prompt_ids(messages)
         if len(ids) > self.limits.max_tokens:
@@ -286,8 +297,9 @@ class EpisodeRunner:
             )
         return Episode(record, list(messages), ids, [0] * len(ids), [0.0] * len(ids))
 
-    def _advance(self, env, ep: Episode, tokens: list[int], logprobs: list[float], finish: str) -> None:
-        """One policy turn: keep its tokens, answer it (tools or the environment), append the answer's tokens."""
+    def advance(self, env, ep: Episode, tokens: list[int], logprobs: list[float], finish: str) -> None:
+        """One policy turn: keep its tokens, answer it (tools or the environment), append the answer's tokens.
+        `finish` is the generator's: "length" (cut at max_new_tokens) ends the episode."""
         ep.ids += tokens
         ep.policy_mask += [1] * len(tokens)
         ep.logprobs += logprobs

@@ -281,3 +281,91 @@ def test_bad_steps(make_env):
         env.reset(options={"prompt": 1})
     with pytest.raises(ValueError, match=r"prompt_index=32: expected an integer in \[0, 32\)"):
         env.reset(options={"prompt_index": len(PROMPTS)})
+
+
+# ------------------------------------------------------------------------------------------------ multi-turn: env=
+
+
+LETTER_CHAIN = "chatrlhf.envs.letter_chain:LetterChainEnv"
+KNOWN_CALCULATOR = "tests.envs.test_episodes:KnownCalculator"
+
+
+def test_token_mode_plays_the_episode_the_runner_plays(make_env, tiny_dirs):
+    """Chat-v0 with env is a view on the RL episodes: typing the tokens a generator sampled, turn by turn, gives
+    the runner's episode token for token, each turn's reward at the step that ends it, and the same end."""
+    from chatrlhf.envs.episode import load_environment
+    from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner
+    from tests.envs.test_episodes import Scripted
+
+    prompt = PROMPTS[0]["prompt"]
+    first = answers(prompt)["perfect"]
+    second = "bread bird"
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    runner = EpisodeRunner(load_environment(LETTER_CHAIN), tok, EpisodeLimits(max_tokens=256, max_new_tokens=48))
+    played = runner.run(Scripted([" " + first, " " + second]), [{"prompt": prompt}])[0]
+    assert played.turns == 2 and played.end == "done"
+
+    env = make_env(env=LETTER_CHAIN, reward_functions=[], max_new_tokens=48, max_prompt_tokens=256)
+    obs, info = env.reset(options={"prompt_index": 0})
+    assert info["prompt"] == prompt and obs["prompt_length"] == obs["length"]
+    rewards, turn_starts, mask = [], [], played.policy_mask
+    for t, token in enumerate(played.ids):
+        if not mask[t]:
+            continue  # the environment's tokens: the view appends them itself
+        if t == 0 or not mask[t - 1]:
+            assert obs["length"] == t  # the conversation so far is the runner's, through the environment's reply
+            turn_starts.append(t)
+        obs, reward, terminated, truncated, info = env.step(token)
+        if t + 1 == len(mask) or not mask[t + 1]:
+            rewards.append(reward)
+            assert (
+                info["turn_reward"] == reward
+                and info["messages"][: 2 * len(rewards)] == played.messages[: 2 * len(rewards)]
+            )
+        else:
+            assert reward == 0.0 and info == {}
+    assert terminated and not truncated and info["end"] == "done"
+    assert obs["token_ids"][: obs["length"]].tolist() == played.ids and obs["prompt_length"] == turn_starts[-1]
+    assert rewards == played.turn_rewards
+    assert rewards[0] == judge(prompt, first) == 1.0  # the first turn judged as the demo judge judges it
+
+
+def test_response_mode_calls_the_tools(make_env):
+    """Text turns: a tool call is answered by the tool (reward 0, the result appended), the answer by the
+    environment, which ends the episode with its reward."""
+    env = make_env(env=KNOWN_CALCULATOR, reward_functions=[], action_mode="response", max_new_tokens=100)
+    obs, _ = env.reset(seed=0)
+    assert obs["text"] == "User: What is 408 + 5?\nAssistant:"  # the tools are not described (describe_tools)
+    call = '<tool_call>{"name": "add", "arguments": {"a": 408, "b": 5}}</tool_call>'
+    obs, reward, terminated, truncated, info = env.step(call)
+    assert reward == 0.0 and not terminated and not truncated and info["tool_calls"] == 1 and info["end"] is None
+    assert info["messages"][-1] == {"role": "tool", "name": "add", "content": "413"}
+    assert obs["text"].endswith("User: <tool_response>\n413\n</tool_response>\nAssistant:")
+    assert obs["prompt_length"] == obs["length"]
+    obs, reward, terminated, truncated, info = env.step("413")
+    assert reward == 1.0 and terminated and not truncated and info["end"] == "done"
+    text = unescape_text(obs["text"])
+    assert text.endswith("Assistant: 413<|eos|>") and obs["prompt_length"] == obs["length"] - len(" 413") - 1
+
+
+def test_a_turn_cut_at_max_new_tokens_truncates_the_episode(make_env):
+    env = make_env(env=LETTER_CHAIN, reward_functions=[], max_new_tokens=4, max_prompt_tokens=256)
+    env.reset(seed=0)
+    steps = [env.step(ord("a")) for _ in range(4)]
+    assert all(not s[2] and not s[3] for s in steps[:3])
+    obs, reward, terminated, truncated, info = steps[-1]
+    assert truncated and not terminated and info["end"] == "length" and reward == 0.0
+
+
+@pytest.mark.parametrize("mode", ["token", "response"])
+def test_check_env_with_an_environment(make_env, mode):
+    env = make_env(env=LETTER_CHAIN, reward_functions=[], action_mode=mode, render_mode="ansi", max_prompt_tokens=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*Not able to test alternative render modes.*")
+        check_env(env)
+
+
+def test_env_with_other_reward_sources_is_refused(make_env):
+    with pytest.raises(UserError, match="with env the rewards are the environment's"):
+        make_env(env=LETTER_CHAIN)
