@@ -328,6 +328,11 @@ class UpdateConfig:
     """Sequences per optimizer step within an iteration's rollouts (0 = all of them in one step)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward (gradient accumulation up to mini_batch_size); 0 = mini_batch_size."""
+    old_logprobs: Literal["auto", "forward"] = "auto"
+    """Where log π_old comes from. auto: when the update is exactly on-policy — one epoch, one mini-batch (the whole
+    rollout), the KL in the loss (or β = 0 with no target), no TIS, the hf backend — it is the update's own forward,
+    detached (its ratio is 1, its gradient the policy gradient), and the separate no-grad forward of the actor is
+    skipped; the entropy and KL metrics come from the same forward. forward: always that separate forward."""
 
 
 @dataclass

@@ -101,6 +101,16 @@ def sum_across(value: float) -> float:
     return float(t.item())
 
 
+def sum_tensor_across(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (every rank gets the total); rows filled by one rank each add up to the whole."""
+    if not is_distributed():
+        return t
+    device = t.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = t.to(device).clone()
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
 def gather_padded(t: torch.Tensor, pad_value: float | int, left: bool = False) -> torch.Tensor:
     """Concatenate (B_r, L_r) tensors from all ranks in rank order into (ΣB_r, max L_r), right-padding with
     `pad_value` (rollouts of different lengths), or left-padding with `left` (left-padded prompts, whose last

@@ -56,8 +56,9 @@ class AdvantageInputs:
 
     scores: torch.Tensor
     """(B,) summed reward of each sampled response (reward model and/or functions), before clipping."""
-    old_logprobs: torch.Tensor
-    """(B, T) log π_old of the sampled tokens."""
+    old_logprobs: torch.Tensor | None
+    """(B, T) log π_old of the sampled tokens; None when the update takes them from its own forward (then
+    `kl_coef` is 0, and the KL of the result is 0 until the caller fills it in, train/rl.py)."""
     ref_logprobs: torch.Tensor
     """(B, T) log π_ref of the sampled tokens."""
     mask: torch.Tensor
@@ -95,9 +96,12 @@ def _shaped(x: AdvantageInputs, t: RLTrainConfig, scores: torch.Tensor | None = 
             lengths, t.generation.max_new_tokens, t.reward.overlong_buffer, t.reward.overlong_penalty
         )
         s = s + penalty
-    rewards, kl = kl_penalized_rewards(
-        s, x.old_logprobs, x.ref_logprobs, x.mask, x.kl_coef, None, KL_ESTIMATORS[t.kl.estimator]
-    )
+    old = x.old_logprobs
+    if old is None:
+        if x.kl_coef != 0:
+            raise ValueError("a KL penalty in the reward needs π_old's log-probs before the update")
+        old = x.ref_logprobs  # KL_t = 0 here: with β = 0 the rewards do not depend on it
+    rewards, kl = kl_penalized_rewards(s, old, x.ref_logprobs, x.mask, x.kl_coef, None, KL_ESTIMATORS[t.kl.estimator])
     return rewards, kl, penalty
 
 

@@ -35,12 +35,16 @@ def sequence_token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> tor
 
 
 def response_logprobs_and_entropy(
-    model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int
+    model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int, entropy_grad: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`response_logprobs` and, from the same forward, the entropy H_t (nats) of π(· | s_t) at each response
-    position: (B, R) each."""
+    position: (B, R) each. Without `entropy_grad` the entropy is a detached statistic (no (B, R, V) graph kept)."""
     logits = _response_logits(model, sequences, attention_mask, width)
-    return token_logprobs(logits, sequences[:, -width:]), entropy_from_logits(logits)
+    if entropy_grad:
+        return token_logprobs(logits, sequences[:, -width:]), entropy_from_logits(logits)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits.detach())
+    return token_logprobs(logits, sequences[:, -width:]), entropy
 
 
 def _response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int) -> torch.Tensor:

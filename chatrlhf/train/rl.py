@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from chatrlhf.errors import UserError
 from chatrlhf.eval.doctor import Checkup, Doctor, DoctorStop
 from chatrlhf.eval.report import write_report
 from chatrlhf.models.load import save_model_dir
-from chatrlhf.rlhf import adaptive_kl_coef, masked_mean
+from chatrlhf.rlhf import KL_ESTIMATORS, adaptive_kl_coef, masked_mean
 from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, Algorithm
 from chatrlhf.train.data import stage_records
 from chatrlhf.train.outputs import Stopwatch, save_trained, write_summary
@@ -70,6 +70,7 @@ from chatrlhf.train.update import (
     TrainBatch,
     ema_update,
     objective,
+    reuses_update_forward,
     tis_metrics,
     tis_weights,
     update,
@@ -98,7 +99,9 @@ def evaluate_rollout(
     scored = time.perf_counter()
     with m.resident([m.reference]):
         ref_logprobs = rollout_logprobs(m.reference, rollout)
-    old_logprobs, entropy = rollout_logprobs_and_entropy(m.actor_engine.module, rollout)
+    old_logprobs = entropy = None  # exactly on-policy: the update's own forward gives them (update.py)
+    if not reuses_update_forward(train, m.actor.backend):
+        old_logprobs, entropy = rollout_logprobs_and_entropy(m.actor_engine.module, rollout)
     values = rollout_values(m.critic_engine.module, rollout) if m.critic_engine else None
     _add(times, score=scored - started, forward=time.perf_counter() - scored)
     return Evaluated(
@@ -387,9 +390,11 @@ def iteration(
     )
     adv = algo.advantages(inputs, train)  # 5–6
     source_weights = {source.name: w for source, w in zip(m.scorer.sources, m.scorer.weights)}
-    metrics = rollout_metrics(rollout, ev, adv, train, tok.eos_token_id, source_weights)
-    metrics.update(sampled.metrics)
-    check_rollout_freshness(metrics, train.rollout.max_logprob_diff, it)
+    metrics: dict[str, float] = {}
+    measured = ev.old_logprobs is not None  # else the update's forward gives π_old, and the metrics follow it
+    if measured:
+        metrics.update(rollout_metrics(rollout, ev, adv, train, tok.eos_token_id, source_weights))
+        check_rollout_freshness(metrics, train.rollout.max_logprob_diff, it)
     weights = tis_weights(ev.old_logprobs, rollout, train.rollout.tis_cap)
     if weights is not None:
         metrics.update(tis_metrics(weights, rollout.response_mask, train.rollout.tis_cap))
@@ -404,9 +409,19 @@ def iteration(
                             order_seed=cfg.run.seed * 100003 + it)  # fmt: skip
         after_step = None if ema is None else lambda: ema_update(ema, m.actor_engine.module, train.ema_decay)
         critic = m.critic_engine
-        metrics.update(update(m.actor_engine, critic, batch, obj, schedule, state.kl_coef, ptx, train.ptx_coef,
-                              after_step))  # fmt: skip  # 7
+        updated = update(m.actor_engine, critic, batch, obj, schedule, state.kl_coef, ptx, train.ptx_coef,
+                         after_step)  # fmt: skip  # 7
+        metrics.update(updated.metrics)
         metrics["faults/skipped_steps"] = float(sum(e.bad_steps for e in m.engines))
+        if updated.old_logprobs is not None:
+            ev, adv = with_old_logprobs(ev, adv, updated.old_logprobs, updated.entropy, rollout, train)
+    if not measured:
+        if ev.old_logprobs is None:  # no update took place: the forward it would have made, for the metrics
+            with torch.no_grad():
+                old, entropy = rollout_logprobs_and_entropy(m.actor_engine.module, rollout)
+            ev, adv = with_old_logprobs(ev, adv, old, entropy, rollout, train)
+        metrics.update(rollout_metrics(rollout, ev, adv, train, tok.eos_token_id, source_weights))
+    metrics.update(sampled.metrics)
     trained = time.time()
     metrics["faults/skipped_rollouts"] = float(state.skipped_rollouts)
     metrics["kl/coef"] = state.kl_coef
@@ -427,6 +442,16 @@ def iteration(
     check_finite(metrics, it, skipped_step=sum(e.bad_steps for e in m.engines) > bad_before)
     state.history.append(metrics)  # the doctor's and the evaluation's metrics join this dict afterwards
     return metrics, rollout
+
+
+def with_old_logprobs(
+    ev: Evaluated, adv: Advantages, old: torch.Tensor, entropy: torch.Tensor, rollout: Rollout, train: RLTrainConfig
+) -> tuple[Evaluated, Advantages]:
+    """The evaluation and advantages of an on-policy update once π_old's log-probs are known (from the update's
+    forward): the per-token KL estimate against the reference, which the advantages did not need (β = 0 in the
+    reward), for the metrics."""
+    kl = KL_ESTIMATORS[train.kl.estimator](old, ev.ref_logprobs) * rollout.response_mask
+    return replace(ev, old_logprobs=old, entropy=entropy), replace(adv, kl=kl)
 
 
 def check_up(doctor: Doctor, it: int, metrics: dict[str, float], rollout: Rollout, tok) -> Checkup:

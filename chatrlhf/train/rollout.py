@@ -101,8 +101,9 @@ class Evaluated:
 
     scores: Scores
     """(B,) summed reward and its parts."""
-    old_logprobs: torch.Tensor
-    """log π_old(a_t | s_t) — the actor that sampled."""
+    old_logprobs: torch.Tensor | None
+    """log π_old(a_t | s_t) — the actor that sampled; None until the update takes them from its own forward
+    (`train.update.old_logprobs`, train/update.py:reuses_update_forward)."""
     ref_logprobs: torch.Tensor
     """log π_ref(a_t | s_t) — the frozen reference."""
     values: torch.Tensor | None
@@ -264,10 +265,13 @@ def rollout_logprobs(model, rollout: Rollout) -> torch.Tensor:
     return forward.response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.response.shape[1])
 
 
-def rollout_logprobs_and_entropy(model, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, R) log π(a_t | s_t) and the entropy of π(· | s_t) at each response position, from one forward."""
+def rollout_logprobs_and_entropy(
+    model, rollout: Rollout, entropy_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log π(a_t | s_t) and the entropy of π(· | s_t) at each response position, from one forward (the
+    entropy detached without `entropy_grad`)."""
     return forward.response_logprobs_and_entropy(
-        model, rollout.sequences, rollout.attention_mask, rollout.response.shape[1]
+        model, rollout.sequences, rollout.attention_mask, rollout.response.shape[1], entropy_grad
     )
 
 
@@ -295,7 +299,7 @@ def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group
     scores = Scores(total=g(ev.scores.total, 0.0), parts={k: g(v, 0.0) for k, v in ev.scores.parts.items()})
     return full, Evaluated(
         scores=scores,
-        old_logprobs=g(ev.old_logprobs, 0.0),
+        old_logprobs=g(ev.old_logprobs, 0.0) if ev.old_logprobs is not None else None,
         ref_logprobs=g(ev.ref_logprobs, 0.0),
         values=g(ev.values, 0.0) if ev.values is not None else None,
         greedy_scores=g(ev.greedy_scores, 0.0) if ev.greedy_scores is not None else None,
@@ -406,7 +410,7 @@ def select(rollout: Rollout, ev: Evaluated, idx: torch.Tensor) -> tuple[Rollout,
     scores = Scores(total=ev.scores.total[idx], parts={k: v[idx] for k, v in ev.scores.parts.items()})
     return part, Evaluated(
         scores=scores,
-        old_logprobs=ev.old_logprobs[idx],
+        old_logprobs=rows(ev.old_logprobs),
         ref_logprobs=ev.ref_logprobs[idx],
         values=rows(ev.values),
         greedy_scores=rows(ev.greedy_scores),

@@ -12,7 +12,7 @@ bonus] + ptx_coef·L_ptx;  L_critic = aggregate(ℓ_value) (PPO). docs/algorithm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -32,8 +32,9 @@ class TrainBatch:
 
     rollout: Rollout
     """The sequences (prompts and responses) and the response mask."""
-    old_logprobs: torch.Tensor
-    """log π_old(a_t|s_t), from the rollout's no-grad forward."""
+    old_logprobs: torch.Tensor | None
+    """log π_old(a_t|s_t), from the rollout's no-grad forward; None: the update's own forward, detached (the update
+    is exactly on-policy, `reuses_update_forward`)."""
     ref_logprobs: torch.Tensor
     """log π_ref(a_t|s_t)."""
     advantages: torch.Tensor
@@ -51,7 +52,7 @@ class TrainBatch:
 
         return TrainBatch(
             rollout=self.rollout.select(idx),
-            old_logprobs=self.old_logprobs[idx],
+            old_logprobs=rows(self.old_logprobs),
             ref_logprobs=self.ref_logprobs[idx],
             advantages=self.advantages[idx],
             loss_mask=self.loss_mask[idx],
@@ -125,9 +126,35 @@ def actor_loss(
     return loss, parts
 
 
-def _actor_forward(model, r: Rollout, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reuses_update_forward(train: RLTrainConfig, backend: str) -> bool:
+    """The update is exactly on-policy, so π_old's log-probs are its own first forward's, detached, and the rollout's
+    separate no-grad forward of the actor can be skipped (`update.old_logprobs: auto`): one epoch and one
+    mini-batch (every micro-batch's forward runs before the only optimizer step, at θ_old); nothing needs them before
+    the update — no KL in the reward (or β = 0 without a target), no TIS weights, no engine mismatch to measure (the
+    hf backend samples with the trainer's weights)."""
+    u, kl = train.update, train.kl
+    one_step = u.epochs == 1 and u.mini_batch_size in (0, train.rollout_batch_size * train.group_size)
+    kl_free_reward = kl.placement == "loss" or (kl.coef == 0 and kl.target is None)
+    return (
+        u.old_logprobs == "auto" and one_step and kl_free_reward and train.rollout.tis_cap is None and backend == "hf"
+    )
+
+
+@dataclass
+class Updated:
+    """What `update` returns: its metrics, and with the batch's `old_logprobs` None the log-probs and entropy its
+    forward took at θ_old ((B, R), every row, the same on every rank), else None."""
+
+    metrics: dict[str, float]
+    old_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def _actor_forward(
+    model, r: Rollout, with_entropy: bool, entropy_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if with_entropy:
-        return rollout_logprobs_and_entropy(model, r)
+        return rollout_logprobs_and_entropy(model, r, entropy_grad)
     return rollout_logprobs(model, r), None
 
 
@@ -154,15 +181,21 @@ def update(
     ptx: PTXBatches | None = None,
     ptx_coef: float = 0.0,
     after_step: Callable[[], None] | None = None,
-) -> dict[str, float]:
+) -> Updated:
     """7. `schedule.epochs` × mini-batches; micro-batches accumulate with the mini-batch's totals (the loss tokens,
     the sequences that hold any). With W ranks each rank trains on its contiguous 1/W of every mini-batch.
     `after_step` runs after each actor step (the EMA). A mini-batch without loss tokens (every response in it
-    filtered out) takes no step."""
+    filtered out) takes no step. Without `batch.old_logprobs` (one epoch, one mini-batch only), π_old's log-probs
+    are each micro-batch's own, detached, and are returned with the entropy."""
     n = batch.rollout.response.shape[0]
     world = dist.world_size()
     mini = schedule.mini_batch_size or n
     micro = schedule.micro_batch_size or mini // world
+    reuse = batch.old_logprobs is None
+    if reuse and (schedule.epochs != 1 or mini < n):
+        raise ValueError("old log-probs can come from the update only with one epoch and one mini-batch")
+    taken = torch.zeros_like(batch.loss_mask) if reuse else None
+    taken_entropy = torch.zeros_like(batch.loss_mask) if reuse else None
     shuffle = torch.Generator().manual_seed(schedule.order_seed)
     device = batch.rollout.response.device
     sums: dict[str, float] = {}  # this rank's shares of the losses and fractions: summed over ranks below
@@ -178,9 +211,16 @@ def update(
                 continue
             mine = torch.stack(dist.shard(mb_idx)[0])
             for u0 in range(0, len(mine), micro):
-                b = batch.select(mine[u0 : u0 + micro])
-                logp, entropy = _actor_forward(actor.model, b.rollout, obj.entropy_coef > 0)
-                loss, parts = actor_loss(obj, logp, entropy, b, kl_coef, total_tokens, total_seqs)
+                rows = mine[u0 : u0 + micro]
+                b = batch.select(rows)
+                logp, entropy = _actor_forward(
+                    actor.model, b.rollout, obj.entropy_coef > 0 or reuse, entropy_grad=obj.entropy_coef > 0
+                )
+                if reuse:  # θ = θ_old until the step below: this forward is π_old's
+                    taken[rows], taken_entropy[rows] = logp.detach(), entropy.detach()
+                    b = replace(b, old_logprobs=logp.detach())
+                bonus = entropy if obj.entropy_coef > 0 else None
+                loss, parts = actor_loss(obj, logp, bonus, b, kl_coef, total_tokens, total_seqs)
                 actor.backward(loss)
                 _acc(sums, parts)
                 if critic is not None:
@@ -208,10 +248,12 @@ def update(
                 after_step()
             updates += 1
     if updates == 0:
-        return {}
+        return Updated({})
     metrics = {k: v / updates for k, v in {**dist.sum_dict_across(sums), **norms}.items()}
     metrics.update(metrics_lr)
-    return metrics
+    if reuse:  # each rank filled its own rows
+        return Updated(metrics, dist.sum_tensor_across(taken), dist.sum_tensor_across(taken_entropy))
+    return Updated(metrics)
 
 
 def _acc(sums: dict[str, float], values: dict[str, float]) -> None:

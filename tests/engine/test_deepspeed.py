@@ -161,6 +161,12 @@ def run_table(i: dict[str, str]) -> dict[str, tuple[str, int, list[str]]]:
     table["rl-zero3-sharded-generation"] = ("rl", 2, [*stage_args("rl", i), *sharded])
     table["sft-zero2-offload"] = ("sft", 2, [*sft, *zero(2, i, "--engine.offload_optimizer", "True")])
     table["rl-zero3-offload-frozen"] = ("rl", 2, [*stage_args("rl", i), *zero(3, i, "--engine.offload_frozen", "True")])
+    # exactly on-policy (one mini-batch, the KL in the loss): π_old from the update's own forward, on each rank's rows
+    rl = stage_args("rl", i)
+    del rl[rl.index("--train.update.mini_batch_size") : rl.index("--train.update.mini_batch_size") + 2]
+    grpo = [*rl, "--train.algo", "grpo", "--train.kl.placement", "loss", "--train.kl.estimator", "k3"]
+    table["rl-grpo-single"] = ("rl", 1, grpo)
+    table["rl-grpo-zero3"] = ("rl", 2, [*grpo, *zero(3, i)])
     return table
 
 
@@ -272,6 +278,17 @@ def test_two_ranks_match_one_process(runs, stage, zero_stage):
     reference = runs.get(f"{stage}-single")
     got = assert_metrics_match(runs.get(f"{stage}-zero{zero_stage}"), reference, EQUAL, LOOSER.get(stage))
     assert sorted(got) == list(range(1, STEPS[stage] + 1))
+
+
+def test_on_policy_updates_on_two_ranks_match_one_process(runs):
+    """GRPO in one mini-batch with the KL in the loss: each rank takes π_old's log-probs and entropy from its own
+    rows' forward in the update (the ratio is exactly 1), and the KL and entropy metrics, summed over the ranks,
+    equal the single process's."""
+    runs.start("rl-grpo-zero3")
+    got = assert_metrics_match(runs.get("rl-grpo-zero3"), runs.get("rl-grpo-single"), EQUAL)
+    assert sorted(got) == [1, 2]
+    for values in got.values():
+        assert values["policy/approx_kl"] == 0.0 and values["kl/mean"] >= 0.0 and values["policy/entropy"] > 0.0
 
 
 def test_rl_responses_end_at_different_steps_on_the_two_ranks(inputs):

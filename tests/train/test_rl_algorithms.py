@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from chatrlhf.config import (
     DataConfig,
@@ -18,6 +18,7 @@ from chatrlhf.config import (
     RLTrainConfig,
     RolloutConfig,
     RunConfig,
+    UpdateConfig,
 )
 from chatrlhf.demo.task import parse_prompt
 from chatrlhf.errors import UserError
@@ -27,6 +28,7 @@ from chatrlhf.models.tiny import byte_tokenizer
 from chatrlhf.train.algorithms import ALGORITHMS
 from chatrlhf.train.rl import run_rl
 from chatrlhf.train.rl_models import build_models
+from chatrlhf.train.update import reuses_update_forward
 
 JUDGE = "chatrlhf.demo.task:judge"
 TEXT = "tests.train.test_rl_algorithms:text_reward"
@@ -165,3 +167,54 @@ def test_ppo_with_reward_functions_needs_a_critic(tiny_dirs, pairs_file, tmp_pat
 
     with pytest.raises(ConfigError, match="needs a critic"):
         rl_config(tiny_dirs, pairs_file, tmp_path, algo="ppo", group_size=1).validate()
+
+
+def test_an_on_policy_update_takes_the_old_logprobs_from_its_own_forward(tiny_dirs, pairs_file, tmp_path, monkeypatch):
+    """One epoch, one mini-batch, the KL in the loss: the rollout's separate forward of the actor is skipped
+    (update.old_logprobs auto), and the run is the one that makes it (forward): the same metrics — entropy and
+    KL included, now from the update's forward — and the same weights."""
+    import chatrlhf.train.rl as rl_module
+
+    calls = []
+    separate = rl_module.rollout_logprobs_and_entropy
+    monkeypatch.setattr(rl_module, "rollout_logprobs_and_entropy", lambda *a, **k: calls.append(1) or separate(*a, **k))
+    kl = KLConfig(placement="loss", estimator="k3", coef=0.05)
+    runs = {}
+    for mode in ("auto", "forward"):
+        calls.clear()
+        cfg = rl_config(tiny_dirs, pairs_file, tmp_path / mode, kl=kl, update=UpdateConfig(old_logprobs=mode))
+        cfg.train.update.micro_batch_size = 4  # two micro-batches: each one's forward is π_old's
+        run_rl(cfg)
+        runs[mode] = (metrics(tmp_path / mode), len(calls))
+    (auto, auto_calls), (forward, forward_calls) = runs["auto"], runs["forward"]
+    assert auto_calls == 0 and forward_calls == 2
+    for a, f in zip(auto, forward):
+        assert set(a) == set(f)
+        for key in ("policy/entropy", "kl/mean", "kl/token_mean", "loss/policy", "loss/kl", "reward/score_mean"):
+            assert a[key] == pytest.approx(f[key], rel=1e-4, abs=1e-6), key
+        assert a["policy/approx_kl"] == 0.0 and a["policy/clipfrac"] == 0.0  # the ratio is exactly 1
+        assert abs(f["policy/approx_kl"]) < 1e-6  # the separate forward agrees with the update's to rounding
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / mode / "model") for mode in ("auto", "forward")]
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "change, backend, reuses",
+    [
+        ({}, "hf", True),
+        ({"kl": KLConfig(placement="reward", coef=0.0)}, "hf", True),  # no KL in the reward: nothing reads π_old
+        ({"kl": KLConfig(placement="reward", coef=0.05)}, "hf", False),  # the shaped reward needs π_old first
+        ({"kl": KLConfig(placement="reward", coef=0.0, target=0.1)}, "hf", False),  # β may grow
+        ({"update": UpdateConfig(epochs=2)}, "hf", False),
+        ({"update": UpdateConfig(mini_batch_size=4)}, "hf", False),  # two optimizer steps over 8 sequences
+        ({"update": UpdateConfig(mini_batch_size=8)}, "hf", True),
+        ({"update": UpdateConfig(old_logprobs="forward")}, "hf", False),
+        ({"rollout": RolloutConfig(tis_cap=2.0)}, "hf", False),
+        ({}, "vllm", False),  # the engine mismatch is measured before the update
+    ],
+)
+def test_when_the_update_is_exactly_on_policy(change, backend, reuses):
+    base = {"kl": KLConfig(placement="loss", estimator="k3", coef=0.05)}
+    train = RLTrainConfig(algo="grpo", group_size=2, rollout_batch_size=4, **{**base, **change})
+    assert reuses_update_forward(train, backend) is reuses

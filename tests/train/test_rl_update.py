@@ -271,7 +271,7 @@ def run_update(case: Case, actor, critic):
     ptx = PTXBatches(PTX, batch_size=2, seed=0, pad_id=PAD, device="cpu") if case.ptx_coef else None
     schedule = Schedule(epochs=1, mini_batch_size=case.mini, micro_batch_size=case.micro, order_seed=7)
     metrics = update(actor_engine, critic_engine, batch, objective(algo.policy_loss, train), schedule,
-                     train.kl.coef, ptx, case.ptx_coef)  # fmt: skip
+                     train.kl.coef, ptx, case.ptx_coef).metrics  # fmt: skip
     order = torch.randperm(4, generator=torch.Generator().manual_seed(7)).tolist()  # the update's shuffle
     rows = [[float(t[i, j]) for j in range(len(RESPONSES[i]))] for t in (old_logprobs, ref_logprobs, old_values)
             for i in range(4)]  # fmt: skip
