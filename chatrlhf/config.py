@@ -699,9 +699,6 @@ class RLConfig(StageOptions):
         episodes)."""
         t = self.train
         refused = [
-            (self.judge is not None, "judge", "the held-out judge scores single responses (prompt, response); score "
-             "episodes with the environment's reward, reward_functions (which see the conversation as messages) or "
-             "a reward model"),
             (t.reward.overlong_buffer > 0, f"train.reward.overlong_buffer={t.reward.overlong_buffer}", "overlong "
              "shaping punishes a response's length against train.generation.max_new_tokens, while an episode's "
              "policy tokens span several turns that it bounds one by one; set it to 0 (a turn cut at max_new_tokens "

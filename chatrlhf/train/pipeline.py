@@ -200,7 +200,7 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
             reward_functions=cfg.reward_functions,
             reward_weights=cfg.reward_weights,
             env=cfg.env,
-            judge=None if cfg.env else cfg.eval.judge,  # on episodes the final comparison judges the last turns
+            judge=cfg.eval.judge,
             output_dir=str(rl_dir),
             data=stage_data_cfg,
             train=cfg.rl,

@@ -6,7 +6,8 @@ the responses appended to `samples.jsonl`, so the report can show the same promp
 and the doctor can see the judge fall while the reward rises) and once more at the end (summary.json). Sampling
 uses its own seed, always the same, inside a forked RNG: the training stream, and so resume equivalence, are
 untouched, and every evaluation answers the same prompts under the same randomness. With an environment (`env`)
-each held-out prompt plays one episode, scored as in training, and its row carries the conversation (`messages`).
+each held-out prompt plays one episode, scored as in training, and its row carries the conversation (`messages`);
+the judge sees it as reward functions do: the policy's last turn as the response, the conversation as `messages`.
 """
 
 from __future__ import annotations
@@ -66,13 +67,18 @@ def evaluate_held_out(m: Models, held: HeldOut, iteration: int) -> tuple[dict[st
                 rollout = generate_rollout(m.actor, batch, 1, m.tok, m.device)
             with m.resident(m.scorer.modules()):
                 scores = score_rollout(m.scorer, rollout, m.tok).total.tolist()
-            for j, (p, text, score) in enumerate(zip(rollout.prompts, response_texts(rollout, m.tok), scores)):
+            texts = response_texts(rollout, m.tok)
+            judged, extras = texts, [p.extra for p in rollout.prompts]
+            if rollout.episodes is not None:  # as reward functions see an episode: the last turn, and `messages`
+                judged = [[t for t in e.messages if t["role"] == "assistant"][-1]["content"] for e in rollout.episodes]
+                extras = [{**x, "messages": e.messages} for x, e in zip(extras, rollout.episodes)]
+            for j, (p, text, score) in enumerate(zip(rollout.prompts, texts, scores)):
                 row = {"iteration": iteration, "prompt": p.text, "response": text, "reward": score}
                 if rollout.episodes is not None:
                     row["messages"] = rollout.episodes[j].messages
                 if held.judge is not None:
                     what = f"judge '{held.judge_name}'"
-                    row["judge"] = call_score(held.judge, what, p.text, text, p.extra)
+                    row["judge"] = call_score(held.judge, what, p.text, judged[j], extras[j])
                 rows.append(row)
     metrics = {"eval/score_mean": statistics.fmean(r["reward"] for r in rows)}
     if held.judge is not None:

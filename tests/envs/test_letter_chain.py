@@ -77,7 +77,7 @@ def test_rl_on_the_multi_turn_chat_task_through_the_cli(sft_llama, tmp_path):
              "--train.group_size", "2", "--train.iterations", "2", "--train.rollout_batch_size", "4",
              "--train.generation.max_new_tokens", "24", "--train.episode.max_turns", "2",
              "--train.eval_prompts", "8", "--train.actor_optim.lr", "1e-3", "--run.progress", "False",
-             "--run.log_every", "1")  # fmt: skip
+             "--run.log_every", "1", "--judge", "tests.envs.test_letter_chain:assistant_turns")  # fmt: skip
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     for m in lines:
@@ -91,6 +91,10 @@ def test_rl_on_the_multi_turn_chat_task_through_the_cli(sft_llama, tmp_path):
             last_word = r["messages"][1]["content"].split()[-1].lower().rstrip(",.")
             assert r["messages"][2]["content"].startswith(f"Your last word was '{last_word}'.")
         assert r["reward"] == pytest.approx(conversation_return(r["messages"]), abs=1e-6)
+        # the held-out judge sees the episode as reward functions do: the conversation as `messages`
+        assert r["judge"] == sum(m["role"] == "assistant" for m in r["messages"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval/judge_mean"] == pytest.approx(sum(r["judge"] for r in rows[-8:]) / 8)
 
 
 def assistant_turns(prompt: str, response: str, messages: list[dict], **fields) -> float:
