@@ -1,14 +1,18 @@
-"""GRPO side by side: TRL's `GRPOTrainer` against `chatrlhf rl --train.algo grpo`, the same workload, one invocation.
+"""GRPO and PPO side by side: TRL's trainers against `chatrlhf rl`, the same workload, one invocation.
+
+`--algo grpo` (the default) compares TRL's `GRPOTrainer` with `chatrlhf rl --train.algo grpo`; `--algo ppo`
+compares TRL's `trl.experimental.ppo.PPOTrainer` with `chatrlhf rl --train.algo ppo` (below).
 
 Both frameworks run as subprocesses of this script, alternately, each measured from outside by `_runner` (wall
 time, peak RSS, the CPU other work used meanwhile). chatrlhf runs its real CLI (`chatrlhf.cli.main`, as
-`python -m chatrlhf` does); TRL runs a small worker (`--worker trl`) that builds a `GRPOTrainer` and calls
-`train()`. Both processes get the same two instruments, installed before anything runs and costing nothing
-measurable: a counter of optimizer steps (torch's global optimizer step hook) and a record of every
-`generate()` call's batch and generated length (a wrapper around transformers' `GenerationMixin.generate`). The
-script refuses figures from runs whose counts differ from what the workload says.
+`python -m chatrlhf` does); TRL runs a small worker (`--worker trl`) that builds the trainer and calls `train()`.
+Both processes get the same two instruments, installed before anything runs and costing nothing measurable: a
+counter of optimizer steps, per optimizer with the number of parameters it updates (torch's global optimizer step
+hook), and a record of every `generate()` call's batch and generated length (a wrapper around transformers'
+`GenerationMixin.generate`). The script refuses figures from runs whose counts differ from what the workload says
+(`expected_work`, `check_equal_work`).
 
-The workload, per size (`--hidden`, 4 layers):
+The GRPO workload, per size (`--hidden`, 4 layers):
 - the model: `build_tiny_model` (random-init Llama, byte tokenizer), then made unable to sample its three special
   tokens, so every response runs to `--new-tokens` in both frameworks (the work is equal, not just similar). One
   residual dimension is held constant (its embedding column set to 1, and no layer writes to it), the output
@@ -26,15 +30,40 @@ The workload, per size (`--hidden`, 4 layers):
   temperature 1, no top-k/top-p; float32; `--threads` threads (OMP_NUM_THREADS, default 1: on a
   2-core machine shared with other work, a 2-thread process slows down sharply when another job takes a core).
 
-A third process, `floor` (`--worker floor`, `floor_worker`), runs the same steps in plain torch + transformers
-with nothing a framework adds: the floor that both are measured against. `--frameworks` picks which of the three
-run; each round of runs rotates their order.
+A third process, `floor` (`--worker floor`, `floor_worker`), runs the same GRPO steps in plain torch +
+transformers with nothing a framework adds: the floor that both are measured against. `--frameworks` picks which
+of the three run; each round of runs rotates their order.
+
+The PPO workload (`--algo ppo`), per size: the same actor and prompts; a reward model that is the actor's network
+as a 1-label `AutoModelForSequenceClassification` with a seeded score head (`build_reward_model`), from which both
+frameworks load their reward model and their critic's initial weights (chatrlhf's critic defaults to the reward
+model; TRL's `value_model` is loaded from the same directory), so both critics start equal; `--prompts` prompts ×
+one response per step, one PPO epoch, one mini-batch and one micro-batch (TRL: `num_ppo_epochs=1`,
+`num_mini_batches=1`, `per_device_train_batch_size` = the prompts, `gradient_accumulation_steps=1`,
+`local_rollout_forward_batch_size` = the prompts, so one `generate()` per step); β·k1-KL to the frozen reference
+shaped into the per-token reward, the reward model's score at the last token, GAE (γ 1, λ 0.95), whitened
+advantages, clipped ratio (ε 0.2) and clipped value loss (ε 0.2), token means; AdamW for actor and critic alike
+(lr `--lr`, betas (0.9, 0.999), no weight decay, no gradient clipping: TRL's PPO loop clips none), constant
+schedule; sampling at temperature 1; no checkpoints, no sample generations (TRL: `num_sample_generations=0`,
+`stop_token=None` so nothing is truncated, `missing_eos_penalty=None`). TRL runs twice: `trl`, as shipped, and
+`trl-nogc`, with the module `trl.experimental.ppo.ppo_trainer`'s reference to `gc` replaced by an object whose
+`collect()` does nothing (and counts its calls): the loop's two `gc.collect()` per update are skipped. PPO has no
+floor worker.
+
+What differs in the PPO work, by design of each (none of it can be configured away): chatrlhf runs one no-grad
+forward of the actor per step for log π_old (the KL shaped into the reward needs it before the update), where TRL
+takes the log-probs from `generate()`'s scores (`output_scores=True`); TRL runs the policy and the critic in one
+forward of its `PolicyAndValueWrapper`, with one backward and one optimizer step, where chatrlhf runs the actor's
+and the critic's forward/backward and optimizer step apart (two optimizer steps per RL step); chatrlhf computes
+the gradient norm (clipping at infinity), TRL none; TRL's forwards ask for every layer's hidden states.
 
 Step time is the interval between two consecutive step ends (chatrlhf: `time/elapsed_s` of two metrics lines;
 TRL: two `on_step_end` callbacks), the median over the steps after `--warmup`, then the median over `--runs` runs.
-chatrlhf's per-phase times (`time/generate_s`, `time/forward_s`, `time/train_s`) are reported beside it.
+chatrlhf's per-phase times (`time/generate_s`, `time/score_s`, `time/forward_s`, `time/train_s`) are reported
+beside it.
 
     python bench/trl_compare.py --hidden 64 256 --json bench/results/trl_compare.json
+    python bench/trl_compare.py --algo ppo --hidden 64 256 --json bench/results/trl_compare-ppo.json
 
 Needs TRL in the same environment: bench/requirements-trl.txt (never a chatrlhf dependency).
 """
@@ -57,6 +86,10 @@ from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_meas
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 LAYERS = 4
+FRAMEWORKS = {"grpo": ["chatrlhf", "trl", "floor"], "ppo": ["chatrlhf", "trl", "trl-nogc"]}
+"""What can run under each `--algo` (the default `--frameworks`): PPO has no floor worker, and `trl-nogc` is PPO's."""
+TRL_GC_COLLECTS_PER_UPDATE = 2
+"""`gc.collect()` calls in each update of TRL 1.12.0's `PPOTrainer.train` (after the rollout, after the step)."""
 
 
 def letter_share(prompt: str, response: str, **fields) -> float:
@@ -103,6 +136,40 @@ def build_model(workdir: Path, hidden: int, layers: int = LAYERS) -> Path:
     return out
 
 
+def build_reward_model(workdir: Path, actor: Path) -> Path:
+    """PPO's reward model for `actor`: its network as a 1-label `AutoModelForSequenceClassification` (the actor's
+    backbone, the output embedding dropped) with a seeded score head (std 0.5/√hidden, so the scores stay far inside
+    chatrlhf's ±5 reward clip), `pad_token_id` set, saved with the actor's tokenizer to `workdir/{actor}-rm`, reused
+    when it exists. Both frameworks load their reward model and their critic's initial weights from it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = workdir / f"{actor.name}-rm"
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(actor)
+    model = AutoModelForSequenceClassification.from_pretrained(actor, num_labels=1, dtype=torch.float32)
+    weight = model.score.weight
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1234)
+        weight.copy_(torch.randn(weight.shape, generator=g) * (0.5 / weight.shape[1] ** 0.5))
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    check = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    assert torch.equal(check.score.weight, weight), "the score head did not round-trip"
+    return out
+
+
+def param_count(path: Path, reward_model: bool = False) -> int:
+    """Parameters of the actor (a causal LM) or of a reward model / critic at `path`, as loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+    return sum(p.numel() for p in cls.from_pretrained(path, dtype=torch.float32).parameters())
+
+
 def prompt_texts(model_dir: Path, n: int) -> list[str]:
     """`n` demo prompts that all render to the same number of tokens, checked to tokenize alike in both frameworks:
     chatrlhf renders with `render_prompt` and tokenizes with `prompt_ids`; TRL applies the chat template to the
@@ -124,7 +191,9 @@ def prompt_texts(model_dir: Path, n: int) -> list[str]:
     return chosen
 
 
-def chatrlhf_args(model: Path, prompts: Path, out: Path, a: argparse.Namespace) -> list[str]:
+def chatrlhf_args(model: Path, prompts: Path, out: Path, a: argparse.Namespace, reward_model: Path | None = None):
+    if a.algo == "ppo":
+        return chatrlhf_ppo_args(model, reward_model, prompts, out, a)
     return [
         "rl", "--actor", str(model), "--reward_functions", "trl_compare:letter_share",
         "--output_dir", str(out), "--data.paths", str(prompts), "--data.eval_fraction", "0",
@@ -140,25 +209,62 @@ def chatrlhf_args(model: Path, prompts: Path, out: Path, a: argparse.Namespace) 
     ]  # fmt: skip
 
 
-def trl_spec(model: Path, prompts: Path, out: Path, a: argparse.Namespace) -> dict:
-    return {"model": str(model), "prompts": str(prompts), "output_dir": str(out), "group": a.group,
+def chatrlhf_ppo_args(model: Path, reward_model: Path, prompts: Path, out: Path, a: argparse.Namespace) -> list[str]:
+    """`chatrlhf rl --train.algo ppo` on the PPO workload (module docstring); the critic starts from the reward
+    model (chatrlhf's default, `--critic` unset)."""
+    optim = []
+    for role in ("actor", "critic"):
+        optim += [f"--train.{role}_optim.lr", str(a.lr), f"--train.{role}_optim.betas", "0.9", "0.999",
+                  f"--train.{role}_optim.weight_decay", "0", f"--train.{role}_optim.grad_clip", "0",
+                  f"--train.{role}_optim.schedule", "constant"]  # fmt: skip
+    return [
+        "rl", "--actor", str(model), "--reward_model", str(reward_model),
+        "--output_dir", str(out), "--data.paths", str(prompts), "--data.eval_fraction", "0",
+        "--train.algo", "ppo", "--train.group_size", "1", "--train.iterations", str(a.warmup + a.steps),
+        "--train.rollout_batch_size", str(a.prompts), "--train.max_prompt_len", "64",
+        "--train.generation.max_new_tokens", str(a.new_tokens),
+        "--train.kl.coef", str(a.beta), "--train.kl.placement", "reward", "--train.kl.estimator", "k1",
+        "--train.advantage.gamma", "1.0", "--train.advantage.lam", "0.95", "--train.advantage.whiten", "True",
+        "--train.loss.aggregation", "token_mean", "--train.loss.clip_low", "0.2", "--train.loss.value_clip", "0.2",
+        "--train.update.epochs", "1", "--train.update.mini_batch_size", "0", "--train.update.micro_batch_size", "0",
+        *optim,
+        "--checkpoint.every", "0", "--run.log_every", "1", "--run.progress", "False", "--run.overwrite", "True",
+    ]  # fmt: skip
+
+
+def trl_spec(model: Path, prompts: Path, out: Path, a: argparse.Namespace, framework: str = "trl",
+             reward_model: Path | None = None) -> dict:  # fmt: skip
+    spec = {"model": str(model), "prompts": str(prompts), "output_dir": str(out), "group": a.group,
             "prompts_per_step": a.prompts, "new_tokens": a.new_tokens, "beta": a.beta, "lr": a.lr,
             "max_steps": a.warmup + a.steps}  # fmt: skip
+    if a.algo == "ppo":
+        spec.update(algo="ppo", reward_model=str(reward_model), gc=framework != "trl-nogc")
+    return spec
 
 
 # ------------------------------------------------------------------------------------------------ the workers
 
 
 def instrument(path: Path) -> None:
-    """Count optimizer steps and record every generate() call (batch, generated length); written at exit."""
+    """Count optimizer steps, in all and per optimizer (with the parameters it updates), and record every
+    generate() call (batch, generated length); written at exit."""
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers.generation.utils import GenerationMixin
 
-    seen = {"optimizer_steps": 0, "generate_calls": []}
-    register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: seen.__setitem__("optimizer_steps", seen["optimizer_steps"] + 1)
-    )
+    seen = {"optimizer_steps": 0, "optimizers": {}, "generate_calls": []}
+
+    def stepped(opt, args, kwargs):
+        seen["optimizer_steps"] += 1
+        key = str(id(opt))
+        if key not in seen["optimizers"]:  # its parameters counted once, at its first step
+            seen["optimizers"][key] = {
+                "steps": 0,
+                "params": sum(p.numel() for g in opt.param_groups for p in g["params"]),
+            }
+        seen["optimizers"][key]["steps"] += 1
+
+    register_optimizer_step_post_hook(stepped)
     generate = GenerationMixin.generate
 
     def counted(self, *args, **kwargs):
@@ -180,12 +286,14 @@ def chatrlhf_worker(counts: Path, args: list[str]) -> int:
 
 
 def trl_worker(counts: Path, spec_path: Path) -> int:
+    spec = json.loads(spec_path.read_text())
+    if spec.get("algo") == "ppo":
+        return trl_ppo_worker(counts, spec)
     instrument(counts)
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    spec = json.loads(spec_path.read_text())
     texts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).read_text().splitlines()]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in texts])
     n = spec["prompts_per_step"] * spec["group"]
@@ -215,6 +323,78 @@ def trl_worker(counts: Path, spec_path: Path) -> int:
         "global_step": trainer.state.global_step,
         "mean_length": [h["completions/mean_length"] for h in logs],
         "clipped_ratio": [h.get("completions/clipped_ratio") for h in logs],
+    }
+    Path(spec["output_dir"], "trl_result.json").write_text(json.dumps(result))
+    return 0
+
+
+class SkippedCollect:
+    """Stands in for the `gc` module inside TRL's PPO trainer: `collect()` does nothing and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def collect(self, *args, **kwargs) -> int:
+        self.calls += 1
+        return 0
+
+
+def trl_ppo_worker(counts: Path, spec: dict) -> int:
+    """TRL's `PPOTrainer` on the PPO workload (module docstring); with `spec["gc"]` false, its `gc.collect()` calls
+    are skipped (`SkippedCollect`)."""
+    instrument(counts)
+    import importlib
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    skipped = None
+    if not spec["gc"]:
+        module = importlib.import_module("trl.experimental.ppo.ppo_trainer")
+        module.gc = skipped = SkippedCollect()
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    texts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).read_text().splitlines()]
+    data = Dataset.from_list([{"input_ids": list(tok.apply_chat_template([{"role": "user", "content": t}],
+                               add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])}
+                              for t in texts])  # fmt: skip
+    n = spec["prompts_per_step"]
+    config = PPOConfig(
+        output_dir=spec["output_dir"], per_device_train_batch_size=n, gradient_accumulation_steps=1,
+        num_mini_batches=1, num_ppo_epochs=1, local_rollout_forward_batch_size=n,
+        total_episodes=n * spec["max_steps"], response_length=spec["new_tokens"], temperature=1.0,
+        stop_token=None, stop_token_id=None, missing_eos_penalty=None, num_sample_generations=0,
+        kl_coef=spec["beta"], kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0,
+        lam=0.95, whiten_rewards=False, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, gradient_checkpointing=False, use_cpu=True, bf16=False,
+        fp16=False, logging_steps=1, save_strategy="no", report_to="none", seed=1234, dataloader_num_workers=0,
+        sft_model_path=spec["model"], reward_model_path=spec["reward_model"],
+    )  # fmt: skip
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+    started = time.perf_counter()
+    causal = {"dtype": torch.float32}
+    scorer = {"dtype": torch.float32, "num_labels": 1}
+    trainer = PPOTrainer(
+        args=config, processing_class=tok, train_dataset=data,
+        model=AutoModelForCausalLM.from_pretrained(spec["model"], **causal),
+        ref_model=AutoModelForCausalLM.from_pretrained(spec["model"], **causal),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], **scorer),
+        value_model=AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], **scorer),
+        callbacks=[StepClock()],
+    )  # fmt: skip
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "val/num_eos_tokens" in h]
+    result = {
+        "step_end_s": [t - started for t in step_ends],
+        "global_step": trainer.state.global_step,
+        "eos_tokens": [h["val/num_eos_tokens"] for h in logs],
+        "gc_collects_skipped": None if skipped is None else skipped.calls,
     }
     Path(spec["output_dir"], "trl_result.json").write_text(json.dumps(result))
     return 0
@@ -268,26 +448,31 @@ def floor_worker(counts: Path, spec_path: Path) -> int:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str, a: argparse.Namespace) -> dict:
-    out = workdir / f"{model.name}-{framework}-{tag}"
+def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str, a: argparse.Namespace,
+            reward_model: Path | None = None) -> dict:  # fmt: skip
+    out = workdir / (f"{model.name}-{framework}-{tag}" if a.algo == "grpo" else f"{model.name}-ppo-{framework}-{tag}")
     counts = workdir / f"{out.name}-counts.json"
     me = [sys.executable, str(Path(__file__).resolve())]
     if framework == "chatrlhf":
-        args = chatrlhf_args(model, prompts, out, a)
+        args = chatrlhf_args(model, prompts, out, a, reward_model)
         cmd = [*me, "--worker", "chatrlhf", "--counts", str(counts), "--", *args]
         shown = "chatrlhf " + " ".join(args)
     else:
         out.mkdir(parents=True, exist_ok=True)
         spec = out / "spec.json"
-        spec.write_text(json.dumps(trl_spec(model, prompts, out, a)))
-        cmd = [*me, "--worker", framework, "--counts", str(counts), "--spec", str(spec)]
-        shown = {"trl": "GRPOTrainer ", "floor": "floor "}[framework] + json.dumps(trl_spec(model, prompts, out, a))
+        spec.write_text(json.dumps(trl_spec(model, prompts, out, a, framework, reward_model)))
+        worker = "floor" if framework == "floor" else "trl"
+        cmd = [*me, "--worker", worker, "--counts", str(counts), "--spec", str(spec)]
+        label = {"grpo": {"trl": "GRPOTrainer ", "floor": "floor "},
+                 "ppo": {"trl": "PPOTrainer ", "trl-nogc": "PPOTrainer, gc.collect() skipped, "}}  # fmt: skip
+        shown = label[a.algo][framework] + json.dumps(trl_spec(model, prompts, out, a, framework, reward_model))
     threads = str(a.threads)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH}", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     res = run_measured(cmd, workdir / f"{out.name}.log", env=env, timeout_s=a.timeout)
     if res.returncode != 0:
         raise SystemExit(f"{framework} failed ({res.returncode}); see {workdir / (out.name + '.log')}")
     seen = json.loads(counts.read_text())
+    extra = {}
     if framework == "chatrlhf":
         lines = [m for m in metrics_lines(out / "metrics.jsonl") if "time/generate_s" in m]
         ends = [m["time/elapsed_s"] for m in lines]
@@ -295,9 +480,14 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         phases = {k: statistics.median(m[k] for m in lines[a.warmup :])
                   for k in ("time/generate_s", "time/score_s", "time/forward_s", "time/train_s")}  # fmt: skip
         steps = len(lines)
-    elif framework == "trl":
+    elif framework.startswith("trl"):
         r = json.loads((out / "trl_result.json").read_text())
-        ends, lengths, phases, steps = r["step_end_s"], r["mean_length"], {}, r["global_step"]
+        ends, phases, steps = r["step_end_s"], {}, r["global_step"]
+        if a.algo == "grpo":
+            lengths = r["mean_length"]
+        else:  # TRL truncates nothing (stop_token None): its responses are what generate() returned
+            lengths = [length for _, length in seen["generate_calls"]]
+            extra = {"eos_tokens": r["eos_tokens"], "gc_collects_skipped": r["gc_collects_skipped"]}
     else:
         r = json.loads((out / "floor_result.json").read_text())
         ends, steps = [x["end_s"] for x in r], len(r)
@@ -313,8 +503,10 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         "median_step_s": statistics.median(intervals),
         "steps_logged": steps,
         "optimizer_steps": seen["optimizer_steps"],
+        "optimizers": sorted([o["steps"], o["params"]] for o in seen["optimizers"].values()),
         "generate_calls": seen["generate_calls"],
         "response_length_mean": lengths,
+        **extra,
         "phases_median_s": phases,
         "peak_rss_bytes": worker.peak_bytes,
         "wall_s": res.wall_s,
@@ -322,21 +514,82 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
     }
 
 
-def check_equal_work(row: dict, a: argparse.Namespace) -> None:
-    """Refuse a run that did other work than the workload says: one optimizer step and one generate() of
-    prompts × group sequences × new_tokens per RL step, every response at full length."""
-    steps, n = a.warmup + a.steps, a.prompts * a.group
+class UnequalWork(Exception):
+    """A run did other work than the workload says: its figures are refused."""
+
+
+def expected_work(framework: str, a: argparse.Namespace, actor_params: int, critic_params: int | None = None) -> dict:
+    """What one run of `framework` must have done, as the instruments count it.
+
+    GRPO, every framework: one optimizer over the actor's `actor_params` parameters, one step per RL step; one
+    generate() of prompts × group sequences × new_tokens per RL step.
+
+    PPO: one generate() of prompts × new_tokens per RL step (one response per prompt; TRL with
+    `local_rollout_forward_batch_size` = the prompts generates the batch in one call). Optimizer steps: chatrlhf has
+    two optimizers, the actor's (`actor_params`) and the critic's (`critic_params`, the reward model's network),
+    each stepping once per RL step (one epoch, one mini-batch), so torch's global step hook counts 2 per RL step;
+    TRL has one optimizer over its `PolicyAndValueWrapper` (policy and value model, `actor_params + critic_params`),
+    which `PPOTrainer.train` steps once per micro-batch: with one epoch, one mini-batch and one micro-batch, once per
+    RL step. TRL's own log must count no EOS token in any step (`val/num_eos_tokens`); `trl-nogc` must have skipped
+    `TRL_GC_COLLECTS_PER_UPDATE` `gc.collect()` calls per RL step, `trl` none (it is left as shipped).
+
+    Every framework: every response at full length (`new_tokens`) at every step."""
+    steps = a.warmup + a.steps
+    if a.algo == "grpo":
+        return {
+            "optimizer_steps": steps,
+            "optimizers": [[steps, actor_params]],
+            "generate_calls": [[a.prompts * a.group, a.new_tokens]] * steps,
+        }
+    if framework == "chatrlhf":
+        optimizers = sorted([[steps, actor_params], [steps, critic_params]])
+    else:
+        optimizers = [[steps, actor_params + critic_params]]
+    expected = {
+        "optimizer_steps": sum(n for n, _ in optimizers),
+        "optimizers": optimizers,
+        "generate_calls": [[a.prompts, a.new_tokens]] * steps,
+    }
+    if framework.startswith("trl"):
+        expected["eos_tokens"] = [0] * steps
+        expected["gc_collects_skipped"] = TRL_GC_COLLECTS_PER_UPDATE * steps if framework == "trl-nogc" else None
+    return expected
+
+
+def check_equal_work(row: dict, a: argparse.Namespace, actor_params: int, critic_params: int | None = None) -> None:
+    """Refuse (UnequalWork) a run that did other work than `expected_work` says, or whose responses were not all
+    `new_tokens` long."""
     where = f"{row['framework']} {row['model']}"
-    assert row["optimizer_steps"] == steps, f"{where}: {row['optimizer_steps']} optimizer steps, not {steps}"
-    assert row["generate_calls"] == [[n, a.new_tokens]] * steps, f"{where}: generate calls {row['generate_calls']}"
-    assert all(x == a.new_tokens for x in row["response_length_mean"]), f"{where}: {row['response_length_mean']}"
+    for key, want in expected_work(row["framework"], a, actor_params, critic_params).items():
+        if row.get(key) != want:
+            raise UnequalWork(f"{where}: {key} {row.get(key)}, expected {want}")
+    if not all(x == a.new_tokens for x in row["response_length_mean"]):
+        raise UnequalWork(f"{where}: response lengths {row['response_length_mean']}, expected {a.new_tokens}")
+
+
+def settle_options(a: argparse.Namespace) -> None:
+    """Fill in `--group` and `--frameworks` for `--algo`, or refuse (SystemExit) what that algorithm cannot run."""
+    allowed = FRAMEWORKS[a.algo]
+    a.frameworks = a.frameworks or list(allowed)
+    if a.algo == "ppo" and "floor" in a.frameworks:
+        raise SystemExit(
+            "--algo ppo has no floor worker (the floor is GRPO's only); use --frameworks chatrlhf trl trl-nogc"
+        )
+    if a.algo == "grpo" and "trl-nogc" in a.frameworks:
+        raise SystemExit("trl-nogc is TRL's PPOTrainer with its gc.collect() calls skipped: it needs --algo ppo")
+    assert all(f in allowed for f in a.frameworks), a.frameworks
+    if a.group is None:
+        a.group = 4 if a.algo == "grpo" else 1
+    if a.algo == "ppo" and a.group != 1:
+        raise SystemExit(f"--algo ppo samples one response per prompt: --group must be 1, not {a.group}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--algo", choices=["grpo", "ppo"], default="grpo", help="what is compared (default grpo)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
-    parser.add_argument("--group", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--group", type=int, default=None, help="samples per prompt (default 4; PPO: 1, the only)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--lr", type=float, default=1e-5)
@@ -346,9 +599,10 @@ def main() -> int:
     parser.add_argument(
         "--frameworks",
         nargs="+",
-        choices=["chatrlhf", "trl", "floor"],
-        default=["chatrlhf", "trl", "floor"],
-        help="what runs; each run round rotates the order",
+        choices=["chatrlhf", "trl", "trl-nogc", "floor"],
+        default=None,
+        help="what runs (default: grpo chatrlhf trl floor, ppo chatrlhf trl trl-nogc); each run round rotates the "
+        "order; trl-nogc (PPO only) is TRL with its gc.collect() calls skipped",
     )
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both frameworks' processes")
     parser.add_argument("--timeout", type=float, default=900.0)
@@ -366,6 +620,7 @@ def main() -> int:
     if a.worker == "floor":
         return floor_worker(a.counts, a.spec)
     assert a.warmup >= 1, "--warmup must be at least 1 (the first step's time has no step before it)"
+    settle_options(a)
 
     from importlib.metadata import version
 
@@ -374,6 +629,9 @@ def main() -> int:
     rows = []
     for hidden in a.hidden:
         model = build_model(workdir, hidden)
+        reward_model = build_reward_model(workdir, model) if a.algo == "ppo" else None
+        actor_params = param_count(model)
+        critic_params = param_count(reward_model, reward_model=True) if reward_model else None
         texts = prompt_texts(model, a.prompts * (a.warmup + a.steps))
         prompts = workdir / f"prompts-h{hidden}.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
@@ -381,8 +639,8 @@ def main() -> int:
             order = a.frameworks[r % len(a.frameworks) :] + a.frameworks[: r % len(a.frameworks)]  # rotated
             for framework in order:
                 print(f"{model.name}: {framework} run {r + 1}/{a.runs} ...", flush=True)
-                row = run_one(framework, model, prompts, workdir, f"r{r}", a)
-                check_equal_work(row, a)
+                row = run_one(framework, model, prompts, workdir, f"r{r}", a, reward_model)
+                check_equal_work(row, a, actor_params, critic_params)
                 rows.append({**row, "run": r})
                 print(f"  median step {row['median_step_s']:.3f} s, peak RSS {fmt_mib(row['peak_rss_bytes'])} MiB, "
                       f"other cores {row['other_cores']:.2f}", flush=True)  # fmt: skip
@@ -400,20 +658,30 @@ def main() -> int:
         item = {"model": name, "hidden": hidden, "median_step_s": s, "peak_rss_bytes": rss,
                 "tokens_per_s": {f: tokens_per_step / v for f, v in s.items()}, "other_cores_mean": other,
                 "phases_median_s": phases}  # fmt: skip
-        if "chatrlhf" in s and "trl" in s:
-            item["chatrlhf_over_trl_steps_per_s"] = s["trl"] / s["chatrlhf"]
+        ratio = {}
+        for f in ("trl", "trl-nogc"):
+            if "chatrlhf" in s and f in s:
+                ratio[f] = item[f"chatrlhf_over_{f.replace('-', '_')}_steps_per_s"] = s[f] / s["chatrlhf"]
         if "chatrlhf" in s and "floor" in s:
-            item["chatrlhf_step_over_floor"] = s["chatrlhf"] / s["floor"]
+            ratio["floor"] = item["chatrlhf_step_over_floor"] = s["chatrlhf"] / s["floor"]
+        if "trl" in s and "trl-nogc" in s:
+            item["trl_nogc_over_trl_steps_per_s"] = s["trl"] / s["trl-nogc"]
         summary.append(item)
         for f in a.frameworks:
-            ratio = {"trl": item.get("chatrlhf_over_trl_steps_per_s"), "floor": item.get("chatrlhf_step_over_floor")}
             table.append([name, f, f"{s[f]:.3f}", " ".join(f"{r['median_step_s']:.3f}" for r in per[f]),
                           f"{tokens_per_step / s[f]:.0f}", fmt_mib(rss[f]),
                           "" if ratio.get(f) is None else f"{ratio[f]:.2f}", f"{other:.2f}"])  # fmt: skip
     print()
-    print(f"GRPO, {a.prompts} prompts × {a.group} samples × {a.new_tokens} new tokens per step, β={a.beta}, "
-          f"{a.steps} measured steps after {a.warmup}, {a.runs} runs each, {a.threads} thread(s)")  # fmt: skip
-    print("ratio: on the trl row, chatrlhf steps/s ÷ TRL steps/s; on the floor row, chatrlhf s/step ÷ floor s/step")
+    if a.algo == "grpo":
+        print(f"GRPO, {a.prompts} prompts × {a.group} samples × {a.new_tokens} new tokens per step, β={a.beta}, "
+              f"{a.steps} measured steps after {a.warmup}, {a.runs} runs each, {a.threads} thread(s)")  # fmt: skip
+        print("ratio: on the trl row, chatrlhf steps/s ÷ TRL steps/s; on the floor row, chatrlhf s/step ÷ floor s/step")
+    else:
+        print(f"PPO, {a.prompts} prompts × 1 response × {a.new_tokens} new tokens per step, β={a.beta} (k1, in "
+              f"the reward), {a.steps} measured steps after {a.warmup}, {a.runs} runs each, "
+              f"{a.threads} thread(s)")  # fmt: skip
+        print("ratio: on the trl and trl-nogc rows, chatrlhf steps/s ÷ that TRL's steps/s (trl-nogc: TRL with its "
+              "gc.collect() calls skipped)")  # fmt: skip
     print(fmt_table(["model", "framework", "s/step", "runs (s/step)", "gen tok/s", "peak RSS MiB", "ratio",
                      "other cores"], table))  # fmt: skip
     print()
@@ -421,6 +689,9 @@ def main() -> int:
         for f, p in item["phases_median_s"].items():
             if p:
                 print(f"{item['model']}: {f} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()))
+        if "trl_nogc_over_trl_steps_per_s" in item:
+            print(f"{item['model']}: TRL with gc.collect() skipped ÷ as shipped, steps/s: "
+                  f"{item['trl_nogc_over_trl_steps_per_s']:.2f}")  # fmt: skip
     versions = {n: version(n) for n in ("torch", "transformers", "trl", "accelerate", "datasets")}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     args = {k: "WORKDIR" if k == "workdir" else str(v) for k, v in vars(a).items()
