@@ -1,0 +1,137 @@
+"""The equal-work rules and the chatrlhf commands of bench/trl_compare.py (the bench itself needs TRL and runs for
+minutes; neither is needed here: nothing below imports trl)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+ACTOR, CRITIC = 1000, 900  # parameters of the actor and of the reward model / critic
+
+
+@pytest.fixture(scope="module")
+def tc():
+    sys.path.insert(0, str(BENCH))  # the bench imports its sibling `_runner`
+    try:
+        spec = importlib.util.spec_from_file_location("trl_compare", BENCH / "trl_compare.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def options(tc, algo="grpo", frameworks=None, group=None) -> argparse.Namespace:
+    a = argparse.Namespace(algo=algo, frameworks=frameworks, group=group, prompts=8, new_tokens=64, warmup=1,
+                           steps=2, beta=0.04, lr=1e-5)  # fmt: skip
+    tc.settle_options(a)
+    return a
+
+
+def row_as_expected(tc, framework: str, a: argparse.Namespace) -> dict:
+    want = tc.expected_work(framework, a, ACTOR, CRITIC)
+    return {"framework": framework, "model": "llama-h64", "response_length_mean": [a.new_tokens] * 3, **want}
+
+
+def test_options_default_per_algorithm(tc):
+    grpo, ppo = options(tc, "grpo"), options(tc, "ppo")
+    assert (grpo.frameworks, grpo.group) == (["chatrlhf", "trl", "floor"], 4)
+    assert (ppo.frameworks, ppo.group) == (["chatrlhf", "trl", "trl-nogc"], 1)
+
+
+@pytest.mark.parametrize(
+    "algo, frameworks, group, words",
+    [("ppo", ["chatrlhf", "floor"], None, "no floor"), ("grpo", ["trl-nogc"], None, "--algo ppo"),
+     ("ppo", None, 4, "--group must be 1")],
+)  # fmt: skip
+def test_options_refused(tc, algo, frameworks, group, words):
+    with pytest.raises(SystemExit, match=words):
+        options(tc, algo, frameworks, group)
+
+
+def test_grpo_expects_one_actor_optimizer_step_and_one_generate_per_step(tc):
+    a = options(tc, "grpo")
+    for framework in ("chatrlhf", "trl", "floor"):
+        want = tc.expected_work(framework, a, ACTOR)
+        assert want == {"optimizer_steps": 3, "optimizers": [[3, ACTOR]], "generate_calls": [[32, 64]] * 3}
+
+
+def test_ppo_expects_two_optimizers_in_chatrlhf_and_one_over_policy_and_value_in_trl(tc):
+    a = options(tc, "ppo")
+    chatrlhf = tc.expected_work("chatrlhf", a, ACTOR, CRITIC)
+    assert chatrlhf["optimizer_steps"] == 6 and chatrlhf["optimizers"] == [[3, CRITIC], [3, ACTOR]]
+    assert chatrlhf["generate_calls"] == [[8, 64]] * 3
+    for framework, skipped in (("trl", None), ("trl-nogc", 6)):
+        trl = tc.expected_work(framework, a, ACTOR, CRITIC)
+        assert trl["optimizer_steps"] == 3 and trl["optimizers"] == [[3, ACTOR + CRITIC]]
+        assert trl["generate_calls"] == [[8, 64]] * 3
+        assert trl["eos_tokens"] == [0, 0, 0] and trl["gc_collects_skipped"] == skipped
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_check_equal_work_passes_the_expected_rows(tc, algo):
+    a = options(tc, algo)
+    for framework in a.frameworks:
+        tc.check_equal_work(row_as_expected(tc, framework, a), a, ACTOR, CRITIC)
+
+
+@pytest.mark.parametrize(
+    "framework, change, key",
+    [
+        # the right total of 6 steps, but from one optimizer stepping twice per RL step: not the actor and the critic
+        ("chatrlhf", {"optimizers": [[6, ACTOR]]}, "optimizers"),
+        ("chatrlhf", {"optimizer_steps": 3, "optimizers": [[3, ACTOR]]}, "optimizer_steps"),
+        ("trl", {"optimizers": [[3, ACTOR]]}, "optimizers"),  # the value model not in TRL's optimizer
+        ("trl", {"generate_calls": [[4, 64]] * 6}, "generate_calls"),  # two generate() calls per step
+        ("trl", {"eos_tokens": [0, 1, 0]}, "eos_tokens"),
+        ("trl", {"gc_collects_skipped": 6}, "gc_collects_skipped"),  # `trl` must run as shipped
+        ("trl-nogc", {"gc_collects_skipped": None}, "gc_collects_skipped"),  # the gc stand-in was not installed
+        ("trl-nogc", {"response_length_mean": [64, 63, 64]}, "response lengths"),
+    ],
+)
+def test_check_equal_work_refuses_other_work(tc, framework, change, key):
+    a = options(tc, "ppo")
+    row = {**row_as_expected(tc, framework, a), **change}
+    with pytest.raises(tc.UnequalWork, match=key):
+        tc.check_equal_work(row, a, ACTOR, CRITIC)
+
+
+def test_skipped_collect_counts_and_collects_nothing(tc):
+    gc = tc.SkippedCollect()
+    assert gc.collect() == 0 and gc.collect(2) == 0 and gc.calls == 2
+
+
+def test_chatrlhf_ppo_command_is_the_documented_workload(tc, tmp_path):
+    from chatrlhf.cli import parse
+    from chatrlhf.train.update import reuses_update_forward
+
+    a = options(tc, "ppo")
+    args = tc.chatrlhf_args(tmp_path / "actor", tmp_path / "p.jsonl", tmp_path / "out", a, tmp_path / "rm")
+    cfg = parse(args[0], args[1:])
+    cfg.validate()
+    t = cfg.train
+    assert (t.algo, t.group_size, t.iterations, t.rollout_batch_size) == ("ppo", 1, 3, 8)
+    assert cfg.reward_model == str(tmp_path / "rm") and cfg.critic is None and not cfg.reward_functions
+    assert (t.kl.placement, t.kl.estimator, t.kl.coef) == ("reward", "k1", 0.04)
+    assert (t.update.epochs, t.update.mini_batch_size, t.update.micro_batch_size) == (1, 0, 0)
+    assert t.advantage.whiten and (t.advantage.gamma, t.advantage.lam) == (1.0, 0.95)
+    for o in (t.actor_optim, t.critic_optim):
+        assert (o.lr, tuple(o.betas), o.weight_decay, o.grad_clip, o.schedule) == (1e-5, (0.9, 0.999), 0, 0, "constant")
+    # the docs' account of the unequal work: with the KL in the reward, chatrlhf runs its own no-grad forward of
+    # the actor for log π_old (TRL takes them from generate()'s scores)
+    assert not reuses_update_forward(t, "hf")
+
+
+def test_chatrlhf_grpo_command_is_unchanged_by_the_ppo_mode(tc, tmp_path):
+    from chatrlhf.cli import parse
+
+    a = options(tc, "grpo")
+    args = tc.chatrlhf_args(tmp_path / "actor", tmp_path / "p.jsonl", tmp_path / "out", a)
+    assert args[args.index("--reward_functions") + 1] == "trl_compare:letter_share"
+    t = parse(args[0], args[1:]).train
+    assert (t.algo, t.group_size, t.kl.placement, t.kl.estimator) == ("grpo", 4, "loss", "k3")
