@@ -363,14 +363,17 @@ class AlgorithmRules:
     """`train.advantage.whiten` applies (the others normalise by their own rule)."""
     group_baseline: bool = False
     """`train.advantage.group_baseline` applies."""
+    token_rewards: bool = False
+    """Its advantages read per-token rewards (returns over the tokens), so `train.episode.credit: turn` applies; the
+    others reduce a sequence's rewards to their sum."""
 
 
 ALGORITHM_RULES: dict[str, AlgorithmRules] = {
-    "ppo": AlgorithmRules(critic=True, whiten=True),
+    "ppo": AlgorithmRules(critic=True, whiten=True, token_rewards=True),
     "grpo": AlgorithmRules(min_group=2),
     "dr_grpo": AlgorithmRules(min_group=2),
     "rloo": AlgorithmRules(min_group=2),
-    "reinforce_pp": AlgorithmRules(group_baseline=True),
+    "reinforce_pp": AlgorithmRules(group_baseline=True, token_rewards=True),
     "remax": AlgorithmRules(greedy_baseline=True, max_group=1),
     "dapo": AlgorithmRules(sampling="dynamic", min_group=2),
     "gspo": AlgorithmRules(min_group=2),
@@ -512,6 +515,11 @@ class EpisodeConfig:
     """A tool call running longer is answered with a timeout error."""
     max_tokens: int = 512
     """Most tokens of an episode before a policy turn (the turn may add `generation.max_new_tokens`)."""
+    credit: Literal["end", "turn"] = "end"
+    """Where the environment's turn rewards go in RL. end: summed into the episode's return at its last policy token,
+    with the other sources' scores. turn: each at the last token of the policy turn it rewards (the other sources
+    stay at the end), so a turn's tokens are not credited with earlier turns' rewards; for algorithms whose returns
+    run over the tokens (ppo, reinforce_pp). docs/episodes.md."""
 
 
 @dataclass
@@ -699,6 +707,9 @@ class RLConfig(StageOptions):
         episodes)."""
         t = self.train
         refused = [
+            (t.episode.credit == "turn" and not ALGORITHM_RULES[t.algo].token_rewards, "train.episode.credit=turn",
+             f"train.algo={t.algo} reduces an episode's rewards to their sum, so where they are placed does not "
+             "matter; per-turn credit needs returns over the tokens (ppo, reinforce_pp)"),
             (t.reward.overlong_buffer > 0, f"train.reward.overlong_buffer={t.reward.overlong_buffer}", "overlong "
              "shaping punishes a response's length against train.generation.max_new_tokens, while an episode's "
              "policy tokens span several turns that it bounds one by one; set it to 0 (a turn cut at max_new_tokens "

@@ -69,6 +69,9 @@ class AdvantageInputs:
     """(B, T) critic values (PPO only)."""
     greedy_scores: torch.Tensor | None = None
     """(B,) reward of the greedy response to the same prompt (ReMax only)."""
+    turn_scores: torch.Tensor | None = None
+    """(B, T) with `train.episode.credit: turn`: the environment's weighted turn rewards, each at the last token of
+    its policy turn (`scores` then leaves them out); None puts everything in `scores`."""
 
 
 @dataclass
@@ -102,6 +105,8 @@ def _shaped(x: AdvantageInputs, t: RLTrainConfig, scores: torch.Tensor | None = 
             raise ValueError("a KL penalty in the reward needs π_old's log-probs before the update")
         old = x.ref_logprobs  # KL_t = 0 here: with β = 0 the rewards do not depend on it
     rewards, kl = kl_penalized_rewards(s, old, x.ref_logprobs, x.mask, x.kl_coef, None, KL_ESTIMATORS[t.kl.estimator])
+    if x.turn_scores is not None:  # per-turn credit: each turn's reward at its last token, clipped like the score
+        rewards = rewards + x.turn_scores.clamp(-t.reward.clip, t.reward.clip) * x.mask
     return rewards, kl, penalty
 
 

@@ -62,6 +62,7 @@ from chatrlhf.train.rollout import (
     score_rollout,
     to_prompts,
     truncated,
+    turn_scores,
 )
 from chatrlhf.train.stage import run_stage
 from chatrlhf.train.update import (
@@ -379,17 +380,22 @@ def iteration(
     )  # fmt: skip  # 1–4
     rollout, ev = sampled.rollout, sampled.evaluated
     sampled_at = time.time()
+    source_weights = {source.name: w for source, w in zip(m.scorer.sources, m.scorer.weights)}
+    scores, per_turn = ev.scores.total, None
+    if train.episode.credit == "turn" and rollout.episodes is not None:  # the turn rewards go to their turns
+        per_turn = turn_scores(rollout, source_weights["env"])
+        scores = scores - source_weights["env"] * ev.scores.parts["env"]
     inputs = AdvantageInputs(
-        scores=ev.scores.total,
+        scores=scores,
         old_logprobs=ev.old_logprobs,
         ref_logprobs=ev.ref_logprobs,
         mask=rollout.response_mask,
         kl_coef=state.kl_coef if train.kl.placement == "reward" else 0.0,
         values=ev.values,
         greedy_scores=ev.greedy_scores,
+        turn_scores=per_turn,
     )
     adv = algo.advantages(inputs, train)  # 5–6
-    source_weights = {source.name: w for source, w in zip(m.scorer.sources, m.scorer.weights)}
     metrics: dict[str, float] = {}
     measured = ev.old_logprobs is not None  # else the update's forward gives π_old, and the metrics follow it
     if measured:

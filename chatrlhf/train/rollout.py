@@ -205,6 +205,20 @@ def episode_rollout(episodes: list[Episode], prompts: list[Prompt], pad_id: int,
     )
 
 
+def turn_scores(rollout: Rollout, weight: float) -> torch.Tensor:
+    """(B, R) `weight` × each episode's turn rewards, each at the response position of the last token of the policy
+    turn it rewards (a turn is a run of the response mask), 0 elsewhere: `train.episode.credit: turn`."""
+    mask = rollout.response_mask > 0
+    ends = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)  # a run's last token
+    out = torch.zeros_like(rollout.response_mask)
+    for row, episode in enumerate(rollout.episodes):
+        positions = ends[row].nonzero().flatten()
+        if len(positions) != len(episode.turn_rewards):
+            raise ValueError(f"episode {row}: {len(positions)} policy turns in the mask, {episode.turns} played")
+        out[row, positions] = weight * torch.tensor(episode.turn_rewards, dtype=out.dtype, device=out.device)
+    return out
+
+
 def first_policy_token(episode: Episode) -> int:
     """Position of an episode's first policy token: the length of the environment's first messages."""
     if 1 not in episode.policy_mask:

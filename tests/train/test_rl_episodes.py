@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatrlhf.config import (
     ALGORITHM_RULES,
+    AdvantageConfig,
     Algo,
     ConfigError,
     EngineConfig,
@@ -41,6 +42,7 @@ from chatrlhf.errors import UserError
 from chatrlhf.models.load import add_value_head, load_value_model
 from chatrlhf.models.rewards import build_scorer
 from chatrlhf.models.tiny import EOS_ID
+from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs
 from chatrlhf.train.forward import sequence_token_logprobs
 from chatrlhf.train.rollout import (
     Prompt,
@@ -49,6 +51,7 @@ from chatrlhf.train.rollout import (
     rollout_logprobs,
     rollout_values,
     score_rollout,
+    turn_scores,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -394,3 +397,57 @@ def test_an_environment_is_a_reward_source():
                    train=RLTrainConfig(algo="grpo", group_size=2))  # fmt: skip
     with pytest.raises(ConfigError, match="1 values for 2 reward sources"):
         cfg.validate(need_data=False)
+
+
+# ------------------------------------------------------------------------------------------------ per-turn credit
+
+
+def test_turn_scores_sit_at_the_last_token_of_each_turn():
+    """Two policy turns (response positions 0–1 and 4–6, the environment's tokens between): each turn's reward,
+    times the environment's weight, at its turn's last policy token."""
+    from types import SimpleNamespace
+
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    episodes = [SimpleNamespace(turn_rewards=[0.5, 2.0], turns=2), SimpleNamespace(turn_rewards=[1.0], turns=1)]
+    got = turn_scores(SimpleNamespace(response_mask=mask, episodes=episodes), weight=0.5)
+    assert got.tolist() == [[0, 0.25, 0, 0, 0, 0, 1.0, 0], [0, 0, 0.5, 0, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="2 policy turns in the mask, 1 played"):
+        turn_scores(SimpleNamespace(response_mask=mask[:1], episodes=episodes[1:]), weight=1.0)
+
+
+def test_per_turn_credit_leaves_earlier_rewards_out_of_later_turns_returns():
+    """PPO's returns at γ = λ = 1 with zero values: with the episode's return at its end (credit end) every policy
+    token's return is 0.5 + 2.0; with each turn's reward at its turn (credit turn) the second turn's tokens get
+    only their own 2.0, the first turn's both."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    zeros = torch.zeros_like(mask)
+    train = RLTrainConfig(algo="ppo", advantage=AdvantageConfig(gamma=1.0, lam=1.0, whiten=False))
+    end = ALGORITHMS["ppo"].advantages(AdvantageInputs(torch.tensor([2.5]), zeros, zeros, mask, 0.0, zeros), train)
+    placed = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]])
+    turn = ALGORITHMS["ppo"].advantages(
+        AdvantageInputs(torch.tensor([0.0]), zeros, zeros, mask, 0.0, zeros, turn_scores=placed), train
+    )
+    assert end.returns.tolist() == [[2.5, 2.5, 0, 0, 2.5, 2.5, 2.5, 0]]
+    assert turn.returns.tolist() == [[2.5, 2.5, 0, 0, 2.0, 2.0, 2.0, 0]]
+    assert turn.rewards.sum().item() == end.rewards.sum().item() == 2.5  # the same total reward, placed otherwise
+
+
+def test_reinforce_pp_with_per_turn_credit_on_the_multi_turn_chat_task(sft_llama, tmp_path):
+    """Through the CLI on LetterChainEnv (both turns judged): the run trains, and its total reward is the episodes'
+    return, as with credit at the end; a sequence-level algorithm is refused."""
+    out = tmp_path / "turns"
+    args = ["rl", "--actor", str(sft_llama), "--env", "chatrlhf.envs.letter_chain:LetterChainEnv",
+            "--data.paths", "demo:prompts:24:2", "--data.eval_fraction", "0", "--train.algo", "reinforce_pp",
+            "--train.group_size", "2", "--train.iterations", "2", "--train.rollout_batch_size", "4",
+            "--train.generation.max_new_tokens", "24", "--train.episode.max_turns", "2",
+            "--train.episode.credit", "turn", "--train.kl.coef", "0", "--run.progress", "False",
+            "--run.log_every", "1", "--output_dir", str(out)]  # fmt: skip
+    chatrlhf(*args)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["episode/turns_mean"] > 1.0 and math.isfinite(m["loss/policy"])
+        assert m["reward/total_mean"] == pytest.approx(m["reward/env_mean"], abs=1e-6)
+    args[args.index("reinforce_pp")] = "grpo"
+    proc = chatrlhf(*args[:-1], str(tmp_path / "refused"), code=2)
+    assert "train.episode.credit=turn" in proc.stderr and "Traceback" not in proc.stderr
