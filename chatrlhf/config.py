@@ -1145,8 +1145,6 @@ class EvaluateConfig(BackendOptions):
         if self.env:
             if not side_by_side:
                 raise ConfigError("env plays side-by-side episodes: give models and prompts too")
-            if self.backend != "hf":
-                raise ConfigError("env plays episodes on the hf backend only; leave backend at hf")
             _validate_episode_bounds(self.episode, "episode")
 
 

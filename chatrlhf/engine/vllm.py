@@ -44,7 +44,7 @@ from chatrlhf.engine.generation import (
     request_seeds,
 )
 from chatrlhf.errors import UserError
-from chatrlhf.models.tiny import parse_tiny_spec
+from chatrlhf.models.tiny import DEFAULT_HEADS, DEFAULT_HIDDEN, parse_tiny_spec
 from chatrlhf.rlhf import token_logprobs
 
 VLLM_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -305,7 +305,9 @@ def causal_lm_architectures(spec: str) -> list[str]:
 
 
 def check_vllm_support(spec: str, option: str = ROLLOUT_OPTION) -> None:
-    """Refuse, before anything trains, a missing vLLM or a model (`spec`) whose architecture it cannot run."""
+    """Refuse, before anything trains, a missing vLLM, a model (`spec`) whose architecture it cannot run, or, on the
+    CPU build, one whose attention head size its CPU attention kernels do not take (it would fail inside the
+    engine at the first forward)."""
     architectures = causal_lm_architectures(spec)
     vllm = import_vllm(option)
     supported = vllm.ModelRegistry.get_supported_archs()
@@ -314,3 +316,30 @@ def check_vllm_support(spec: str, option: str = ROLLOUT_OPTION) -> None:
             f"{option}: this vLLM ({vllm.__version__}) cannot run {', '.join(architectures)}; "
             f"use {option.split('=')[0]}=hf for this model"
         )
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        head = attention_head_size(spec)
+        if head is not None and head not in sizes:
+            raise UserError(
+                f"{option}: model '{spec}' has attention heads of size {head}, which this vLLM's CPU attention does "
+                f"not take (it takes {', '.join(map(str, sizes))}); use {option.split('=')[0]}=hf for this model, or "
+                "fewer, wider heads"
+            )
+
+
+def attention_head_size(spec: str) -> int | None:
+    """The attention head size of the model `spec` names (its config's `head_dim`, else hidden size / heads), or
+    None when its config does not say."""
+    from transformers import AutoConfig
+
+    tiny = parse_tiny_spec(spec)
+    if tiny is not None:
+        return tiny.get("hidden", DEFAULT_HIDDEN) // tiny.get("heads", DEFAULT_HEADS)
+    config = AutoConfig.from_pretrained(spec)
+    head = getattr(config, "head_dim", None)
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return head or (hidden // heads if hidden and heads else None)

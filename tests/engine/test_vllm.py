@@ -26,7 +26,7 @@ from chatrlhf.data.collate import render_prompt  # noqa: E402
 from chatrlhf.engine.generation import HFGenerator  # noqa: E402
 from chatrlhf.engine.hybrid import HybridEngine  # noqa: E402
 from chatrlhf.engine.single import SingleEngine  # noqa: E402
-from chatrlhf.engine.vllm import VLLMGenerator  # noqa: E402
+from chatrlhf.engine.vllm import VLLMGenerator, check_vllm_support  # noqa: E402
 from chatrlhf.envs.episode import LoadedEnvironment, Reply  # noqa: E402
 from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner, collate_episodes  # noqa: E402
 from chatrlhf.errors import UserError  # noqa: E402
@@ -235,6 +235,29 @@ def test_rl_on_episodes_with_the_vllm_backend(trained, tmp_path):
         assert m["episode/turns_mean"] > 1.0 and m["episode/env_tokens_mean"] > 0
         assert 0 <= m["rollout/logprob_diff"] < 1e-4 and m["rollout/logprob_diff_max"] < 1e-3
     assert lines[0]["optim/actor_grad_norm"] > 0  # the second rollout came from weights the update changed
+
+
+def test_eval_plays_the_same_greedy_episodes_on_vllm_as_on_hf(trained, tmp_path):
+    """`chatrlhf eval --env` on the vLLM backend: greedy, each model's episodes (conversations and returns) are
+    those the hf backend plays, turn for turn."""
+    rows = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / backend
+        args = ["eval", "--models", str(trained["llama"]), str(trained["qwen2"]), "--names", "llama", "qwen2",
+                "--env", f"{__name__}:FollowUp", "--prompts", "demo:prompts:6:3", "--num_prompts", "6",
+                "--samples_per_prompt", "1", "--generation.do_sample", "False", "--generation.max_new_tokens", "40",
+                "--episode.max_tokens", str(MAX_LEN - 40), "--episode.max_turns", "3", "--backend", backend,
+                "--cpu_kv_cache_gib", "0.25", "--output_dir", str(out)]  # fmt: skip
+        assert main(args) == 0
+        rows[backend] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows["hf"]) == 6 and rows["vllm"] == rows["hf"]
+    assert sum("user: Now list 2 words" in r["llama"] for r in rows["hf"]) > 0  # second turns were played
+
+
+def test_a_head_size_vllm_cpu_cannot_run_is_refused_up_front():
+    with pytest.raises(UserError, match="attention heads of size 16, which this vLLM's CPU attention does not take"):
+        check_vllm_support("tiny:llama:hidden=64,heads=4", "backend=vllm")
+    check_vllm_support("tiny:llama:hidden=64,heads=2", "backend=vllm")  # size 32: taken
 
 
 def test_rl_with_the_vllm_backend_logs_a_small_mismatch(trained, tmp_path, capsys):
