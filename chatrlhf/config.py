@@ -710,10 +710,6 @@ class RLConfig(StageOptions):
             (t.episode.credit == "turn" and not ALGORITHM_RULES[t.algo].token_rewards, "train.episode.credit=turn",
              f"train.algo={t.algo} reduces an episode's rewards to their sum, so where they are placed does not "
              "matter; per-turn credit needs returns over the tokens (ppo, reinforce_pp)"),
-            (t.reward.overlong_buffer > 0, f"train.reward.overlong_buffer={t.reward.overlong_buffer}", "overlong "
-             "shaping punishes a response's length against train.generation.max_new_tokens, while an episode's "
-             "policy tokens span several turns that it bounds one by one; set it to 0 (a turn cut at max_new_tokens "
-             "ends its episode, and train.loss.mask_truncated leaves such episodes out of the loss)"),
         ]  # fmt: skip
         named = [(name, why) for bad, name, why in refused if bad]
         if named:

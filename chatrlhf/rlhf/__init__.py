@@ -47,6 +47,7 @@ from chatrlhf.rlhf.masks import (
     masked_var,
     masked_whiten,
     response_mask,
+    run_lengths,
     truncate_after_eos,
 )
 from chatrlhf.rlhf.shaping import overlong_penalty
@@ -78,6 +79,7 @@ __all__ = [
     "last_token_index",
     "lm_loss",
     "masked_mean",
+    "run_lengths",
     "masked_sum",
     "masked_var",
     "masked_whiten",

@@ -70,6 +70,24 @@ def last_token_index(mask: Tensor) -> Tensor:
     return last
 
 
+def run_lengths(mask: Tensor) -> Tensor:
+    """Lengths of the runs of nonzero entries of each row, in order: a single response's mask is one run (its
+    length), a multi-turn episode's policy mask one run per policy turn (docs/episodes.md).
+
+    Args:
+        mask: (B, T) — nonzero for the tokens counted.
+
+    Returns:
+        (B, K) float — the k-th run's length in row b, 0 past the row's runs; K = the most runs in a row (0 when
+        `mask` is all zero).
+    """
+    on = mask != 0
+    starts = on & ~torch.nn.functional.pad(on, (1, 0))[:, :-1]
+    run = starts.long().cumsum(dim=1) * on  # 1..K on a run's tokens, 0 elsewhere
+    out = torch.zeros(mask.shape[0], int(run.max()) if run.numel() else 0, device=mask.device)
+    return out.scatter_add_(1, (run - 1).clamp(min=0), on.float()) if out.shape[1] else out
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Σ x·m, over all entries (`dim=None`, a scalar) or along `dim`.
 

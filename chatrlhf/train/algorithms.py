@@ -45,6 +45,7 @@ from chatrlhf.rlhf import (
     ppo_policy_loss,
     remax_advantages,
     rloo_advantages,
+    run_lengths,
     sequence_to_tokens,
 )
 from chatrlhf.train.rollout import SAMPLERS, Sampler
@@ -90,14 +91,16 @@ class Advantages:
 
 def _shaped(x: AdvantageInputs, t: RLTrainConfig, scores: torch.Tensor | None = None):
     """r_t = −β·KL_t, plus clip(score) + R_length at the last response token; R_length is DAPO's overlong
-    punishment (0 when `reward.overlong_buffer` is 0)."""
+    punishment (0 when `reward.overlong_buffer` is 0): of the response's length, or on a multi-turn episode the sum
+    over its policy turns of each turn's (every turn is bounded by max_new_tokens alike)."""
     s = (x.scores if scores is None else scores).clamp(-t.reward.clip, t.reward.clip)
     penalty = None
     if t.reward.overlong_buffer > 0:
-        lengths = x.mask.sum(dim=1)
-        penalty = overlong_penalty(
-            lengths, t.generation.max_new_tokens, t.reward.overlong_buffer, t.reward.overlong_penalty
-        )
+        turns = run_lengths(x.mask)  # one run per response, one per policy turn of an episode
+        per_turn = overlong_penalty(
+            turns.flatten(), t.generation.max_new_tokens, t.reward.overlong_buffer, t.reward.overlong_penalty
+        ).view_as(turns)
+        penalty = (per_turn * (turns > 0)).sum(dim=1)
         s = s + penalty
     old = x.old_logprobs
     if old is None:

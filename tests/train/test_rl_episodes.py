@@ -28,6 +28,7 @@ from chatrlhf.config import (
     Algo,
     ConfigError,
     EngineConfig,
+    GenerationConfig,
     RewardShapingConfig,
     RLConfig,
     RLTrainConfig,
@@ -42,6 +43,7 @@ from chatrlhf.errors import UserError
 from chatrlhf.models.load import add_value_head, load_value_model
 from chatrlhf.models.rewards import build_scorer
 from chatrlhf.models.tiny import EOS_ID
+from chatrlhf.rlhf import run_lengths
 from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs
 from chatrlhf.train.forward import sequence_token_logprobs
 from chatrlhf.train.rollout import (
@@ -339,12 +341,18 @@ def test_a_resumed_episode_run_continues_as_the_uninterrupted_one(sft_llama, tmp
 # ------------------------------------------------------------------------------------------------ refused
 
 
-def test_overlong_shaping_with_episodes_is_refused():
-    train = RLTrainConfig(algo="dapo", group_size=2, reward=RewardShapingConfig(overlong_buffer=8))
-    cfg = RLConfig(actor="a", env=CALCULATOR, train=train)
-    with pytest.raises(ConfigError, match="env .RL on multi-turn episodes. does not support") as e:
-        cfg.validate(need_data=False)
-    assert "train.reward.overlong_buffer=8" in str(e.value)
+def test_overlong_shaping_on_episodes_sums_each_turns_penalty():
+    """DAPO's overlong punishment (max_new_tokens 8, buffer 4) on a two-turn episode of 3 + 8 policy tokens: the
+    first turn is short (0), the second runs to the limit (−1), so the episode's penalty is −1; a single response of
+    7 tokens gets overlong_penalty(7) as before, (4 − 7) / 4."""
+    mask = torch.tensor([[1.0] * 3 + [0.0] * 2 + [1.0] * 8, [1.0] * 7 + [0.0] * 6])
+    assert run_lengths(mask).tolist() == [[3, 8], [7, 0]]
+    train = RLTrainConfig(algo="dapo", group_size=2, generation=GenerationConfig(max_new_tokens=8),
+                          reward=RewardShapingConfig(overlong_buffer=4))  # fmt: skip
+    zeros = torch.zeros_like(mask)
+    adv = ALGORITHMS["dapo"].advantages(AdvantageInputs(torch.zeros(2), zeros, zeros, mask, 0.0), train)
+    assert adv.length_penalty.tolist() == [-1.0, -0.75]
+    RLConfig(actor="a", env=CALCULATOR, train=train).validate(need_data=False)  # accepted on episodes
 
 
 def test_episodes_on_a_sharded_zero3_generation_are_refused():
