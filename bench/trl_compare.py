@@ -285,13 +285,23 @@ def chatrlhf_worker(counts: Path, args: list[str]) -> int:
     return main(args)
 
 
+def step_clock(ends: list[float]):
+    """A transformers `TrainerCallback` that appends the time of every step end to `ends`."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    return StepClock()
+
+
 def trl_worker(counts: Path, spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     if spec.get("algo") == "ppo":
         return trl_ppo_worker(counts, spec)
     instrument(counts)
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     texts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).read_text().splitlines()]
@@ -309,13 +319,9 @@ def trl_worker(counts: Path, spec_path: Path) -> int:
     )  # fmt: skip
     step_ends: list[float] = []
 
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
     started = time.perf_counter()
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=trl_letter_share, args=config, train_dataset=data,
-                          callbacks=[StepClock()])  # fmt: skip
+                          callbacks=[step_clock(step_ends)])  # fmt: skip
     trainer.train()
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     result = {
@@ -347,7 +353,7 @@ def trl_ppo_worker(counts: Path, spec: dict) -> int:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     skipped = None
@@ -373,10 +379,6 @@ def trl_ppo_worker(counts: Path, spec: dict) -> int:
     )  # fmt: skip
     step_ends: list[float] = []
 
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
-
     started = time.perf_counter()
     causal = {"dtype": torch.float32}
     scorer = {"dtype": torch.float32, "num_labels": 1}
@@ -386,7 +388,7 @@ def trl_ppo_worker(counts: Path, spec: dict) -> int:
         ref_model=AutoModelForCausalLM.from_pretrained(spec["model"], **causal),
         reward_model=AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], **scorer),
         value_model=AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], **scorer),
-        callbacks=[StepClock()],
+        callbacks=[step_clock(step_ends)],
     )  # fmt: skip
     trainer.train()
     logs = [h for h in trainer.state.log_history if "val/num_eos_tokens" in h]

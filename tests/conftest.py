@@ -1,10 +1,17 @@
-"""Shared fixtures: tiny random models of real architectures saved as HF directories, and demo data files."""
+"""Shared fixtures: tiny random models of real architectures saved as HF directories, and demo data files; and
+`load_bench`, which imports a benchmark script of bench/ as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 # Tests run on small CPUs; one thread per process keeps parallel subprocesses from oversubscribing cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -45,3 +52,16 @@ def sft_llama(tmp_path_factory):
             "--run.progress", "False"]  # fmt: skip
     assert main(args) == 0
     return root / "sft" / "model"
+
+
+@contextmanager
+def load_bench(name: str):
+    """bench/`name`.py as a module, with bench/ on sys.path meanwhile (the scripts import their sibling `_runner`)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def cost_growth():
-    sys.path.insert(0, str(BENCH))  # the bench imports its sibling `_runner`
-    try:
-        spec = importlib.util.spec_from_file_location("cost_growth", BENCH / "cost_growth.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with load_bench("cost_growth") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 @pytest.mark.parametrize("k", [0.0, 1.0, 2.0, 0.37])

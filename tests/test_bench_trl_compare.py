@@ -4,26 +4,18 @@ minutes; neither is needed here: nothing below imports trl)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.conftest import load_bench
+
 ACTOR, CRITIC = 1000, 900  # parameters of the actor and of the reward model / critic
 
 
 @pytest.fixture(scope="module")
 def tc():
-    sys.path.insert(0, str(BENCH))  # the bench imports its sibling `_runner`
-    try:
-        spec = importlib.util.spec_from_file_location("trl_compare", BENCH / "trl_compare.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with load_bench("trl_compare") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def options(tc, algo="grpo", frameworks=None, group=None) -> argparse.Namespace:
