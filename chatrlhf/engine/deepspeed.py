@@ -73,6 +73,22 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+@contextmanager
+def partitioned_loading(engine: EngineConfig, dtype: str) -> Iterator[None]:
+    """Models loaded with `from_pretrained` inside are built partitioned (transformers' ZeRO-3 path:
+    `deepspeed.zero.Init`, then each weight gathered, loaded and partitioned again), so no rank ever holds one
+    whole; `shard_frozen` then wraps the partitioned model. transformers sees ZeRO-3 while the `HfDeepSpeedConfig`
+    made here lives (it keeps a weak reference to it), so only the models loaded inside are affected."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    marker = HfDeepSpeedConfig(deepspeed_config(engine, OptimConfig(), dtype, frozen=True))
+    try:
+        yield
+    finally:
+        del marker
+        unset_hf_deepspeed_config()
+
+
 def shard_frozen(model: nn.Module, engine: EngineConfig, dtype: str) -> nn.Module:
     """A frozen `model` partitioned across the ranks, as DeepSpeed-Chat holds its reference and reward models under
     ZeRO-3: `deepspeed.initialize` with the stage-3 config and no optimizer builds a parameter-only ZeRO-3 engine

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from torch import nn
 from chatrlhf import distributed as dist
 from chatrlhf.config import EngineConfig, OptimConfig, RunConfig
 from chatrlhf.engine.base import TrainEngine
-from chatrlhf.engine.deepspeed import DeepSpeedEngine, deepspeed_config, shard_frozen
+from chatrlhf.engine.deepspeed import DeepSpeedEngine, deepspeed_config, partitioned_loading, shard_frozen
 from chatrlhf.engine.single import SingleEngine
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import pick_device
@@ -36,6 +37,12 @@ def frozen_model(model: nn.Module, engine: EngineConfig, run: RunConfig) -> nn.M
     """A frozen model as it scores: under ZeRO-3 partitioned across the ranks by a DeepSpeed inference engine
     (`deepspeed.shard_frozen`; every rank must then make the same forward calls), otherwise `model` itself, whole."""
     return shard_frozen(model, engine, run.dtype) if shards_frozen(engine) else model
+
+
+def frozen_loading(engine: EngineConfig, run: RunConfig):
+    """The context to load the frozen models in: under ZeRO-3 they are built partitioned as they load
+    (`deepspeed.partitioned_loading`), so that no rank holds one whole even while loading it; otherwise nothing."""
+    return partitioned_loading(engine, run.dtype) if shards_frozen(engine) else nullcontext()
 
 
 def start(engine: EngineConfig, run: RunConfig) -> torch.device:

@@ -219,7 +219,8 @@ def context_length(config) -> int | None:
 
 
 def _check_vocab(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: str) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partitioned weight keeps its full shape there
     if rows < len(tok):
         raise UserError(
             f"model '{path}': embedding has {rows} rows but the tokenizer has {len(tok)} tokens; "

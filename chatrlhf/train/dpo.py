@@ -34,7 +34,7 @@ import torch
 from chatrlhf.config import DPOConfig
 from chatrlhf.data import to_pair
 from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_responses
-from chatrlhf.engine.factory import frozen_model
+from chatrlhf.engine.factory import frozen_loading, frozen_model
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary
 from chatrlhf.models.training import prepare_for_training
@@ -110,8 +110,9 @@ def load_models(cfg: DPOConfig, path: str, tok, out: Path, device):
             f"reference '{cfg.reference}' has another vocabulary than model '{cfg.model}': DPO compares the two "
             "models' log-probs of the same token ids, so they must share a tokenizer"
         )
-    reference = load_causal_lm(ref_path, tok, cfg.run.dtype, device).eval().requires_grad_(False)
-    return policy, frozen_model(reference, cfg.engine, cfg.run)
+    with frozen_loading(cfg.engine, cfg.run):  # under ZeRO-3 it loads partitioned: never whole on a rank
+        reference = load_causal_lm(ref_path, tok, cfg.run.dtype, device).eval().requires_grad_(False)
+        return policy, frozen_model(reference, cfg.engine, cfg.run)
 
 
 def run_dpo(cfg: DPOConfig, raws=None, eval_raws=None) -> dict:

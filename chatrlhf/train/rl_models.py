@@ -16,7 +16,7 @@ from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_sft
 from chatrlhf.data.collate import collate_sft, encode_all, encode_sft
 from chatrlhf.engine.base import TrainEngine
-from chatrlhf.engine.factory import build_engine, frozen_model, shards_frozen
+from chatrlhf.engine.factory import build_engine, frozen_loading, frozen_model, shards_frozen
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.vllm import VLLMGenerator, check_vllm_support
 from chatrlhf.envs.episode import load_environment
@@ -85,8 +85,8 @@ def trainable(model: torch.nn.Module, cfg: RLConfig) -> torch.nn.Module:
 
 def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
     """The trained actor (and critic for PPO), the frozen reference and the reward sources (on the CPU between
-    uses with `engine.offload_frozen`). Under ZeRO-3 each frozen model is partitioned as soon as it is loaded, so
-    that no rank holds two of them whole."""
+    uses with `engine.offload_frozen`). Under ZeRO-3 each frozen model is loaded partitioned, so that no rank ever
+    holds one whole."""
     train = cfg.train
     actor_path = resolve_model(cfg.actor, out)
     tok = load_tokenizer(actor_path)
@@ -99,18 +99,20 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         return frozen_model(model.eval().requires_grad_(False), cfg.engine, cfg.run)
 
     actor = trainable(load_causal_lm(actor_path, tok, dtype, device), cfg)
-    reference = frozen(load_causal_lm(resolve_model(cfg.reference or cfg.actor, out), tok, dtype, frozen_device))
+    reference_path = resolve_model(cfg.reference or cfg.actor, out)
     rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
-    scorer = build_scorer(
-        reward_model=rm,
-        reward_functions=cfg.reward_functions,
-        weights=cfg.reward_weights,
-        policy_tok=tok,
-        dtype=dtype,
-        device=frozen_device,
-        environment=bool(cfg.env),
-        place=frozen,
-    )
+    with frozen_loading(cfg.engine, cfg.run):  # under ZeRO-3 they load partitioned: never whole on a rank
+        reference = frozen(load_causal_lm(reference_path, tok, dtype, frozen_device))
+        scorer = build_scorer(
+            reward_model=rm,
+            reward_functions=cfg.reward_functions,
+            weights=cfg.reward_weights,
+            policy_tok=tok,
+            dtype=dtype,
+            device=frozen_device,
+            environment=bool(cfg.env),
+            place=frozen,
+        )
     steps = train.iterations * train.update.epochs * updates_per_epoch(train)
     actor_engine = build_engine(actor, train.actor_optim, steps, "actor", cfg.engine, cfg.run)
     critic_engine = None

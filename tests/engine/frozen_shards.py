@@ -6,7 +6,10 @@ per rank, what each rank holds of each of them, read from DeepSpeed's own parame
 `OUT/rank-R.json` maps each frozen model (`reference`, `reward_model`) to `params`, per parameter (by its order in
 the model): the elements of the rank's partition (`ds_tensor.numel()`, None when the parameter is not a ZeRO-3
 parameter) and of the tensor the parameter holds outside a forward (`numel()`: 0 when it is released); and to
-`offload_param`, the device of DeepSpeed's parameter offload for it (None without one, or without a DeepSpeed engine).
+`offload_param`, the device of DeepSpeed's parameter offload for it (None without one, or without a DeepSpeed engine);
+and `loaded_partitioned`, per model handed to the inference engine (in order), whether every one of its parameters
+was already a partitioned ZeRO-3 parameter (`ds_id`, nothing held locally) when it arrived: loaded straight into
+shards, never whole on the rank.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ def held(model) -> dict:
 
 
 def main(out: Path, stage: str, args: list[str]) -> None:
+    arrived: list[bool] = []
+    shard = factory.shard_frozen
+
+    def recording(model, engine, dtype):
+        arrived.append(all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()))
+        return shard(model, engine, dtype)
+
+    factory.shard_frozen = recording
     cfg = parse(stage, args)
     cfg.validate(need_data=False)
     cfg.validate_options()
@@ -50,6 +61,7 @@ def main(out: Path, stage: str, args: list[str]) -> None:
         models = {"reference": reference}
     record = {name: held(model) for name, model in models.items()}
     record["world_size"] = dist.world_size()
+    record["loaded_partitioned"] = arrived
     (out / f"rank-{dist.rank()}.json").write_text(json.dumps(record), encoding="utf-8")
     dist.barrier()
 

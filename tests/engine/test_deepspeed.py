@@ -448,7 +448,8 @@ def halves(model_dir: str, cls_name: str) -> list[int]:
 @pytest.mark.parametrize("stage", ["rl", "dpo"])
 def test_zero3_shards_the_frozen_models(inputs, tmp_path, stage):
     """Under ZeRO-3 the frozen models (RL reference and reward model, DPO reference) are partitioned: each of the 2
-    ranks holds half of every parameter (as DeepSpeed's own `ds_tensor` reports) and nothing whole. The expected
+    ranks holds half of every parameter (as DeepSpeed's own `ds_tensor` reports) and nothing whole, and each was
+    loaded partitioned (it reached its inference engine as ZeRO-3 parameters, none held whole). The expected
     halves come from the model directories loaded by transformers alone. The RL run also offloads them
     (`--engine.offload_frozen`), which must reach DeepSpeed as its parameter offload."""
     if stage == "rl":
@@ -461,6 +462,8 @@ def test_zero3_shards_the_frozen_models(inputs, tmp_path, stage):
     ranks = frozen_shards(tmp_path, stage, args)
     for rank, held in enumerate(ranks):
         assert held["world_size"] == 2
+        # loaded straight into shards: every frozen model reached its engine already partitioned
+        assert held["loaded_partitioned"] == [True] * len(expected), f"rank {rank}: {held['loaded_partitioned']}"
         for name, want in expected.items():
             params = held[name]["params"]
             assert [p["partition"] for p in params] == want, f"rank {rank} {name}: not half of every parameter"
