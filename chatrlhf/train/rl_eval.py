@@ -24,7 +24,14 @@ import torch
 from chatrlhf import distributed as dist
 from chatrlhf.models.rewards import call_score, load_function
 from chatrlhf.train.rl_models import Models
-from chatrlhf.train.rollout import Prompt, generate_rollout, play_rollout, response_texts, score_rollout
+from chatrlhf.train.rollout import (
+    Prompt,
+    function_inputs,
+    generate_rollout,
+    play_rollout,
+    response_texts,
+    score_rollout,
+)
 
 
 @dataclass
@@ -68,10 +75,7 @@ def evaluate_held_out(m: Models, held: HeldOut, iteration: int) -> tuple[dict[st
             with m.resident(m.scorer.modules()):
                 scores = score_rollout(m.scorer, rollout, m.tok).total.tolist()
             texts = response_texts(rollout, m.tok)
-            judged, extras = texts, [p.extra for p in rollout.prompts]
-            if rollout.episodes is not None:  # as reward functions see an episode: the last turn, and `messages`
-                judged = [[t for t in e.messages if t["role"] == "assistant"][-1]["content"] for e in rollout.episodes]
-                extras = [{**x, "messages": e.messages} for x, e in zip(extras, rollout.episodes)]
+            judged, extras = function_inputs(rollout, m.tok)  # as reward functions see each response
             for j, (p, text, score) in enumerate(zip(rollout.prompts, texts, scores)):
                 row = {"iteration": iteration, "prompt": p.text, "response": text, "reward": score}
                 if rollout.episodes is not None:

@@ -234,16 +234,22 @@ def response_texts(rollout: Rollout, tok) -> list[str]:
     ]
 
 
+def function_inputs(rollout: Rollout, tok) -> tuple[list[str], list[dict]]:
+    """What a reward function or judge sees of each response: its text and the record's fields; on an episode the
+    policy's last turn, and the conversation as `messages` among the fields."""
+    if rollout.episodes is None:
+        return response_texts(rollout, tok), [p.extra for p in rollout.prompts]
+    texts = [[m for m in e.messages if m["role"] == "assistant"][-1]["content"] for e in rollout.episodes]
+    return texts, [{**p.extra, "messages": e.messages} for p, e in zip(rollout.prompts, rollout.episodes)]
+
+
 def score_rollout(scorer: Scorer, rollout: Rollout, tok) -> Scores:
     """3. The summed reward of each response (decoded text for functions, tokens for a shared-vocabulary RM). On
     episodes, reward functions get the policy's last turn as the response and the conversation as `messages`, and
     the environment's returns are the `env` source's scores."""
-    texts = response_texts(rollout, tok)
-    extras = [p.extra for p in rollout.prompts]
+    texts, extras = function_inputs(rollout, tok)
     episode_rewards = None
     if rollout.episodes is not None:
-        texts = [[m for m in e.messages if m["role"] == "assistant"][-1]["content"] for e in rollout.episodes]
-        extras = [{**x, "messages": e.messages} for x, e in zip(extras, rollout.episodes)]
         episode_rewards = torch.tensor([e.reward for e in rollout.episodes], dtype=torch.float32)
     return scorer(
         ScoringBatch(
