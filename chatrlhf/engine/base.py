@@ -69,9 +69,11 @@ class TrainEngine(Protocol):
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases and norm scales (1-D tensors) are not decayed (DeepSpeed-Chat does
-    the same by name; the dimension rule needs no names)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    the same by name; the dimension rule needs no names). A ZeRO-3 partitioned parameter holds an empty 1-D
+    placeholder; its own shape is in `ds_shape`."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in trained if len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

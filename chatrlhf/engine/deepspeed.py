@@ -74,14 +74,15 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 @contextmanager
-def partitioned_loading(engine: EngineConfig, dtype: str) -> Iterator[None]:
+def partitioned_loading(engine: EngineConfig, dtype: str, frozen: bool) -> Iterator[None]:
     """Models loaded with `from_pretrained` inside are built partitioned (transformers' ZeRO-3 path:
     `deepspeed.zero.Init`, then each weight gathered, loaded and partitioned again), so no rank ever holds one
-    whole; `shard_frozen` then wraps the partitioned model. transformers sees ZeRO-3 while the `HfDeepSpeedConfig`
+    whole; `DeepSpeedEngine` (trained models) or `shard_frozen` (`frozen`) then wraps the partitioned model, with
+    the same parameter offload `zero.Init` placed it with. transformers sees ZeRO-3 while the `HfDeepSpeedConfig`
     made here lives (it keeps a weak reference to it), so only the models loaded inside are affected."""
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    marker = HfDeepSpeedConfig(deepspeed_config(engine, OptimConfig(), dtype, frozen=True))
+    marker = HfDeepSpeedConfig(deepspeed_config(engine, OptimConfig(), dtype, frozen=frozen))
     try:
         yield
     finally:

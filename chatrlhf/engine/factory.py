@@ -1,5 +1,5 @@
 """Starting the engine a stage config names: the process group (DeepSpeed), the device of this rank, and one
-`TrainEngine` per trained model; the frozen models, partitioned under ZeRO-3."""
+`TrainEngine` per trained model; under ZeRO-3 every model loaded partitioned and the frozen ones sharded."""
 
 from __future__ import annotations
 
@@ -27,22 +27,30 @@ def build_engine(
     return SingleEngine(model, optim, total_steps, name=name, max_bad_steps=run.max_bad_steps)
 
 
-def shards_frozen(engine: EngineConfig) -> bool:
-    """Whether the frozen models (RL reference and reward model, DPO reference) are partitioned across the ranks:
-    under DeepSpeed ZeRO-3. Otherwise every rank holds them whole."""
+def partitions(engine: EngineConfig) -> bool:
+    """Whether every model is partitioned across the ranks, trained and frozen alike (the RL reference and reward
+    model, the DPO reference): under DeepSpeed ZeRO-3. Otherwise every rank holds the frozen models whole (and
+    ZeRO-1/2 the trained models' weights)."""
     return engine.kind == "deepspeed" and engine.zero_stage == 3
 
 
 def frozen_model(model: nn.Module, engine: EngineConfig, run: RunConfig) -> nn.Module:
     """A frozen model as it scores: under ZeRO-3 partitioned across the ranks by a DeepSpeed inference engine
     (`deepspeed.shard_frozen`; every rank must then make the same forward calls), otherwise `model` itself, whole."""
-    return shard_frozen(model, engine, run.dtype) if shards_frozen(engine) else model
+    return shard_frozen(model, engine, run.dtype) if partitions(engine) else model
 
 
 def frozen_loading(engine: EngineConfig, run: RunConfig):
     """The context to load the frozen models in: under ZeRO-3 they are built partitioned as they load
     (`deepspeed.partitioned_loading`), so that no rank holds one whole even while loading it; otherwise nothing."""
-    return partitioned_loading(engine, run.dtype) if shards_frozen(engine) else nullcontext()
+    return partitioned_loading(engine, run.dtype, frozen=True) if partitions(engine) else nullcontext()
+
+
+def trained_loading(engine: EngineConfig, run: RunConfig):
+    """The same for the models a stage trains (the SFT model, the reward model, the DPO policy, the RL actor and
+    critic), which `build_engine` then hands to DeepSpeed already partitioned, as DeepSpeed-Chat loads them: a
+    model larger than one device's memory can be loaded and trained."""
+    return partitioned_loading(engine, run.dtype, frozen=False) if partitions(engine) else nullcontext()
 
 
 def start(engine: EngineConfig, run: RunConfig) -> torch.device:

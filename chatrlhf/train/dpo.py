@@ -34,7 +34,7 @@ import torch
 from chatrlhf.config import DPOConfig
 from chatrlhf.data import to_pair
 from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_responses
-from chatrlhf.engine.factory import frozen_loading, frozen_model
+from chatrlhf.engine.factory import frozen_loading, frozen_model, trained_loading
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary
 from chatrlhf.models.training import prepare_for_training
@@ -100,17 +100,19 @@ def evaluate_pairs(
 
 def load_models(cfg: DPOConfig, path: str, tok, out: Path, device):
     """The policy and its frozen reference (the policy's starting weights unless `reference` is set), in eval mode;
-    under ZeRO-3 the reference is partitioned across the ranks (`factory.frozen_model`). Every rank calls it for
+    under ZeRO-3 both are loaded partitioned and the reference is scored by its own inference engine
+    (`factory.frozen_model`). Every rank calls it for
     every batch: a rank without a record of an epoch's last batch scores a weight-0 stand-in, and every rank
     evaluates every held-out pair."""
-    policy = load_causal_lm(path, tok, cfg.run.dtype, device).eval()
+    with trained_loading(cfg.engine, cfg.run):  # under ZeRO-3 both load partitioned: never whole on a rank
+        policy = load_causal_lm(path, tok, cfg.run.dtype, device).eval()
     ref_path = resolve_model(cfg.reference, out) if cfg.reference else path
     if cfg.reference and not same_vocabulary(tok, load_tokenizer(ref_path)):
         raise UserError(
             f"reference '{cfg.reference}' has another vocabulary than model '{cfg.model}': DPO compares the two "
             "models' log-probs of the same token ids, so they must share a tokenizer"
         )
-    with frozen_loading(cfg.engine, cfg.run):  # under ZeRO-3 it loads partitioned: never whole on a rank
+    with frozen_loading(cfg.engine, cfg.run):
         reference = load_causal_lm(ref_path, tok, cfg.run.dtype, device).eval().requires_grad_(False)
         return policy, frozen_model(reference, cfg.engine, cfg.run)
 

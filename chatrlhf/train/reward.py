@@ -18,6 +18,7 @@ from chatrlhf import distributed as dist
 from chatrlhf.config import RewardConfig
 from chatrlhf.data import to_pair
 from chatrlhf.data.collate import encode_all, encode_pair, pad
+from chatrlhf.engine.factory import trained_loading
 from chatrlhf.eval.report import EVAL_SCORES
 from chatrlhf.models.load import ValueModel, load_tokenizer, load_value_model, resolve_model
 from chatrlhf.models.training import prepare_for_training
@@ -64,6 +65,15 @@ def evaluate_pairs(model: ValueModel, pairs: list[EncodedPair], batch_size: int,
     }
 
 
+def load_model(cfg: RewardConfig, path: str, tok, device: torch.device) -> ValueModel:
+    """The reward model this stage trains, in train mode, with gradient checkpointing and LoRA as configured; it may
+    start from a causal LM, whose scalar head is then new (announced). Under ZeRO-3 it is loaded partitioned, never
+    whole on a rank."""
+    with trained_loading(cfg.engine, cfg.run):
+        model = load_value_model(path, tok, cfg.run.dtype, device, require_head=False, role="reward model").train()
+    return prepare_for_training(model, cfg.engine, cfg.lora)
+
+
 def run_reward(cfg: RewardConfig, raws=None, eval_raws=None) -> dict:
     """Train; write `output_dir/model` (1-label sequence-classification model), metrics, config, summary."""
     return run_stage(
@@ -81,9 +91,7 @@ def _run_reward(cfg: RewardConfig, out: Path, device: torch.device, raws, eval_r
     tok = load_tokenizer(path)
     train_pairs = encode_all(train_recs, encode_pair, tok, max_len=train.max_seq_len)
     eval_pairs = encode_all(eval_recs, encode_pair, tok, max_len=train.max_seq_len)
-    # the reward model may start from a causal LM: its head is then new (announced), and this stage trains it
-    model = load_value_model(path, tok, cfg.run.dtype, device, require_head=False, role="reward model").train()
-    model = prepare_for_training(model, cfg.engine, cfg.lora)
+    model = load_model(cfg, path, tok, device)
 
     def loss(model, batch: list[EncodedPair], step_pairs: float):
         c, r = pair_scores(model, batch, tok.pad_token_id, device)

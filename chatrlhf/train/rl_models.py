@@ -16,7 +16,7 @@ from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_sft
 from chatrlhf.data.collate import collate_sft, encode_all, encode_sft
 from chatrlhf.engine.base import TrainEngine
-from chatrlhf.engine.factory import build_engine, frozen_loading, frozen_model, shards_frozen
+from chatrlhf.engine.factory import build_engine, frozen_loading, frozen_model, partitions, trained_loading
 from chatrlhf.engine.hybrid import HybridEngine
 from chatrlhf.engine.vllm import VLLMGenerator, check_vllm_support
 from chatrlhf.envs.episode import load_environment
@@ -85,23 +85,24 @@ def trainable(model: torch.nn.Module, cfg: RLConfig) -> torch.nn.Module:
 
 def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
     """The trained actor (and critic for PPO), the frozen reference and the reward sources (on the CPU between
-    uses with `engine.offload_frozen`). Under ZeRO-3 each frozen model is loaded partitioned, so that no rank ever
-    holds one whole."""
+    uses with `engine.offload_frozen`). Under ZeRO-3 every one of them is loaded partitioned, so that no rank
+    ever holds one whole."""
     train = cfg.train
     actor_path = resolve_model(cfg.actor, out)
     tok = load_tokenizer(actor_path)
     dtype = cfg.run.dtype
-    sharded = shards_frozen(cfg.engine)
+    sharded = partitions(cfg.engine)
     move_frozen = cfg.engine.offload_frozen and not sharded
     frozen_device = torch.device("cpu") if move_frozen else device
 
     def frozen(model: torch.nn.Module) -> torch.nn.Module:
         return frozen_model(model.eval().requires_grad_(False), cfg.engine, cfg.run)
 
-    actor = trainable(load_causal_lm(actor_path, tok, dtype, device), cfg)
+    with trained_loading(cfg.engine, cfg.run):  # under ZeRO-3 every model loads partitioned: never whole on a rank
+        actor = trainable(load_causal_lm(actor_path, tok, dtype, device), cfg)
     reference_path = resolve_model(cfg.reference or cfg.actor, out)
     rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
-    with frozen_loading(cfg.engine, cfg.run):  # under ZeRO-3 they load partitioned: never whole on a rank
+    with frozen_loading(cfg.engine, cfg.run):
         reference = frozen(load_causal_lm(reference_path, tok, dtype, frozen_device))
         scorer = build_scorer(
             reward_model=rm,
@@ -120,9 +121,10 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         critic_path = resolve_model(cfg.critic or cfg.reward_model, out)
         if load_tokenizer(critic_path).get_vocab() != tok.get_vocab():
             raise UserError(f"critic '{critic_path}' must share the actor's tokenizer: it values the actor's tokens")
-        critic_model = load_value_model(
-            critic_path, tok, dtype, device, require_head=not cfg.critic_fresh_head, role="critic"
-        )
+        with trained_loading(cfg.engine, cfg.run):
+            critic_model = load_value_model(
+                critic_path, tok, dtype, device, require_head=not cfg.critic_fresh_head, role="critic"
+            )
         critic = trainable(critic_model, cfg)
         critic_engine = build_engine(critic, train.critic_optim, steps, "critic", cfg.engine, cfg.run)
     readers = [actor, reference, *scorer.modules()] + ([critic_engine.module] if critic_engine else [])

@@ -17,6 +17,7 @@ import torch
 from chatrlhf.config import SFTConfig
 from chatrlhf.data import to_sft
 from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_sft
+from chatrlhf.engine.factory import trained_loading
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model
 from chatrlhf.models.training import prepare_for_training
 from chatrlhf.train.data import stage_records
@@ -46,6 +47,14 @@ def target_tokens(item: Encoded) -> float:
     return float(sum(item.loss_mask[1:]))
 
 
+def load_model(cfg: SFTConfig, path: str, tok, device: torch.device) -> torch.nn.Module:
+    """The model SFT trains, in train mode, with gradient checkpointing and LoRA as configured; under ZeRO-3 it is
+    loaded partitioned, never whole on a rank."""
+    with trained_loading(cfg.engine, cfg.run):
+        model = load_causal_lm(path, tok, cfg.run.dtype, device).train()
+    return prepare_for_training(model, cfg.engine, cfg.lora)
+
+
 def run_sft(cfg: SFTConfig, raws=None, eval_raws=None) -> dict:
     """Train; write `output_dir/model` (HF causal LM), metrics.jsonl, config.yaml, summary.json."""
     return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_sft(cfg, out, device, raws, eval_raws))
@@ -62,7 +71,7 @@ def _run_sft(cfg: SFTConfig, out: Path, device: torch.device, raws, eval_raws) -
     lengths = {"max_len": train.max_seq_len, "loss_on_prompt": train.loss_on_prompt}
     train_enc = encode_all(train_recs, encode_sft, tok, **lengths)
     eval_enc = encode_all(eval_recs, encode_sft, tok, **lengths)
-    model = prepare_for_training(load_causal_lm(path, tok, cfg.run.dtype, device).train(), cfg.engine, cfg.lora)
+    model = load_model(cfg, path, tok, device)
 
     def loss(model, batch: list[Encoded], step_tokens: float):
         ids, attn, mask = (x.to(device) for x in collate_sft(batch, tok.pad_token_id))

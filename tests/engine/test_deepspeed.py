@@ -16,8 +16,9 @@ with one record, so one rank trains on a weight-0 stand-in; RL generation is gre
 prompts end generation at different steps on the two ranks (see `rl_models`). ZeRO-3 runs pass a DeepSpeed config
 with stage-3 persistence and prefetch limits at 0, so even the tiny model's parameters are really partitioned.
 Runs are shared between tests; the single-process references all start together when the module's first test
-does. ZeRO-3 also shards the frozen models (RL reference and reward model, DPO reference); the last tests read
-each rank's partitions of them from DeepSpeed (tests/engine/frozen_shards.py).
+does. Under ZeRO-3 every model is loaded partitioned, and the frozen ones (RL reference and reward model, DPO
+reference) are sharded too; the last tests read what each rank holds of them from DeepSpeed
+(tests/engine/model_shards.py).
 """
 
 from __future__ import annotations
@@ -420,15 +421,15 @@ def test_episodes_on_two_ranks_match_one_process(inputs, sft_llama, tmp_path_fac
     assert summary["eval/prompts"] == 2 and math.isfinite(summary["eval/score_mean"])
 
 
-# ------------------------------------------------------------------------------------------------ frozen models
+# ------------------------------------------------------------------------------------------------ partitioned models
 
 
-def frozen_shards(root: Path, stage: str, args: list[str]) -> list[dict]:
-    """What each of 2 ranks holds of the stage's frozen models (tests/engine/frozen_shards.py), one dict per rank."""
+def model_shards(root: Path, stage: str, args: list[str]) -> list[dict]:
+    """What each of 2 ranks holds of the stage's models (tests/engine/model_shards.py), one dict per rank."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    script = ROOT / "tests" / "engine" / "frozen_shards.py"
+    script = ROOT / "tests" / "engine" / "model_shards.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(root), stage, *args, "--output_dir", str(root)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -445,25 +446,40 @@ def halves(model_dir: str, cls_name: str) -> list[int]:
     return [math.ceil(p.numel() / 2) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("stage", ["rl", "dpo"])
-def test_zero3_shards_the_frozen_models(inputs, tmp_path, stage):
-    """Under ZeRO-3 the frozen models (RL reference and reward model, DPO reference) are partitioned: each of the 2
-    ranks holds half of every parameter (as DeepSpeed's own `ds_tensor` reports) and nothing whole, and each was
-    loaded partitioned (it reached its inference engine as ZeRO-3 parameters, none held whole). The expected
-    halves come from the model directories loaded by transformers alone. The RL run also offloads them
-    (`--engine.offload_frozen`), which must reach DeepSpeed as its parameter offload."""
+ENGINES = {
+    "sft": [True],
+    "reward": [True],
+    "dpo": [False, True],
+    "rl": [False, False, True, True],
+}
+"""Per stage, the DeepSpeed engines it builds in order, True for a trained model's (with an optimizer), False for a
+frozen model's inference engine: dpo the reference, then the policy; rl (PPO) the reference and the reward model,
+then the actor and the critic."""
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "rl"])
+def test_zero3_loads_every_model_partitioned(inputs, tmp_path, stage):
+    """Under ZeRO-3 every model a stage builds, trained or frozen, reaches DeepSpeed already partitioned (as ZeRO-3
+    parameters, none held whole): loaded straight into shards, never whole on a rank. The frozen models (RL
+    reference and reward model, DPO reference) stay partitioned: each of the 2 ranks holds half of every parameter
+    (as DeepSpeed's own `ds_tensor` reports) and nothing whole; the expected halves come from the model directories
+    loaded by transformers alone. The RL run also offloads them (`--engine.offload_frozen`), which must reach
+    DeepSpeed as its parameter offload."""
+    expected = {}
     if stage == "rl":
         args = [*stage_args("rl", inputs), *zero(3, inputs, "--engine.offload_frozen", "True")]
         expected = {"reference": halves(inputs["actor"], "AutoModelForCausalLM"),
                     "reward_model": halves(inputs["rm"], "AutoModelForSequenceClassification")}  # fmt: skip
     else:
-        args = [*stage_args("dpo", inputs), *zero(3, inputs)]
-        expected = {"reference": halves(inputs["llama"], "AutoModelForCausalLM")}
-    ranks = frozen_shards(tmp_path, stage, args)
+        args = [*stage_args(stage, inputs), *zero(3, inputs)]
+        if stage == "dpo":
+            expected = {"reference": halves(inputs["llama"], "AutoModelForCausalLM")}
+    ranks = model_shards(tmp_path, stage, args)
     for rank, held in enumerate(ranks):
         assert held["world_size"] == 2
-        # loaded straight into shards: every frozen model reached its engine already partitioned
-        assert held["loaded_partitioned"] == [True] * len(expected), f"rank {rank}: {held['loaded_partitioned']}"
+        engines = held["engines"]
+        assert [e["optimizer"] for e in engines] == ENGINES[stage], f"rank {rank}: engines {engines}"
+        assert all(e["partitioned"] for e in engines), f"rank {rank}: a model reached DeepSpeed whole: {engines}"
         for name, want in expected.items():
             params = held[name]["params"]
             assert [p["partition"] for p in params] == want, f"rank {rank} {name}: not half of every parameter"
