@@ -47,15 +47,17 @@ advantages, clipped ratio (ε 0.2) and clipped value loss (ε 0.2), token means;
 schedule; sampling at temperature 1; no checkpoints, no sample generations (TRL: `num_sample_generations=0`,
 `stop_token=None` so nothing is truncated, `missing_eos_penalty=None`). TRL runs twice: `trl`, as shipped, and
 `trl-nogc`, with the module `trl.experimental.ppo.ppo_trainer`'s reference to `gc` replaced by an object whose
-`collect()` does nothing (and counts its calls): the loop's two `gc.collect()` per update are skipped. PPO has no
-floor worker.
+`collect()` does nothing (and counts its calls): the loop's two `gc.collect()` per update are skipped. chatrlhf
+runs twice too: `chatrlhf`, with its defaults, and `chatrlhf-sampler`, the same command with
+`--train.update.old_logprobs sampler` (log π_old from the generator, as TRL takes it). PPO has no floor worker.
 
-What differs in the PPO work, by design of each (none of it can be configured away): chatrlhf runs one no-grad
-forward of the actor per step for log π_old (the KL shaped into the reward needs it before the update), where TRL
-takes the log-probs from `generate()`'s scores (`output_scores=True`); TRL runs the policy and the critic in one
-forward of its `PolicyAndValueWrapper`, with one backward and one optimizer step, where chatrlhf runs the actor's
-and the critic's forward/backward and optimizer step apart (two optimizer steps per RL step); chatrlhf computes
-the gradient norm (clipping at infinity), TRL none; TRL's forwards ask for every layer's hidden states.
+What differs in the PPO work, by design of each: chatrlhf (with its defaults) runs one no-grad forward of the actor
+per step for log π_old (the KL shaped into the reward needs it before the update), where TRL takes the log-probs
+from `generate()`'s scores (`output_scores=True`) and `chatrlhf-sampler` from its generator's recorder; TRL runs
+the policy and the critic in one forward of its `PolicyAndValueWrapper`, with one backward and one optimizer step,
+where chatrlhf runs the actor's and the critic's forward/backward and optimizer step apart (two optimizer steps
+per RL step); chatrlhf computes the gradient norm (clipping at infinity), TRL none; TRL's forwards ask for every
+layer's hidden states.
 
 Step time is the interval between two consecutive step ends (chatrlhf: `time/elapsed_s` of two metrics lines;
 TRL: two `on_step_end` callbacks), the median over the steps after `--warmup`, then the median over `--runs` runs.
@@ -86,8 +88,12 @@ from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_meas
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 LAYERS = 4
-FRAMEWORKS = {"grpo": ["chatrlhf", "trl", "floor"], "ppo": ["chatrlhf", "trl", "trl-nogc"]}
-"""What can run under each `--algo` (the default `--frameworks`): PPO has no floor worker, and `trl-nogc` is PPO's."""
+FRAMEWORKS = {"grpo": ["chatrlhf", "trl", "floor"], "ppo": ["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc"]}
+"""What can run under each `--algo` (the default `--frameworks`): PPO has no floor worker, and `trl-nogc` and
+`chatrlhf-sampler` are PPO's (GRPO's update here is on-policy, so chatrlhf's default already skips the forward)."""
+CHATRLHF = ("chatrlhf", "chatrlhf-sampler")
+SAMPLER_ARGS = ["--train.update.old_logprobs", "sampler"]
+"""What `chatrlhf-sampler` adds to `chatrlhf`'s command."""
 TRL_GC_COLLECTS_PER_UPDATE = 2
 """`gc.collect()` calls in each update of TRL 1.12.0's `PPOTrainer.train` (after the rollout, after the step)."""
 
@@ -455,8 +461,9 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
     out = workdir / (f"{model.name}-{framework}-{tag}" if a.algo == "grpo" else f"{model.name}-ppo-{framework}-{tag}")
     counts = workdir / f"{out.name}-counts.json"
     me = [sys.executable, str(Path(__file__).resolve())]
-    if framework == "chatrlhf":
+    if framework in CHATRLHF:
         args = chatrlhf_args(model, prompts, out, a, reward_model)
+        args += SAMPLER_ARGS if framework == "chatrlhf-sampler" else []
         cmd = [*me, "--worker", "chatrlhf", "--counts", str(counts), "--", *args]
         shown = "chatrlhf " + " ".join(args)
     else:
@@ -475,7 +482,7 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         raise SystemExit(f"{framework} failed ({res.returncode}); see {workdir / (out.name + '.log')}")
     seen = json.loads(counts.read_text())
     extra = {}
-    if framework == "chatrlhf":
+    if framework in CHATRLHF:
         lines = [m for m in metrics_lines(out / "metrics.jsonl") if "time/generate_s" in m]
         ends = [m["time/elapsed_s"] for m in lines]
         lengths = [m["response/length_mean"] for m in lines]
@@ -543,7 +550,7 @@ def expected_work(framework: str, a: argparse.Namespace, actor_params: int, crit
             "optimizers": [[steps, actor_params]],
             "generate_calls": [[a.prompts * a.group, a.new_tokens]] * steps,
         }
-    if framework == "chatrlhf":
+    if framework in CHATRLHF:
         optimizers = sorted([[steps, actor_params], [steps, critic_params]])
     else:
         optimizers = [[steps, actor_params + critic_params]]
@@ -579,6 +586,10 @@ def settle_options(a: argparse.Namespace) -> None:
         )
     if a.algo == "grpo" and "trl-nogc" in a.frameworks:
         raise SystemExit("trl-nogc is TRL's PPOTrainer with its gc.collect() calls skipped: it needs --algo ppo")
+    if a.algo == "grpo" and "chatrlhf-sampler" in a.frameworks:
+        raise SystemExit(
+            "chatrlhf-sampler is PPO's: GRPO's on-policy update here already takes π_old from its own forward"
+        )
     assert all(f in allowed for f in a.frameworks), a.frameworks
     if a.group is None:
         a.group = 4 if a.algo == "grpo" else 1
@@ -601,10 +612,11 @@ def main() -> int:
     parser.add_argument(
         "--frameworks",
         nargs="+",
-        choices=["chatrlhf", "trl", "trl-nogc", "floor"],
+        choices=["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc", "floor"],
         default=None,
-        help="what runs (default: grpo chatrlhf trl floor, ppo chatrlhf trl trl-nogc); each run round rotates the "
-        "order; trl-nogc (PPO only) is TRL with its gc.collect() calls skipped",
+        help="what runs (default: grpo chatrlhf trl floor, ppo chatrlhf chatrlhf-sampler trl trl-nogc); each run "
+        "round rotates the order; trl-nogc (PPO only) is TRL with its gc.collect() calls skipped, chatrlhf-sampler "
+        "(PPO only) chatrlhf with --train.update.old_logprobs sampler",
     )
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both frameworks' processes")
     parser.add_argument("--timeout", type=float, default=900.0)
@@ -661,9 +673,13 @@ def main() -> int:
                 "tokens_per_s": {f: tokens_per_step / v for f, v in s.items()}, "other_cores_mean": other,
                 "phases_median_s": phases}  # fmt: skip
         ratio = {}
+        for c in CHATRLHF:
+            for f in ("trl", "trl-nogc"):
+                if c in s and f in s:
+                    item[f"{c.replace('-', '_')}_over_{f.replace('-', '_')}_steps_per_s"] = s[f] / s[c]
         for f in ("trl", "trl-nogc"):
             if "chatrlhf" in s and f in s:
-                ratio[f] = item[f"chatrlhf_over_{f.replace('-', '_')}_steps_per_s"] = s[f] / s["chatrlhf"]
+                ratio[f] = s[f] / s["chatrlhf"]
         if "chatrlhf" in s and "floor" in s:
             ratio["floor"] = item["chatrlhf_step_over_floor"] = s["chatrlhf"] / s["floor"]
         if "trl" in s and "trl-nogc" in s:
@@ -691,6 +707,10 @@ def main() -> int:
         for f, p in item["phases_median_s"].items():
             if p:
                 print(f"{item['model']}: {f} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()))
+        if "chatrlhf-sampler" in item["median_step_s"]:
+            print(f"{item['model']}: chatrlhf-sampler steps/s ÷ TRL's: " + ", ".join(
+                f"{f} {item['chatrlhf_sampler_over_' + f.replace('-', '_') + '_steps_per_s']:.2f}"
+                for f in ("trl", "trl-nogc") if f in item["median_step_s"]))  # fmt: skip
         if "trl_nogc_over_trl_steps_per_s" in item:
             print(f"{item['model']}: TRL with gc.collect() skipped ÷ as shipped, steps/s: "
                   f"{item['trl_nogc_over_trl_steps_per_s']:.2f}")  # fmt: skip

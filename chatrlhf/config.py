@@ -328,11 +328,15 @@ class UpdateConfig:
     """Sequences per optimizer step within an iteration's rollouts (0 = all of them in one step)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward (gradient accumulation up to mini_batch_size); 0 = mini_batch_size."""
-    old_logprobs: Literal["auto", "forward"] = "auto"
+    old_logprobs: Literal["auto", "forward", "sampler"] = "auto"
     """Where log π_old comes from. auto: when the update is exactly on-policy — one epoch, one mini-batch (the whole
     rollout), the KL in the loss (or β = 0 with no target), no TIS, the hf backend — it is the update's own forward,
     detached (its ratio is 1, its gradient the policy gradient), and the separate no-grad forward of the actor is
-    skipped; the entropy and KL metrics come from the same forward. forward: always that separate forward."""
+    skipped; the entropy and KL metrics come from the same forward. forward: always that separate forward.
+    sampler (hf backend only): the log-probs and entropies the generator recorded as it drew each token, with the
+    weights the update starts from, so the separate forward is skipped in every case (any epochs, mini-batches
+    and KL placement), as TRL's PPO does; they equal the forward's up to the rounding of decoding with a KV cache
+    (no `rollout/logprob_diff` is then measured)."""
 
 
 @dataclass
@@ -1391,6 +1395,20 @@ def _validate_rl(t: RLTrainConfig, prefix: str = "train") -> None:
     if g.temperature <= 0 or not 0.0 < g.top_p <= 1.0 or g.top_k < 0:
         raise ConfigError(f"{prefix}.generation: temperature must be > 0, top_p in (0, 1], top_k >= 0")
     _validate_rollout(t.rollout, f"{prefix}.rollout")
+    if t.update.old_logprobs == "sampler":
+        option = f"{prefix}.update.old_logprobs sampler"
+        if t.rollout.backend != "hf":
+            raise ConfigError(
+                f"{option} needs {prefix}.rollout.backend hf, got {t.rollout.backend}: vLLM's log-probs come from "
+                "other kernels than the trainer's; keep the trainer's forward (auto) and correct for the difference "
+                f"with {prefix}.rollout.tis_cap"
+            )
+        for name, value in (("tis_cap", t.rollout.tis_cap), ("max_logprob_diff", t.rollout.max_logprob_diff)):
+            if value is not None:
+                raise ConfigError(
+                    f"{option} takes π_old from the sampler, so there is no trainer forward to compare it with: "
+                    f"{prefix}.rollout.{name} would compare the sampler's log-probs with themselves; unset one"
+                )
     t.doctor.validate(f"{prefix}.doctor")
     if t.eval_every < 0 or t.eval_prompts < 1:
         raise ConfigError(f"{prefix}.eval_every must be >= 0 and {prefix}.eval_prompts >= 1")

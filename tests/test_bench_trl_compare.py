@@ -33,13 +33,13 @@ def row_as_expected(tc, framework: str, a: argparse.Namespace) -> dict:
 def test_options_default_per_algorithm(tc):
     grpo, ppo = options(tc, "grpo"), options(tc, "ppo")
     assert (grpo.frameworks, grpo.group) == (["chatrlhf", "trl", "floor"], 4)
-    assert (ppo.frameworks, ppo.group) == (["chatrlhf", "trl", "trl-nogc"], 1)
+    assert (ppo.frameworks, ppo.group) == (["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc"], 1)
 
 
 @pytest.mark.parametrize(
     "algo, frameworks, group, words",
     [("ppo", ["chatrlhf", "floor"], None, "no floor"), ("grpo", ["trl-nogc"], None, "--algo ppo"),
-     ("ppo", None, 4, "--group must be 1")],
+     ("grpo", ["chatrlhf-sampler"], None, "PPO's"), ("ppo", None, 4, "--group must be 1")],
 )  # fmt: skip
 def test_options_refused(tc, algo, frameworks, group, words):
     with pytest.raises(SystemExit, match=words):
@@ -58,6 +58,7 @@ def test_ppo_expects_two_optimizers_in_chatrlhf_and_one_over_policy_and_value_in
     chatrlhf = tc.expected_work("chatrlhf", a, ACTOR, CRITIC)
     assert chatrlhf["optimizer_steps"] == 6 and chatrlhf["optimizers"] == [[3, CRITIC], [3, ACTOR]]
     assert chatrlhf["generate_calls"] == [[8, 64]] * 3
+    assert tc.expected_work("chatrlhf-sampler", a, ACTOR, CRITIC) == chatrlhf
     for framework, skipped in (("trl", None), ("trl-nogc", 6)):
         trl = tc.expected_work(framework, a, ACTOR, CRITIC)
         assert trl["optimizer_steps"] == 3 and trl["optimizers"] == [[3, ACTOR + CRITIC]]
@@ -117,6 +118,10 @@ def test_chatrlhf_ppo_command_is_the_documented_workload(tc, tmp_path):
     # the docs' account of the unequal work: with the KL in the reward, chatrlhf runs its own no-grad forward of
     # the actor for log π_old (TRL takes them from generate()'s scores)
     assert not reuses_update_forward(t, "hf")
+    # chatrlhf-sampler: the same command taking π_old from the generator instead
+    sampler = parse(args[0], args[1:] + tc.SAMPLER_ARGS)
+    sampler.validate()
+    assert sampler.train.update.old_logprobs == "sampler" and sampler.train.algo == "ppo"
 
 
 def test_chatrlhf_grpo_command_is_unchanged_by_the_ppo_mode(tc, tmp_path):

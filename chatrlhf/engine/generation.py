@@ -50,7 +50,7 @@ from transformers import (
 
 from chatrlhf.config import GenerationConfig
 from chatrlhf.data.collate import pad
-from chatrlhf.rlhf import truncate_after_eos
+from chatrlhf.rlhf import entropy_from_logits, truncate_after_eos
 
 
 @dataclass
@@ -65,6 +65,9 @@ class Generated:
     """(B, R) float — raw log-prob of each sampled token (0 outside the mask), when asked for."""
     finish_reasons: list[str]
     """Per response: `stop` (it ended with EOS) or `length` (cut at max_new_tokens)."""
+    entropy: torch.Tensor | None = None
+    """(B, R) float — entropy (nats) of the raw distribution each token was drawn from (0 outside the mask), with
+    the log-probs, when the backend gives it (hf)."""
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,37 @@ def request_seeds(requests: Sequence[Request]) -> list[int]:
     return [r.sampling.seed if r.sampling.seed is not None else int(torch.randint(2**31 - 1, ())) for r in requests]
 
 
+class _SampledLogprobs(StoppingCriteria):
+    """Records, at every decoding step, the raw log-prob of the token just drawn and the entropy of the raw
+    distribution it was drawn from (the trainer's definitions: the log-softmax of the model's logits, before
+    temperature and top-k/top-p). A forward hook on the model keeps the last position's logits of each forward;
+    `generate` calls this criterion after it appends the drawn token, and it reads that token's log-prob. Only one
+    step's (B, V) logits are ever held, where `output_logits` would keep (B, R, V). Never stops a row.
+
+    With `synced_gpus`, a rank whose rows have all ended keeps running forwards without drawing tokens; those
+    forwards overwrite the kept logits but are never read, since `generate` calls no criterion for them."""
+
+    def __init__(self, model):
+        self.logits: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+        self.hook = model.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.logits = output.logits[:, -1]
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        logits = self.logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        self.logprobs.append(logp.gather(1, input_ids[:, -1:].to(logp.device)).squeeze(1))
+        self.entropy.append(entropy_from_logits(logits))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def tensors(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, width) log-probs and entropies of the first `width` drawn tokens."""
+        return torch.stack(self.logprobs[:width], dim=1), torch.stack(self.entropy[:width], dim=1)
+
+
 class HFGenerator:
     """Hugging Face `generate` on `model`. Each call runs in a scoped state — eval mode, KV cache on, autograd
     off, our sampling settings installed as the model's generation config — and restores the model's own state
@@ -343,21 +377,25 @@ class HFGenerator:
         device = next(self.model.parameters()).device
         ids, attn = (x.to(device) for x in pad(prompts, tok.pad_token_id, left=True, width=width))
         config = self.greedy_sampling if greedy else self.sampling
-        with _generating(self.model, config):
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=attn,
-                generation_config=config,
-                return_dict_in_generate=True,
-                output_logits=logprobs,
-                synced_gpus=self.synced_gpus,
-            )
+        recorder = _SampledLogprobs(self.model) if logprobs else None
+        try:
+            with _generating(self.model, config):
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    generation_config=config,
+                    return_dict_in_generate=True,
+                    stopping_criteria=StoppingCriteriaList([recorder] if recorder else []),
+                    synced_gpus=self.synced_gpus,
+                )
+        finally:
+            if recorder is not None:
+                recorder.hook.remove()
         tokens, mask = truncate_after_eos(out.sequences[:, ids.shape[1] :], tok.eos_token_id, tok.pad_token_id)
-        sampled = None
-        if logprobs:
-            logits = torch.stack(out.logits, dim=1).float()  # (B, R, V), raw: before temperature/top-k/top-p
-            sampled = torch.log_softmax(logits, dim=-1).gather(2, tokens.unsqueeze(2)).squeeze(2) * mask
-        return Generated(tokens, mask, sampled, finished(tokens, mask, tok.eos_token_id))
+        sampled = entropy = None
+        if recorder is not None:
+            sampled, entropy = (t.to(mask.device) * mask for t in recorder.tensors(tokens.shape[1]))
+        return Generated(tokens, mask, sampled, finished(tokens, mask, tok.eos_token_id), entropy)
 
     def complete(self, requests: Sequence[Request], on_update: OnUpdate | None = None) -> list[Completion]:
         """One `generate` call for the whole batch: `_RowSampler` samples each row with its own settings and

@@ -87,6 +87,9 @@ class Episode:
     """(T) 1 on the tokens the policy sampled, 0 on the environment's."""
     logprobs: list[float]
     """(T) the sampler's raw log-prob of each policy token; 0 elsewhere."""
+    entropy: list[float] | None = None
+    """(T) the entropy of the raw distribution each policy token was drawn from, 0 elsewhere; None when the
+    generator of a turn gave none (vLLM)."""
     turn_rewards: list[float] = field(default_factory=list)
     """The environment's reward of each policy turn (0 for turns answered by tools)."""
     tool_results: list[ToolResult] = field(default_factory=list)
@@ -281,7 +284,8 @@ class EpisodeRunner:
             for row, i in enumerate(active):
                 n = int(out.mask[row].sum())
                 tokens, logprobs = out.tokens[row, :n].tolist(), out.logprobs[row, :n].tolist()
-                self.advance(envs[i], episodes[i], tokens, logprobs, out.finish_reasons[row])
+                entropy = out.entropy[row, :n].tolist() if out.entropy is not None else None
+                self.advance(envs[i], episodes[i], tokens, logprobs, out.finish_reasons[row], entropy)
         return episodes
 
     def start(self, env, record: dict) -> Episode:
@@ -295,14 +299,24 @@ class EpisodeRunner:
                 f"{len(ids)} tokens, over max_tokens={self.limits.max_tokens} ({option}), the most an episode may hold "
                 "before a policy turn; raise it (within the model's context) or shorten the messages"
             )
-        return Episode(record, list(messages), ids, [0] * len(ids), [0.0] * len(ids))
+        return Episode(record, list(messages), ids, [0] * len(ids), [0.0] * len(ids), [0.0] * len(ids))
 
-    def advance(self, env, ep: Episode, tokens: list[int], logprobs: list[float], finish: str) -> None:
-        """One policy turn: keep its tokens, answer it (tools or the environment), append the answer's tokens.
-        `finish` is the generator's: "length" (cut at max_new_tokens) ends the episode."""
+    def advance(
+        self,
+        env,
+        ep: Episode,
+        tokens: list[int],
+        logprobs: list[float],
+        finish: str,
+        entropy: list[float] | None = None,
+    ) -> None:
+        """One policy turn: keep its tokens (with the sampler's log-probs and entropies), answer it (tools or the
+        environment), append the answer's tokens. `finish` is the generator's: "length" (cut at max_new_tokens)
+        ends the episode."""
         ep.ids += tokens
         ep.policy_mask += [1] * len(tokens)
         ep.logprobs += logprobs
+        ep.entropy = ep.entropy + entropy if ep.entropy is not None and entropy is not None else None
         history = list(ep.messages)
         turn = {"role": "assistant", "content": self.tok.decode(tokens, skip_special_tokens=True).strip()}
         ep.messages.append(turn)
@@ -335,6 +349,8 @@ class EpisodeRunner:
         ep.ids += ids
         ep.policy_mask += [0] * len(ids)
         ep.logprobs += [0.0] * len(ids)
+        if ep.entropy is not None:
+            ep.entropy += [0.0] * len(ids)
         ep.messages += new
 
     def _answer_call(self, ep: Episode, call) -> dict:

@@ -101,7 +101,9 @@ def evaluate_rollout(
     with m.resident([m.reference]):
         ref_logprobs = rollout_logprobs(m.reference, rollout)
     old_logprobs = entropy = None  # exactly on-policy: the update's own forward gives them (update.py)
-    if not reuses_update_forward(train, m.actor.backend):
+    if train.update.old_logprobs == "sampler":  # recorded as the tokens were drawn, with the same weights
+        old_logprobs, entropy = rollout.rollout_logprobs, rollout.rollout_entropy
+    elif not reuses_update_forward(train, m.actor.backend):
         old_logprobs, entropy = rollout_logprobs_and_entropy(m.actor_engine.module, rollout)
     values = rollout_values(m.critic_engine.module, rollout) if m.critic_engine else None
     _add(times, score=scored - started, forward=time.perf_counter() - scored)
@@ -128,7 +130,8 @@ def draw_round(
     started = time.perf_counter()
     mine, _ = dist.shard(batch)  # 1. each rank samples for its share of the prompts
     width = max(len(p.ids) for p in batch)
-    logprobs = train.rollout.tis_cap is not None or m.actor.backend != "hf"  # vLLM's log-probs cost nothing
+    # vLLM's log-probs cost nothing; hf records them per step (engine/generation.py:_SampledLogprobs)
+    logprobs = train.rollout.tis_cap is not None or train.update.old_logprobs == "sampler" or m.actor.backend != "hf"
     if m.runner is not None:  # 2, multi-turn episodes
         rollout = play_rollout(m.runner, m.actor, mine, train.group_size, m.tok, m.device)
     else:  # 2
@@ -190,7 +193,7 @@ def rollout_metrics(
         metrics["policy/entropy"] = float(masked_mean(ev.entropy, mask))
     if rollout.episodes is not None:
         metrics.update(episode_metrics(rollout.episodes, rollout))
-    if rollout.rollout_logprobs is not None:
+    if rollout.rollout_logprobs is not None and train.update.old_logprobs != "sampler":
         # the engine mismatch: the same tokens, the same definition of log π, the trainer's weights vs the rollout's
         diff = (ev.old_logprobs - rollout.rollout_logprobs).abs()
         metrics["rollout/logprob_diff"] = float(masked_mean(diff, mask))

@@ -58,7 +58,11 @@ class Rollout:
     the policy's turns of an episode. What the loss, KL, entropy and advantages cover."""
     rollout_logprobs: torch.Tensor | None = None
     """(B, R) raw log-probs of the sampled tokens under the rollout engine (vLLM always; hf with truncated
-    importance sampling; episodes always): the freshness check and TIS compare them with the trainer's."""
+    importance sampling or `update.old_logprobs: sampler`; episodes always): the freshness check and TIS compare
+    them with the trainer's; with `sampler` they are π_old's."""
+    rollout_entropy: torch.Tensor | None = None
+    """(B, R) entropy of the raw distribution each token was drawn from, with the log-probs when the engine gives it
+    (hf): π_old's entropy with `update.old_logprobs: sampler`."""
     response_attention: torch.Tensor | None = None
     """(B, R) long — 1 on every real token of an episode's response part, the environment's included: what the
     forwards attend to. None = the response mask (a single response has no other tokens)."""
@@ -169,6 +173,7 @@ def generate_rollout(
         response=out.tokens.to(device),
         response_mask=out.mask.to(device),
         rollout_logprobs=out.logprobs.to(device) if out.logprobs is not None else None,
+        rollout_entropy=out.entropy.to(device) if out.entropy is not None else None,
     )
 
 
@@ -192,7 +197,12 @@ def episode_rollout(episodes: list[Episode], prompts: list[Prompt], pad_id: int,
     response, attention = pad([e.ids[s:] for e, s in zip(episodes, starts)], pad_id)
     policy, _ = pad([e.policy_mask[s:] for e, s in zip(episodes, starts)], 0)
     width = response.shape[1]
-    logprobs = torch.tensor([e.logprobs[s:] + [0.0] * (width - len(e.ids) + s) for e, s in zip(episodes, starts)])
+
+    def per_token(values: list[list[float]]) -> torch.Tensor:  # each episode's response part, right-padded with 0
+        return torch.tensor([v[s:] + [0.0] * (width - len(e.ids) + s) for v, e, s in zip(values, episodes, starts)])
+
+    logprobs = per_token([e.logprobs for e in episodes])
+    entropy = per_token([e.entropy for e in episodes]) if all(e.entropy is not None for e in episodes) else None
     return Rollout(
         prompts=prompts,
         prompt_ids=prompt_ids.to(device),
@@ -200,6 +210,7 @@ def episode_rollout(episodes: list[Episode], prompts: list[Prompt], pad_id: int,
         response=response.to(device),
         response_mask=policy.float().to(device),
         rollout_logprobs=logprobs.to(device),
+        rollout_entropy=entropy.to(device) if entropy is not None else None,
         response_attention=attention.to(device),
         episodes=episodes,
     )
@@ -313,6 +324,7 @@ def gather_rollout(rollout: Rollout, ev: Evaluated, prompts: list[Prompt], group
         response=g(rollout.response, pad_id),
         response_mask=g(rollout.response_mask, 0.0),
         rollout_logprobs=g(rollout.rollout_logprobs, 0.0) if rollout.rollout_logprobs is not None else None,
+        rollout_entropy=g(rollout.rollout_entropy, 0.0) if rollout.rollout_entropy is not None else None,
         response_attention=g(rollout.response_attention, 0) if rollout.response_attention is not None else None,
         episodes=dist.gather_objects(rollout.episodes) if rollout.episodes is not None else None,
     )
@@ -424,6 +436,7 @@ def select(rollout: Rollout, ev: Evaluated, idx: torch.Tensor) -> tuple[Rollout,
         response=rollout.response[idx],
         response_mask=rollout.response_mask[idx],
         rollout_logprobs=rows(rollout.rollout_logprobs),
+        rollout_entropy=rows(rollout.rollout_entropy),
         response_attention=rows(rollout.response_attention),
         episodes=[rollout.episodes[i] for i in idx.tolist()] if rollout.episodes is not None else None,
     )
@@ -463,6 +476,7 @@ def concat(parts: list[tuple[Rollout, Evaluated]], pad_id: int) -> tuple[Rollout
         response=cat([r.response for r in rs], resp_w, pad_id),
         response_mask=cat([r.response_mask for r in rs], resp_w, 0.0),
         rollout_logprobs=cat([r.rollout_logprobs for r in rs], resp_w, 0.0),
+        rollout_entropy=cat([r.rollout_entropy for r in rs], resp_w, 0.0),
         response_attention=cat([r.response_attention for r in rs], resp_w, 0),
         episodes=[e for r in rs for e in r.episodes] if rs[0].episodes is not None else None,
     )

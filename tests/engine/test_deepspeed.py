@@ -160,6 +160,9 @@ def run_table(i: dict[str, str]) -> dict[str, tuple[str, int, list[str]]]:
     sft = [*stage_args("sft", i), "--train.batch_size", str(BATCH // 2)]
     sharded = zero(3, i, "--engine.gather_for_generation", "False")
     table["rl-zero3-sharded-generation"] = ("rl", 2, [*stage_args("rl", i), *sharded])
+    sampler = [*stage_args("rl", i), "--train.update.old_logprobs", "sampler"]
+    table["rl-sampler-single"] = ("rl", 1, sampler)
+    table["rl-sampler-zero3-sharded-generation"] = ("rl", 2, [*sampler, *sharded])
     table["sft-zero2-offload"] = ("sft", 2, [*sft, *zero(2, i, "--engine.offload_optimizer", "True")])
     table["rl-zero3-offload-frozen"] = ("rl", 2, [*stage_args("rl", i), *zero(3, i, "--engine.offload_frozen", "True")])
     # exactly on-policy (one mini-batch, the KL in the loss): π_old from the update's own forward, on each rank's rows
@@ -318,6 +321,19 @@ def test_zero3_generation_on_the_sharded_model(runs):
         # 4 responses of 1 token (EOS) from one rank's prompt, 4 of 12 (cut) from the other's
         assert values["response/length_mean"] == (4 * 1 + 4 * MAX_NEW_TOKENS) / 8
         assert values["response/truncated_frac"] == 0.5
+
+
+def test_sampler_logprobs_with_zero3_generation_on_the_sharded_model(runs):
+    """`--train.update.old_logprobs sampler` while generating on the partitioned actor with synced_gpus: the rank
+    that finishes first keeps running forwards without drawing tokens, which must not shift its recorded
+    log-probs; it trains like one process with the same setting, and that run like the one with the separate
+    forward (the rounding of decoding with a KV cache aside)."""
+    runs.start("rl-sampler-zero3-sharded-generation")
+    assert_metrics_match(runs.get("rl-sampler-zero3-sharded-generation"), runs.get("rl-sampler-single"), EQUAL)
+    sampler, forward = step_metrics(runs.get("rl-sampler-single")), step_metrics(runs.get("rl-single"))
+    for step, values in forward.items():
+        for key in ("kl/mean", "policy/entropy", "loss/policy", "loss/value", "reward/total_mean"):
+            assert math.isclose(sampler[step][key], values[key], rel_tol=1e-4, abs_tol=1e-6), (step, key)
 
 
 def test_zero2_offloaded_optimizer(runs):

@@ -114,18 +114,41 @@ def test_sampling_settings_are_ours_not_the_models(actor, monkeypatch):
     assert model.generation_config is own  # the model's own config is back afterwards
 
 
-def test_hf_logprobs_are_the_raw_distribution_at_any_temperature(actor):
-    """The generator's log-probs are log-softmax of the raw logits (temperature 1, no top-k/top-p): at temperature
-    0.5 with top-k 5 they equal a plain forward's log-probs of the sampled tokens, not the sampler's."""
+def test_hf_logprobs_are_the_raw_distribution_at_any_temperature(actor, monkeypatch):
+    """The generator's log-probs are log-softmax of the raw logits (temperature 1, no top-k/top-p), and its entropies
+    those of the same raw distribution: at temperature 0.5 with top-k 5 they equal a plain forward's of each
+    sampled response, not the sampler's. Two prompts of different lengths (one left-padded) in one batch, one of
+    them ending at EOS before the other; only one step's logits are kept (no `output_logits`)."""
     hybrid, tok = actor
     model = hybrid.model
-    gen = HFGenerator(model, tok, GenerationConfig(max_new_tokens=5, temperature=0.5, top_k=5))
-    prompt = [72, 105, 33]
-    torch.manual_seed(1)
-    out = gen.generate([prompt], logprobs=True)
-    n = int(out.mask.sum())
-    seq = torch.tensor([prompt + out.tokens[0, :n].tolist()])
-    with torch.no_grad():
-        logits = model.eval()(input_ids=seq).logits[0, len(prompt) - 1 : -1]
-    expected = torch.log_softmax(logits.float(), -1).gather(1, seq[0, len(prompt) :, None]).squeeze(1)
-    assert torch.allclose(out.logprobs[0, :n], expected, atol=1e-5)
+    gen = HFGenerator(model, tok, GenerationConfig(max_new_tokens=8, temperature=0.5, top_k=5))
+    prompts = [[72, 105, 33], [65, 66, 67, 68, 69]]
+    asked = []
+    generate = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        asked.append(kwargs.get("output_logits") or kwargs["generation_config"].output_logits)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    eos = tok.eos_token_id
+    with torch.no_grad():  # make EOS likely after the first prompt, so that its row ends before the other's
+        model.get_input_embeddings().weight[eos] += 0.5 * model.get_input_embeddings().weight[33]
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = gen.generate(prompts, logprobs=True)
+        lengths = out.mask.sum(1).tolist()
+        if lengths[0] != lengths[1]:
+            break
+    assert lengths[0] != lengths[1], "no seed ended the two rows at different steps"
+    assert asked and not any(asked)
+    for row, prompt in enumerate(prompts):
+        n = int(lengths[row])
+        seq = torch.tensor([prompt + out.tokens[row, :n].tolist()])
+        with torch.no_grad():
+            logits = model.eval()(input_ids=seq).logits[0, len(prompt) - 1 : -1].double()
+        logp = torch.log_softmax(logits, -1)
+        expected = logp.gather(1, seq[0, len(prompt) :, None]).squeeze(1)
+        assert torch.allclose(out.logprobs[row, :n].double(), expected, atol=1e-5)
+        assert torch.allclose(out.entropy[row, :n].double(), -(logp.exp() * logp).sum(-1), atol=1e-5)
+        assert not out.logprobs[row, n:].any() and not out.entropy[row, n:].any()  # 0 outside the mask

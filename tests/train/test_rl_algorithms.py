@@ -199,6 +199,53 @@ def test_an_on_policy_update_takes_the_old_logprobs_from_its_own_forward(tiny_di
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
 
 
+def test_sampler_logprobs_stand_for_the_separate_forward(tiny_dirs, pairs_file, tmp_path, monkeypatch):
+    """update.old_logprobs sampler: π_old's log-probs and entropies are those the generator recorded as it drew the
+    tokens, so the actor's separate no-grad forward is never made, even where it is needed before the update (KL in
+    the reward, two epochs of two mini-batches); the run is the one that makes it (forward) up to the rounding of
+    decoding with a KV cache: the same metrics and weights."""
+    import chatrlhf.train.rl as rl_module
+
+    calls = []
+    separate = rl_module.rollout_logprobs_and_entropy
+    monkeypatch.setattr(rl_module, "rollout_logprobs_and_entropy", lambda *a, **k: calls.append(1) or separate(*a, **k))
+    kl = KLConfig(placement="reward", estimator="k1", coef=0.05)
+    runs = {}
+    for mode in ("sampler", "forward"):
+        calls.clear()
+        update = UpdateConfig(epochs=2, mini_batch_size=4, old_logprobs=mode)
+        cfg = rl_config(tiny_dirs, pairs_file, tmp_path / mode, algo="reinforce_pp", kl=kl, update=update)
+        run_rl(cfg)
+        runs[mode] = (metrics(tmp_path / mode), len(calls))
+    (sampler, sampler_calls), (forward, forward_calls) = runs["sampler"], runs["forward"]
+    assert sampler_calls == 0 and forward_calls == 2
+    for a, f in zip(sampler, forward):
+        assert set(a) == set(f)
+        keys = ("policy/entropy", "kl/mean", "kl/token_mean", "loss/policy", "advantages/mean", "reward/total_mean")
+        for key in keys:
+            assert a[key] == pytest.approx(f[key], rel=1e-4, abs=1e-6), key
+        assert a["policy/approx_kl"] == pytest.approx(f["policy/approx_kl"], rel=1e-3, abs=1e-6)
+    models = [AutoModelForCausalLM.from_pretrained(tmp_path / mode / "model") for mode in ("sampler", "forward")]
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "rollout, message",
+    [
+        (RolloutConfig(backend="vllm"), "needs train.rollout.backend hf"),
+        (RolloutConfig(tis_cap=2.0), "rollout.tis_cap would compare"),
+        (RolloutConfig(max_logprob_diff=0.1), "rollout.max_logprob_diff would compare"),
+    ],
+)
+def test_sampler_logprobs_refuse_what_needs_the_trainer_forward(tiny_dirs, pairs_file, tmp_path, rollout, message):
+    from chatrlhf.errors import ConfigError
+
+    cfg = rl_config(tiny_dirs, pairs_file, tmp_path, update=UpdateConfig(old_logprobs="sampler"), rollout=rollout)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
 @pytest.mark.parametrize(
     "change, backend, reuses",
     [

@@ -263,6 +263,11 @@ def policy_words(prompt: str, response: str, messages: list[dict], **fields) -> 
     return float(sum(len(m["content"].split()) for m in messages if m["role"] == "assistant"))
 
 
+def policy_text(prompt: str, response: str, messages: list[dict], **fields) -> float:
+    """A hash of the policy's turns' text in [0, 1): different for almost any two samples."""
+    return sum(ord(c) for m in messages if m["role"] == "assistant" for c in m["content"]) % 97 / 97
+
+
 ALGOS = [("grpo", 2), ("rloo", 2), ("reinforce_pp", 1), ("remax", 1), ("dapo", 2), ("gspo", 2), ("cispo", 2)]
 
 
@@ -289,6 +294,28 @@ def test_multi_turn_episodes_train_on_policy_tokens_only(algo, group_size, sft_l
             assert m["reward/greedy_mean"] >= 1.0
         if algo == "dapo":
             assert m["sampling/rounds"] >= 1 and m["reward/score_std"] > 0
+
+
+def test_sampler_logprobs_on_multi_turn_episodes(sft_llama, tmp_path):
+    """`--train.update.old_logprobs sampler` on two-turn episodes: π_old's log-probs and entropies are those the
+    generator recorded turn by turn (the environment's tokens between the turns hold none), and the run is the
+    one that makes the trainer's forward over the whole episode, up to rounding; no engine mismatch is logged."""
+    env, turns, text = f"{HERE}:AreYouSure", f"{HERE}:assistant_turns", f"{HERE}:policy_text"
+    runs = {}
+    for mode in ("sampler", "forward"):
+        out = tmp_path / mode
+        # the text tells the episodes apart: with tied rewards the whitened advantages would be rounding noise
+        chatrlhf(*rl_args(sft_llama, out, env, "reinforce_pp", 1, "--reward_functions", turns, text,
+                          "--train.episode.max_turns", "3", "--train.kl.placement", "reward",
+                          "--train.update.old_logprobs", mode))  # fmt: skip
+        runs[mode] = metrics(out)
+    for s, f in zip(runs["sampler"], runs["forward"]):
+        assert "rollout/logprob_diff" not in s and f["rollout/logprob_diff"] < 1e-4
+        assert s["episode/turns_mean"] == f["episode/turns_mean"] > 1.0
+        for key in ("policy/entropy", "kl/mean", "loss/policy", "reward/total_mean"):
+            # kl/mean sums an episode's per-token differences: at the first iteration 0 from the same forward,
+            # ~1e-6 from the sampler's KV-cached decoding against the reference's forward
+            assert s[key] == pytest.approx(f[key], rel=1e-4, abs=1e-5), key
 
 
 def test_ppo_with_a_reward_model_on_multi_turn_episodes(sft_llama, tmp_path):
