@@ -12,7 +12,9 @@ ValueModel the backbone is adapted and the scalar head stays fully trainable, in
 sequence-classification model, or beside a base model: `chatrlhf.models.load`).
 
 For rollouts, `merged(model)` folds B·A into W so generation runs at the speed of the plain model, and puts the
-exact original weights back afterwards. `save_trained` writes the merged model as a plain HF directory (a value model
+exact original weights back afterwards. `AdapterFree(model)` is the model without its adapters — the weights it
+started from — which stands for the frozen reference (RL, DPO) when the reference is those weights, so that no
+second copy of the model is loaded. `save_trained` writes the merged model as a plain HF directory (a value model
 in its own format) plus the adapter alone in PEFT's format.
 """
 
@@ -143,6 +145,43 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
                     layer.unmerge()
             for p, original in originals:
                 p.copy_(original)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` without its adapters for the duration of the block (PEFT's `enable_adapters(False)` on every
+    LoRA layer, as `PeftModel.disable_adapter` does): every adapted layer computes W·x alone, which is the model
+    the adapters started from, since the base weights never train (B = 0 at init). The adapters are enabled
+    again on exit, also on an exception. For no-grad forwards only: PEFT turns the adapters' `requires_grad`
+    off while they are disabled (and back on after)."""
+    layers = _lora_layers(model)
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class AdapterFree:
+    """A LoRA-adapted causal LM seen without its adapters: its starting weights, used as the frozen reference
+    π_ref (RL) or DPO's reference instead of a second copy of the model, as TRL and OpenRLHF do with PEFT. Calling it
+    runs the adapted model inside `adapters_disabled`; `config` is the model's. It holds no weights of its own, so
+    nothing moves it between devices (`engine.offload_frozen` leaves it where the actor is)."""
+
+    def __init__(self, model: nn.Module):
+        if not is_lora(model):
+            raise ValueError(f"{type(model).__name__} has no LoRA adapters to leave out")
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
 
 
 @contextmanager

@@ -37,6 +37,7 @@ from chatrlhf.data.collate import Encoded, collate_sft, encode_all, encode_pair_
 from chatrlhf.engine.factory import frozen_loading, frozen_model, trained_loading
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import load_causal_lm, load_tokenizer, resolve_model, same_vocabulary
+from chatrlhf.models.lora import AdapterFree
 from chatrlhf.models.training import prepare_for_training
 from chatrlhf.rlhf import dpo_loss
 from chatrlhf.train.data import stage_records
@@ -99,13 +100,18 @@ def evaluate_pairs(
 
 
 def load_models(cfg: DPOConfig, path: str, tok, out: Path, device):
-    """The policy and its frozen reference (the policy's starting weights unless `reference` is set), in eval mode;
-    under ZeRO-3 both are loaded partitioned and the reference is scored by its own inference engine
-    (`factory.frozen_model`). Every rank calls it for
-    every batch: a rank without a record of an epoch's last batch scores a weight-0 stand-in, and every rank
-    evaluates every held-out pair."""
+    """The policy, ready for training (gradient checkpointing and LoRA as configured), and its frozen reference (the
+    policy's starting weights unless `reference` is set), in eval mode. With LoRA and no `reference`, the reference
+    is the policy without its adapters (`lora.AdapterFree`: its starting weights, no second copy); under ZeRO-3
+    both are loaded partitioned and the reference is scored by its own inference engine (`factory.frozen_model`).
+    Every rank calls it for every batch: a rank without a record of an epoch's last batch scores a weight-0
+    stand-in, and every rank evaluates every held-out pair."""
     with trained_loading(cfg.engine, cfg.run):  # under ZeRO-3 both load partitioned: never whole on a rank
         policy = load_causal_lm(path, tok, cfg.run.dtype, device).eval()
+    policy = prepare_for_training(policy, cfg.engine, cfg.lora)
+    if cfg.lora.rank > 0 and not cfg.reference:
+        print("dpo: reference = the policy without its LoRA adapters (its starting weights; no second copy)")
+        return policy, AdapterFree(policy)
     ref_path = resolve_model(cfg.reference, out) if cfg.reference else path
     if cfg.reference and not same_vocabulary(tok, load_tokenizer(ref_path)):
         raise UserError(
@@ -135,7 +141,6 @@ def _run_dpo(cfg: DPOConfig, out: Path, device: torch.device, raws, eval_raws) -
 
     # models, and the loss variant, chosen once
     policy, reference = load_models(cfg, path, tok, out, device)
-    policy = prepare_for_training(policy, cfg.engine, cfg.lora)
     loss_fn = functools.partial(
         dpo_loss, beta=train.beta, loss_type=train.loss_type, label_smoothing=train.label_smoothing
     )

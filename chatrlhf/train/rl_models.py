@@ -23,6 +23,7 @@ from chatrlhf.envs.episode import load_environment
 from chatrlhf.envs.runner import EpisodeLimits, EpisodeRunner
 from chatrlhf.errors import UserError
 from chatrlhf.models.load import context_length, load_causal_lm, load_tokenizer, load_value_model, resolve_model
+from chatrlhf.models.lora import AdapterFree
 from chatrlhf.models.rewards import Scorer, build_scorer
 from chatrlhf.models.training import prepare_for_training
 from chatrlhf.train.algorithms import Algorithm
@@ -41,7 +42,9 @@ class Models:
     actor: HybridEngine
     actor_engine: TrainEngine
     critic_engine: TrainEngine | None
-    reference: torch.nn.Module
+    reference: torch.nn.Module | AdapterFree
+    """The frozen reference: a model of its own, or with LoRA and no `reference` set the actor without its
+    adapters (`lora.AdapterFree`)."""
     scorer: Scorer
     device: torch.device
     move_frozen: bool = False
@@ -58,6 +61,7 @@ class Models:
     @contextmanager
     def resident(self, modules: list[torch.nn.Module]):
         """With `move_frozen`, the frozen `modules` are on the device only for the block (CPU otherwise)."""
+        modules = [m for m in modules if isinstance(m, torch.nn.Module)]  # an AdapterFree reference is the actor
         if not self.move_frozen:
             yield
             return
@@ -103,7 +107,11 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
     reference_path = resolve_model(cfg.reference or cfg.actor, out)
     rm = resolve_model(cfg.reward_model, out) if cfg.reward_model else None
     with frozen_loading(cfg.engine, cfg.run):
-        reference = frozen(load_causal_lm(reference_path, tok, dtype, frozen_device))
+        if cfg.lora.rank > 0 and cfg.reference is None:  # π_ref is the actor's starting weights: its LoRA base
+            reference = AdapterFree(actor)
+            print("rl: reference = the actor without its LoRA adapters (its starting weights; no second copy)")
+        else:
+            reference = frozen(load_causal_lm(reference_path, tok, dtype, frozen_device))
         scorer = build_scorer(
             reward_model=rm,
             reward_functions=cfg.reward_functions,

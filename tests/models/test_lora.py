@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from chatrlhf.config import LoRAConfig
 from chatrlhf.models.load import ValueModel
-from chatrlhf.models.lora import apply_lora, is_lora, merged, save_trained
+from chatrlhf.models.lora import AdapterFree, apply_lora, is_lora, merged, save_trained
 from chatrlhf.models.tiny import byte_tokenizer
 
 ARCHS = ("llama", "gpt2")
@@ -157,6 +157,27 @@ def test_lora_starts_as_the_base_model(tiny_dirs, arch):
     vm_base = logits(value_model(tiny_dirs[arch]), inputs)
     vm = apply_lora(value_model(tiny_dirs[arch]), lora_cfg())
     torch.testing.assert_close(logits(vm, inputs), vm_base, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_model_without_its_adapters_is_the_base_model(tiny_dirs, arch):
+    """`AdapterFree` of a model whose adapters have moved computes exactly the base model's logits (the reference it
+    stands for), while the model itself still computes the adapted ones; afterwards the adapters are enabled and
+    trainable again, and nothing else is."""
+    inputs = batch()
+    base = logits(causal_lm(tiny_dirs[arch]), inputs)
+    model = apply_lora(causal_lm(tiny_dirs[arch]), lora_cfg())
+    randomize_adapters(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapted = logits(model, inputs)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    reference = AdapterFree(model)
+    torch.testing.assert_close(reference(**inputs).logits, base, rtol=0, atol=0)
+    assert reference.config is model.config
+    torch.testing.assert_close(logits(model, inputs), adapted, rtol=0, atol=0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        AdapterFree(causal_lm(tiny_dirs[arch]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -76,3 +76,38 @@ def test_lora_ppo_with_offloaded_frozen_models(tiny_dirs, pairs_file, tmp_path):
     critic = AutoModelForSequenceClassification.from_pretrained(out / "critic")
     assert critic.config.num_labels == 1
     assert all(r["loss/policy"] is not None for r in rows(out))
+
+
+def test_lora_rl_and_dpo_score_the_reference_with_the_adapters_disabled(tiny_dirs, pairs_file, tmp_path, monkeypatch):
+    """With LoRA and no `reference`, RL's π_ref and DPO's reference are the trained model without its adapters
+    (its starting weights): no second model is loaded, and every logged number is exactly that of the run given
+    the same starting weights as a separate reference model (`--reference` = the model itself)."""
+    import chatrlhf.train.dpo as dpo_module
+    import chatrlhf.train.rl_models as rl_models
+
+    loads = []
+    for module in (rl_models, dpo_module):
+
+        def counted(path, *args, _load=module.load_causal_lm, **kwargs):
+            loads.append(path)
+            return _load(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, "load_causal_lm", counted)
+    model = str(tiny_dirs["llama"])
+    rl = ["rl", "--actor", model, "--reward_functions", "tests.train.test_rl_algorithms:text_reward",
+          "--data.paths", str(pairs_file), "--train.algo", "grpo", "--train.group_size", "2",
+          "--train.iterations", "2", "--train.rollout_batch_size", "4", "--train.generation.max_new_tokens", "8",
+          "--train.actor_optim.lr", "1e-2", "--lora.rank", "4", "--engine.offload_frozen", "True", *QUIET]  # fmt: skip
+    dpo = ["dpo", "--model", model, "--data.paths", str(pairs_file), "--train.max_steps", "2",
+           "--train.optim.lr", "1e-2", "--lora.rank", "4", *QUIET]  # fmt: skip
+    logged = {"rl": ("kl/mean", "loss/policy", "reward/total_mean", "optim/actor_grad_norm"),
+              "dpo": ("rewards/margin", "loss/train", "rewards/chosen", "optim/grad_norm")}  # fmt: skip
+    for stage, args in (("rl", rl), ("dpo", dpo)):
+        keys = logged[stage]
+        loads.clear()
+        assert main([*args, "--output_dir", str(tmp_path / stage)]) == 0
+        assert loads == [model], f"{stage}: loaded {loads}"  # the trained model only
+        assert main([*args, "--output_dir", str(tmp_path / f"{stage}-copy"), "--reference", model]) == 0
+        shared, copy = numbers(tmp_path / stage, keys), numbers(tmp_path / f"{stage}-copy", keys)
+        assert len(shared) == 2 and shared == copy, (stage, shared, copy)
+        assert any(v != 0 for row in shared for v in row[:1])  # the reference is used: KL / rewards move off 0
