@@ -4,6 +4,7 @@ RL driver on tiny models."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,23 +170,38 @@ def test_ppo_with_reward_functions_needs_a_critic(tiny_dirs, pairs_file, tmp_pat
         rl_config(tiny_dirs, pairs_file, tmp_path, algo="ppo", group_size=1).validate()
 
 
-def test_an_on_policy_update_takes_the_old_logprobs_from_its_own_forward(tiny_dirs, pairs_file, tmp_path, monkeypatch):
-    """One epoch, one mini-batch, the KL in the loss: the rollout's separate forward of the actor is skipped
-    (update.old_logprobs auto), and the run is the one that makes it (forward): the same metrics — entropy and
-    KL included, now from the update's forward — and the same weights."""
+def runs_counting_separate_forwards(monkeypatch, configs: dict[str, RLConfig]) -> dict[str, tuple[list[dict], int]]:
+    """Each config's run: its metrics and how often it made the rollout's separate no-grad forward of the actor."""
     import chatrlhf.train.rl as rl_module
 
     calls = []
     separate = rl_module.rollout_logprobs_and_entropy
     monkeypatch.setattr(rl_module, "rollout_logprobs_and_entropy", lambda *a, **k: calls.append(1) or separate(*a, **k))
-    kl = KLConfig(placement="loss", estimator="k3", coef=0.05)
     runs = {}
-    for mode in ("auto", "forward"):
+    for mode, cfg in configs.items():
         calls.clear()
+        run_rl(cfg)
+        runs[mode] = (metrics(Path(cfg.output_dir)), len(calls))
+    return runs
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    models = [AutoModelForCausalLM.from_pretrained(d / "model") for d in (a, b)]
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+def test_an_on_policy_update_takes_the_old_logprobs_from_its_own_forward(tiny_dirs, pairs_file, tmp_path, monkeypatch):
+    """One epoch, one mini-batch, the KL in the loss: the rollout's separate forward of the actor is skipped
+    (update.old_logprobs auto), and the run is the one that makes it (forward): the same metrics — entropy and
+    KL included, now from the update's forward — and the same weights."""
+    kl = KLConfig(placement="loss", estimator="k3", coef=0.05)
+    configs = {}
+    for mode in ("auto", "forward"):
         cfg = rl_config(tiny_dirs, pairs_file, tmp_path / mode, kl=kl, update=UpdateConfig(old_logprobs=mode))
         cfg.train.update.micro_batch_size = 4  # two micro-batches: each one's forward is π_old's
-        run_rl(cfg)
-        runs[mode] = (metrics(tmp_path / mode), len(calls))
+        configs[mode] = cfg
+    runs = runs_counting_separate_forwards(monkeypatch, configs)
     (auto, auto_calls), (forward, forward_calls) = runs["auto"], runs["forward"]
     assert auto_calls == 0 and forward_calls == 2
     for a, f in zip(auto, forward):
@@ -194,9 +210,7 @@ def test_an_on_policy_update_takes_the_old_logprobs_from_its_own_forward(tiny_di
             assert a[key] == pytest.approx(f[key], rel=1e-4, abs=1e-6), key
         assert a["policy/approx_kl"] == 0.0 and a["policy/clipfrac"] == 0.0  # the ratio is exactly 1
         assert abs(f["policy/approx_kl"]) < 1e-6  # the separate forward agrees with the update's to rounding
-    models = [AutoModelForCausalLM.from_pretrained(tmp_path / mode / "model") for mode in ("auto", "forward")]
-    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+    assert_same_weights(tmp_path / "auto", tmp_path / "forward")
 
 
 def test_sampler_logprobs_stand_for_the_separate_forward(tiny_dirs, pairs_file, tmp_path, monkeypatch):
@@ -204,19 +218,13 @@ def test_sampler_logprobs_stand_for_the_separate_forward(tiny_dirs, pairs_file, 
     tokens, so the actor's separate no-grad forward is never made, even where it is needed before the update (KL in
     the reward, two epochs of two mini-batches); the run is the one that makes it (forward) up to the rounding of
     decoding with a KV cache: the same metrics and weights."""
-    import chatrlhf.train.rl as rl_module
-
-    calls = []
-    separate = rl_module.rollout_logprobs_and_entropy
-    monkeypatch.setattr(rl_module, "rollout_logprobs_and_entropy", lambda *a, **k: calls.append(1) or separate(*a, **k))
     kl = KLConfig(placement="reward", estimator="k1", coef=0.05)
-    runs = {}
-    for mode in ("sampler", "forward"):
-        calls.clear()
-        update = UpdateConfig(epochs=2, mini_batch_size=4, old_logprobs=mode)
-        cfg = rl_config(tiny_dirs, pairs_file, tmp_path / mode, algo="reinforce_pp", kl=kl, update=update)
-        run_rl(cfg)
-        runs[mode] = (metrics(tmp_path / mode), len(calls))
+    configs = {
+        mode: rl_config(tiny_dirs, pairs_file, tmp_path / mode, algo="reinforce_pp", kl=kl,
+                        update=UpdateConfig(epochs=2, mini_batch_size=4, old_logprobs=mode))
+        for mode in ("sampler", "forward")
+    }  # fmt: skip
+    runs = runs_counting_separate_forwards(monkeypatch, configs)
     (sampler, sampler_calls), (forward, forward_calls) = runs["sampler"], runs["forward"]
     assert sampler_calls == 0 and forward_calls == 2
     for a, f in zip(sampler, forward):
@@ -225,9 +233,7 @@ def test_sampler_logprobs_stand_for_the_separate_forward(tiny_dirs, pairs_file, 
         for key in keys:
             assert a[key] == pytest.approx(f[key], rel=1e-4, abs=1e-6), key
         assert a["policy/approx_kl"] == pytest.approx(f["policy/approx_kl"], rel=1e-3, abs=1e-6)
-    models = [AutoModelForCausalLM.from_pretrained(tmp_path / mode / "model") for mode in ("sampler", "forward")]
-    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+    assert_same_weights(tmp_path / "sampler", tmp_path / "forward")
 
 
 @pytest.mark.parametrize(
