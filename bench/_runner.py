@@ -26,6 +26,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -322,7 +323,24 @@ def machine_summary() -> dict:
         "memory_gib": round(mem_kib * KIB / 2**30, 1),
         "python": platform.python_version(),
         **versions,
+        "chatrlhf_code": chatrlhf_code(),
     }
+
+
+def chatrlhf_code() -> str:
+    """The commit of the chatrlhf that the runs import, `+changes` when its package differs from that commit: what
+    `python -m chatrlhf` started in this working directory finds first (the working directory comes before
+    PYTHONPATH on its sys.path, so a tree's root runs that tree's code whatever PYTHONPATH says). "unknown" outside
+    a git checkout."""
+    probe = [sys.executable, "-c", "import chatrlhf, os; print(os.path.dirname(os.path.abspath(chatrlhf.__file__)))"]
+    try:
+        package = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+        git = ["git", "-C", package]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, OSError):
+        return "unknown"
+    return commit + ("+changes" if changed.stdout.strip() else "")
 
 
 def run_env_line(env: dict) -> str:
