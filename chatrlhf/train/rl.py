@@ -415,7 +415,7 @@ def iteration(
         print(f"warning: rl: iteration {it}: {why}; no update from this batch")
     else:
         schedule = Schedule(train.update.epochs, train.update.mini_batch_size, train.update.micro_batch_size,
-                            order_seed=cfg.run.seed * 100003 + it)  # fmt: skip
+                            order_seed=cfg.run.seed * 100003 + it, trim_padding=train.update.trim_padding)  # fmt: skip
         after_step = None if ema is None else lambda: ema_update(ema, m.actor_engine.module, train.ema_decay)
         critic = m.critic_engine
         updated = update(m.actor_engine, critic, batch, obj, schedule, state.kl_coef, ptx, train.ptx_coef,

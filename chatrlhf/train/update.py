@@ -60,6 +60,47 @@ class TrainBatch:
             returns=rows(self.returns),
         )
 
+    def trimmed(self) -> TrainBatch:
+        """The same rows without the columns none of them uses: the prompts' leading all-padding columns and the
+        responses' trailing ones, past every row's last attended token. Nothing attends to those columns or is
+        trained on them, so the losses are unchanged, and the forwards skip them: a micro-batch of short responses
+        no longer pays for the rollout's longest (`train.update.trim_padding`)."""
+        r = self.rollout
+        prompt_used = r.prompt_mask.bool().any(0)
+        p0 = int(prompt_used.nonzero()[0]) if prompt_used.any() else 0
+        response_used = r.response_attention_mask.bool().any(0)
+        width = int(response_used.nonzero()[-1]) + 1 if response_used.any() else 1
+
+        def cols(t):
+            return t[:, :width] if t is not None else None
+
+        rollout = Rollout(
+            prompts=[],
+            prompt_ids=r.prompt_ids[:, p0:],
+            prompt_mask=r.prompt_mask[:, p0:],
+            response=r.response[:, :width],
+            response_mask=r.response_mask[:, :width],
+            response_attention=cols(r.response_attention),
+        )
+        return TrainBatch(
+            rollout=rollout,
+            old_logprobs=cols(self.old_logprobs),
+            ref_logprobs=self.ref_logprobs[:, :width],
+            advantages=self.advantages[:, :width],
+            loss_mask=self.loss_mask[:, :width],
+            old_values=cols(self.old_values),
+            returns=cols(self.returns),
+        )
+
+
+def by_length(rows: torch.Tensor, lengths: torch.Tensor, micro: int) -> torch.Tensor:
+    """`rows` reordered longest response first when they make more than one micro-batch of `micro`, so that each
+    micro-batch holds responses of similar length and `TrainBatch.trimmed` drops the most; a stable sort, so equal
+    lengths keep their (shuffled) order. The mini-batch's gradient is the sum over its micro-batches either way."""
+    if len(rows) <= micro:
+        return rows
+    return rows[torch.sort(lengths[rows], descending=True, stable=True).indices]
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -169,6 +210,8 @@ class Schedule:
     micro_batch_size: int
     """Sequences per forward/backward on each rank (0 = the rank's whole share of a mini-batch)."""
     order_seed: int
+    trim_padding: bool = False
+    """Micro-batches by response length, each without the columns none of its rows uses (`TrainBatch.trimmed`)."""
 
 
 def update(
@@ -198,6 +241,7 @@ def update(
     taken_entropy = torch.zeros_like(batch.loss_mask) if reuse else None
     shuffle = torch.Generator().manual_seed(schedule.order_seed)
     device = batch.rollout.response.device
+    lengths = batch.rollout.response_attention_mask.sum(1)  # the columns each row's forward needs
     sums: dict[str, float] = {}  # this rank's shares of the losses and fractions: summed over ranks below
     norms: dict[str, float] = {}  # gradient norms: global already, the same on every rank
     updates = 0
@@ -210,14 +254,19 @@ def update(
             if total_tokens == 0:
                 continue
             mine = torch.stack(dist.shard(mb_idx)[0])
+            if schedule.trim_padding:
+                mine = by_length(mine, lengths, micro)
             for u0 in range(0, len(mine), micro):
                 rows = mine[u0 : u0 + micro]
                 b = batch.select(rows)
+                if schedule.trim_padding:
+                    b = b.trimmed()
                 logp, entropy = _actor_forward(
                     actor.model, b.rollout, obj.entropy_coef > 0 or reuse, entropy_grad=obj.entropy_coef > 0
                 )
                 if reuse:  # θ = θ_old until the step below: this forward is π_old's
-                    taken[rows], taken_entropy[rows] = logp.detach(), entropy.detach()
+                    width = logp.shape[1]  # the micro-batch's, when trimmed
+                    taken[rows, :width], taken_entropy[rows, :width] = logp.detach(), entropy.detach()
                     b = replace(b, old_logprobs=logp.detach())
                 bonus = entropy if obj.entropy_coef > 0 else None
                 loss, parts = actor_loss(obj, logp, bonus, b, kl_coef, total_tokens, total_seqs)

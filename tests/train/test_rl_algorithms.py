@@ -194,11 +194,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_an_on_policy_update_takes_the_old_logprobs_from_its_own_forward(tiny_dirs, pairs_file, tmp_path, monkeypatch):
     """One epoch, one mini-batch, the KL in the loss: the rollout's separate forward of the actor is skipped
     (update.old_logprobs auto), and the run is the one that makes it (forward): the same metrics — entropy and
-    KL included, now from the update's forward — and the same weights."""
+    KL included, now from the update's forward — and the same weights. The auto run also trims its micro-batches'
+    padding (`update.trim_padding`), so each micro-batch's π_old is written back at its own width."""
     kl = KLConfig(placement="loss", estimator="k3", coef=0.05)
     configs = {}
     for mode in ("auto", "forward"):
-        cfg = rl_config(tiny_dirs, pairs_file, tmp_path / mode, kl=kl, update=UpdateConfig(old_logprobs=mode))
+        update = UpdateConfig(old_logprobs=mode, trim_padding=mode == "auto")
+        cfg = rl_config(tiny_dirs, pairs_file, tmp_path / mode, kl=kl, update=update)
         cfg.train.update.micro_batch_size = 4  # two micro-batches: each one's forward is π_old's
         configs[mode] = cfg
     runs = runs_counting_separate_forwards(monkeypatch, configs)

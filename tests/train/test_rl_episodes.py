@@ -299,7 +299,9 @@ def test_multi_turn_episodes_train_on_policy_tokens_only(algo, group_size, sft_l
 def test_sampler_logprobs_on_multi_turn_episodes(sft_llama, tmp_path):
     """`--train.update.old_logprobs sampler` on two-turn episodes: π_old's log-probs and entropies are those the
     generator recorded turn by turn (the environment's tokens between the turns hold none), and the run is the
-    one that makes the trainer's forward over the whole episode, up to rounding; no engine mismatch is logged."""
+    one that makes the trainer's forward over the whole episode, up to rounding; no engine mismatch is logged. The
+    sampler run also trims its micro-batches' padding (`--train.update.trim_padding`: an episode's columns run to
+    its last attended token, the environment's included)."""
     env, turns, text = f"{HERE}:AreYouSure", f"{HERE}:assistant_turns", f"{HERE}:policy_text"
     runs = {}
     for mode in ("sampler", "forward"):
@@ -307,7 +309,8 @@ def test_sampler_logprobs_on_multi_turn_episodes(sft_llama, tmp_path):
         # the text tells the episodes apart: with tied rewards the whitened advantages would be rounding noise
         chatrlhf(*rl_args(sft_llama, out, env, "reinforce_pp", 1, "--reward_functions", turns, text,
                           "--train.episode.max_turns", "3", "--train.kl.placement", "reward",
-                          "--train.update.old_logprobs", mode))  # fmt: skip
+                          "--train.update.old_logprobs", mode, "--train.update.micro_batch_size", "2",
+                          "--train.update.trim_padding", str(mode == "sampler")))  # fmt: skip
         runs[mode] = metrics(out)
     for s, f in zip(runs["sampler"], runs["forward"]):
         assert "rollout/logprob_diff" not in s and f["rollout/logprob_diff"] < 1e-4

@@ -80,6 +80,7 @@ class Case:
     ptx_coef: float = 0.0
     mask_truncated: bool = False
     whiten: bool = False
+    trim_padding: bool = True
 
     def train(self) -> RLTrainConfig:
         return RLTrainConfig(
@@ -87,7 +88,7 @@ class Case:
             kl=self.kl, advantage=AdvantageConfig(gamma=0.9, lam=0.8, whiten=self.whiten),
             loss=LossConfig(clip_low=self.clip_low, clip_high=self.clip_high, aggregation=self.aggregation,
                             entropy_coef=self.entropy_coef, mask_truncated=self.mask_truncated),
-            update=UpdateConfig(mini_batch_size=self.mini, micro_batch_size=self.micro),
+            update=UpdateConfig(mini_batch_size=self.mini, micro_batch_size=self.micro, trim_padding=self.trim_padding),
         )  # fmt: skip
 
 
@@ -269,7 +270,9 @@ def run_update(case: Case, actor, critic):
     actor_engine = Recorder(actor, "actor")
     critic_engine = Recorder(critic, "critic") if uses_critic else None
     ptx = PTXBatches(PTX, batch_size=2, seed=0, pad_id=PAD, device="cpu") if case.ptx_coef else None
-    schedule = Schedule(epochs=1, mini_batch_size=case.mini, micro_batch_size=case.micro, order_seed=7)
+    schedule = Schedule(
+        epochs=1, mini_batch_size=case.mini, micro_batch_size=case.micro, order_seed=7, trim_padding=case.trim_padding
+    )
     metrics = update(actor_engine, critic_engine, batch, objective(algo.policy_loss, train), schedule,
                      train.kl.coef, ptx, case.ptx_coef).metrics  # fmt: skip
     order = torch.randperm(4, generator=torch.Generator().manual_seed(7)).tolist()  # the update's shuffle
@@ -295,6 +298,8 @@ CASES = {
     "cispo": Case(algo="cispo", clip_low=1.0, clip_high=0.1, micro=2),
     "ppo whitened, critic": Case(algo="ppo", whiten=True, micro=1),
     "ppo two mini-batches": Case(algo="ppo", mini=2, micro=1),
+    "ppo micro-batches of 2, untrimmed": Case(algo="ppo", micro=2, trim_padding=False),
+    "grpo micro-batches of 1, untrimmed": Case(micro=1, trim_padding=False),
 }
 
 
@@ -316,3 +321,32 @@ def test_update_gives_the_hand_computed_losses_and_gradients(name, models):
                                            atol=1e-6, rtol=0)  # fmt: skip
     assert metrics["loss/policy"] == pytest.approx(sum(e[0] for e in expected) / len(expected), abs=1e-9)
     assert any(g.abs().sum() > 0 for g in actor_engine.grads[0].values())
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_micro_batches_by_length_without_the_columns_they_do_not_use(models, trim):
+    """`train.update.trim_padding`: each micro-batch's forwards (actor and critic) cover only the prompt and
+    response columns its rows use, longest responses first; untrimmed, every forward has the rollout's full width
+    (3 prompt + 4 response columns) in the shuffled order. Micro-batches of 2 over the 4 hand-built sequences,
+    whose responses are 3, 2, 4 and 2 tokens long after prompts of 3, 3, 2 and 2."""
+    actor, critic = models
+    widths = []
+
+    def record(module, args, kwargs):
+        widths.append((type(module).__name__, tuple(kwargs["input_ids"].shape)))
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in (actor, critic.backbone)]
+    try:
+        run_update(Case(algo="ppo", micro=2, trim_padding=trim), actor, critic)
+    finally:
+        for h in hooks:
+            h.remove()
+    # the first forward of each model is the set-up's no-grad one over the whole rollout (run_update)
+    forwards = [shape for name, shape in widths if name == type(actor).__name__][1:]
+    if trim:
+        # longest first: sequences 2 (prompt 2, response 4) and 0 (prompt 3, response 3) → 3 + 4 columns;
+        # then 1 and 3 (responses of 2; prompts 3 and 2) → 3 + 2
+        assert forwards == [(2, 7), (2, 5)]
+    else:
+        assert forwards == [(2, 7), (2, 7)]
+    assert [shape for name, shape in widths if name != type(actor).__name__][1:] == forwards  # the critic's alike
