@@ -23,6 +23,7 @@ DeepSpeed-Chat's zero-dropout actor.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -44,7 +45,15 @@ from chatrlhf.train.data import stage_records
 from chatrlhf.train.outputs import Stopwatch, save_trained, write_summary
 from chatrlhf.train.resume import checkpoint_if_due, open_loop
 from chatrlhf.train.rl_eval import append_samples, evaluate_held_out, held_out
-from chatrlhf.train.rl_models import Models, PTXBatches, build_models, check_ranks, ptx_batches, updates_per_epoch
+from chatrlhf.train.rl_models import (
+    Models,
+    PTXBatches,
+    build_models,
+    check_context,
+    check_ranks,
+    ptx_batches,
+    updates_per_epoch,
+)
 from chatrlhf.train.rollout import (
     Evaluated,
     Prompt,
@@ -277,6 +286,12 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
         raise UserError(
             f"only {len(prompts)} RL prompts, fewer than train.rollout_batch_size={train.rollout_batch_size}"
         )
+    held = held_out(
+        to_prompts(tok, eval_recs, train.max_prompt_len), cfg.judge, train.eval_prompts, train.rollout_batch_size,
+        cfg.run.seed + 7,
+    )  # fmt: skip
+    if m.runner is None:  # episodes: their runner checked the context when it was built
+        check_context(itertools.chain(prompts, held.prompts if held else []), train, m.context)
     ptx = ptx_batches(cfg, tok, out, device)
     ema = copy.deepcopy(m.actor_engine.module).requires_grad_(False) if train.ema else None
     torch.manual_seed(cfg.run.seed + dist.rank())  # each rank samples its own responses
@@ -290,10 +305,6 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
     stream = PromptStream(prompts, train.rollout_batch_size, cfg.run.seed)
     state = LoopState(kl_coef=train.kl.coef, history=[])
     doctor = Doctor(train.doctor)
-    held = held_out(
-        to_prompts(tok, eval_recs, train.max_prompt_len), cfg.judge, train.eval_prompts, train.rollout_batch_size,
-        cfg.run.seed + 7,
-    )  # fmt: skip
     if resumed:
         state = LoopState(
             kl_coef=resumed["kl_coef"], history=resumed["history"], skipped_rollouts=resumed["skipped_rollouts"]

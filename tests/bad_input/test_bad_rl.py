@@ -144,3 +144,26 @@ def test_fewer_prompts_than_the_rollout_batch(tmp_path, rl, fail):
     data = jsonl(tmp_path / "prompts.jsonl", PROMPTS[:3])
     err = fail(rl(data, "--train.rollout_batch_size", "4"))
     assert re.search(r"only 3 RL prompts, fewer than train\.rollout_batch_size=4", err), err
+
+
+def test_rollouts_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_path, rl, fail):
+    """The tiny GPT-2 has 512 learned positions: its longest prompt plus 600 new tokens would index past them in the
+    middle of the run (an IndexError inside the model); it is refused before anything trains, naming the prompt,
+    the option and the most it could be."""
+    data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    args = rl(data, "--train.generation.max_new_tokens", "600")
+    args[args.index("--actor") + 1] = str(tiny_dirs["gpt2"])
+    err = fail(args)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["gpt2"])  # the prompt as the chat template renders it
+    chat = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
+                                    tokenize=True, return_dict=False) for p in PROMPTS]  # fmt: skip
+    longest = max(len(ids) for ids in chat)
+    assert re.search(
+        rf"rollouts could grow past the model's context of 512 tokens \(max_position_embeddings\): the longest "
+        rf"prompt \('Name 2 words that begin with [a-d]\.'\) is {longest} tokens, and max_new_tokens=600 "
+        rf"\(train\.generation\.max_new_tokens\) more make {longest + 600}; lower train\.generation\.max_new_tokens "
+        rf"to at most {512 - longest}, ",
+        err,
+    ), err
