@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import zipfile
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -216,6 +217,38 @@ def context_length(config) -> int | None:
     without position limits). Past it, learned position embeddings (GPT-2, OPT) fail with an index error and rotary
     ones (Llama, Qwen2) silently extrapolate to positions they never saw."""
     return getattr(config, "max_position_embeddings", None)
+
+
+def check_fits_context(
+    prompts: Iterable[tuple[Sequence[int], str]],
+    max_prompt_len: int,
+    max_new_tokens: int,
+    context: int | None,
+    options: str = "train.",
+) -> None:
+    """Refuse single responses that could grow past a model's `context`: the longest prompt (ids, text) plus
+    `max_new_tokens` over it. Learned position embeddings (GPT-2's, OPT's) would fail with an index error in the
+    middle of a run, rotary ones would run at positions they never saw. The prompts are read only when
+    `max_prompt_len + max_new_tokens`, their bound, is over the context. `options`: where the command's
+    `max_prompt_len` and `generation.*` options sit, for the message ("train." for `chatrlhf rl`, "" for `eval`).
+    Episodes are checked by their runner (envs/runner.py:check_lengths)."""
+    if context is None or max_prompt_len + max_new_tokens <= context:
+        return
+    longest = max(prompts, key=lambda p: len(p[0]), default=None)
+    if longest is None:
+        return
+    ids, text = longest
+    total = len(ids) + max_new_tokens
+    if total > context:
+        room = context - len(ids)
+        fix = f"lower {options}generation.max_new_tokens to at most {room}, " if room > 0 else ""
+        shown = repr(text if len(text) <= 40 else text[:39] + "…")
+        raise UserError(
+            f"responses could grow past the model's context of {context} tokens (max_position_embeddings): the "
+            f"longest prompt ({shown}) is {len(ids)} tokens, and max_new_tokens={max_new_tokens} "
+            f"({options}generation.max_new_tokens) more make {total}; {fix}leave the longest prompts out "
+            f"({options}max_prompt_len refuses longer ones), or use a model with a longer context"
+        )
 
 
 def _check_vocab(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: str) -> None:

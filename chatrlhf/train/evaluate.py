@@ -36,7 +36,13 @@ from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import ModelSamples, compare_models, sample_and_score, write_samples
 from chatrlhf.eval.page import print_eval, write_page
 from chatrlhf.eval.stats import distribution, mean_ci
-from chatrlhf.models.load import load_causal_lm, load_tokenizer, load_value_model, same_vocabulary
+from chatrlhf.models.load import (
+    check_fits_context,
+    load_causal_lm,
+    load_tokenizer,
+    load_value_model,
+    same_vocabulary,
+)
 from chatrlhf.models.rewards import (
     EnvironmentReward,
     FunctionReward,
@@ -109,6 +115,9 @@ def side_by_side(
         opened = open_configured(cfg, path, device, generation=cfg.generation)
         tok = opened.tokenizer
         prompts = encode_all(records, encode_prompt, tok, max_len=cfg.max_prompt_len) if env is None else records
+        if env is None:
+            max_new = cfg.generation.max_new_tokens
+            check_fits_context(zip(prompts, texts), cfg.max_prompt_len, max_new, opened.context, options="")
         sources: list[RewardSource] = list(scorers)
         if cfg.reward_model:
             rm = next((s for t, s in reward_models if same_vocabulary(t, tok)), None)

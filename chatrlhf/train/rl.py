@@ -38,7 +38,7 @@ from chatrlhf.engine.checkpoint import save_checkpoint
 from chatrlhf.errors import UserError
 from chatrlhf.eval.doctor import Checkup, Doctor, DoctorStop
 from chatrlhf.eval.report import write_report
-from chatrlhf.models.load import save_model_dir
+from chatrlhf.models.load import check_fits_context, save_model_dir
 from chatrlhf.rlhf import KL_ESTIMATORS, adaptive_kl_coef, masked_mean
 from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, Algorithm
 from chatrlhf.train.data import stage_records
@@ -49,7 +49,6 @@ from chatrlhf.train.rl_models import (
     Models,
     PTXBatches,
     build_models,
-    check_context,
     check_ranks,
     ptx_batches,
     updates_per_epoch,
@@ -290,8 +289,10 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
         to_prompts(tok, eval_recs, train.max_prompt_len), cfg.judge, train.eval_prompts, train.rollout_batch_size,
         cfg.run.seed + 7,
     )  # fmt: skip
+    max_new = train.generation.max_new_tokens
     if m.runner is None:  # episodes: their runner checked the context when it was built
-        check_context(itertools.chain(prompts, held.prompts if held else []), train, m.context)
+        every = itertools.chain(prompts, held.prompts if held else [])
+        check_fits_context(((p.ids, p.text) for p in every), train.max_prompt_len, max_new, m.context)
     ptx = ptx_batches(cfg, tok, out, device)
     ema = copy.deepcopy(m.actor_engine.module).requires_grad_(False) if train.ema else None
     torch.manual_seed(cfg.run.seed + dist.rank())  # each rank samples its own responses

@@ -4,11 +4,9 @@ and the reward sources, built once per run; and the PTX batches."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,9 +28,6 @@ from chatrlhf.models.rewards import Scorer, build_scorer
 from chatrlhf.models.training import prepare_for_training
 from chatrlhf.train.algorithms import Algorithm
 from chatrlhf.train.data import convert, load_raw, prep_of
-
-if TYPE_CHECKING:
-    from chatrlhf.train.rollout import Prompt
 
 
 @dataclass
@@ -158,34 +153,6 @@ def build_models(cfg: RLConfig, algo: Algorithm, out: Path, device) -> Models:
         runner=runner,
         context=min(contexts, default=None),
     )
-
-
-def check_context(prompts: Iterable[Prompt], train: RLTrainConfig, context: int | None) -> None:
-    """Refuse single-turn rollouts that could grow past the models' context: the longest prompt plus
-    `max_new_tokens` over `context` (learned position embeddings, as GPT-2's and OPT's, would fail with an index
-    error in the middle of the run; rotary ones would run at positions they never saw). The prompts are read only
-    when `max_prompt_len + max_new_tokens`, their bound, is over the context. Episodes are checked by their runner
-    (envs/runner.py:check_lengths)."""
-    max_new_tokens = train.generation.max_new_tokens
-    if context is None or train.max_prompt_len + max_new_tokens <= context:
-        return
-    longest = max(prompts, key=lambda p: len(p.ids), default=None)
-    if longest is None:
-        return
-    total = len(longest.ids) + max_new_tokens
-    if total > context:
-        room = context - len(longest.ids)
-        fix = f"lower train.generation.max_new_tokens to at most {room}, " if room > 0 else ""
-        raise UserError(
-            f"rollouts could grow past the model's context of {context} tokens (max_position_embeddings): the "
-            f"longest prompt ({_short(longest.text)}) is {len(longest.ids)} tokens, and "
-            f"max_new_tokens={max_new_tokens} (train.generation.max_new_tokens) more make {total}; {fix}leave the "
-            "longest prompts out (train.max_prompt_len refuses longer ones), or use a model with a longer context"
-        )
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def episode_runner(cfg: RLConfig, tok, models: list[torch.nn.Module]) -> EpisodeRunner:

@@ -146,10 +146,10 @@ def test_fewer_prompts_than_the_rollout_batch(tmp_path, rl, fail):
     assert re.search(r"only 3 RL prompts, fewer than train\.rollout_batch_size=4", err), err
 
 
-def test_rollouts_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_path, rl, fail):
+def test_responses_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_path, rl, fail):
     """The tiny GPT-2 has 512 learned positions: its longest prompt plus 600 new tokens would index past them in the
     middle of the run (an IndexError inside the model); it is refused before anything trains, naming the prompt,
-    the option and the most it could be."""
+    the option and the most it could be. `chatrlhf eval` likewise, before it samples."""
     data = jsonl(tmp_path / "prompts.jsonl", PROMPTS)
     args = rl(data, "--train.generation.max_new_tokens", "600")
     args[args.index("--actor") + 1] = str(tiny_dirs["gpt2"])
@@ -161,9 +161,16 @@ def test_rollouts_past_the_models_context_are_refused_up_front(tiny_dirs, tmp_pa
                                     tokenize=True, return_dict=False) for p in PROMPTS]  # fmt: skip
     longest = max(len(ids) for ids in chat)
     assert re.search(
-        rf"rollouts could grow past the model's context of 512 tokens \(max_position_embeddings\): the longest "
+        rf"responses could grow past the model's context of 512 tokens \(max_position_embeddings\): the longest "
         rf"prompt \('Name 2 words that begin with [a-d]\.'\) is {longest} tokens, and max_new_tokens=600 "
         rf"\(train\.generation\.max_new_tokens\) more make {longest + 600}; lower train\.generation\.max_new_tokens "
         rf"to at most {512 - longest}, ",
         err,
     ), err
+    # chatrlhf eval checks each model it samples, naming its own options
+    eval_args = ["eval", "--models", str(tiny_dirs["gpt2"]), "--prompts", str(data), "--num_prompts", "4",
+                 "--generation.max_new_tokens", "600", "--output_dir", str(tmp_path / "eval")]  # fmt: skip
+    err = fail(eval_args)
+    assert "responses could grow past the model's context of 512 tokens" in err, err
+    assert f"lower generation.max_new_tokens to at most {512 - longest}, " in err and "(max_prompt_len refuses" in err
+    assert not (tmp_path / "eval").exists()
