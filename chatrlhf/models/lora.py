@@ -166,7 +166,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 class AdapterFree:
     """A LoRA-adapted causal LM seen without its adapters: its starting weights, used as the frozen reference
-    π_ref (RL) or DPO's reference instead of a second copy of the model, as TRL and OpenRLHF do with PEFT. Calling it
+    π_ref (RL) or DPO's reference instead of a second copy of the model, as TRL does with PEFT. Calling it
     runs the adapted model inside `adapters_disabled`; `config` is the model's. It holds no weights of its own, so
     nothing moves it between devices (`engine.offload_frozen` leaves it where the actor is)."""
 
