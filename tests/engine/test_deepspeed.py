@@ -171,6 +171,11 @@ def run_table(i: dict[str, str]) -> dict[str, tuple[str, int, list[str]]]:
     grpo = [*rl, "--train.algo", "grpo", "--train.kl.placement", "loss", "--train.kl.estimator", "k3"]
     table["rl-grpo-single"] = ("rl", 1, grpo)
     table["rl-grpo-zero3"] = ("rl", 2, [*grpo, *zero(3, i)])
+    # LoRA: the reference is the actor with its adapters disabled (PEFT turns their requires_grad off and on again
+    # around that forward), which must not disturb ZeRO-2's gradient hooks on them
+    lora = [*stage_args("rl", i), "--lora.rank", "4"]
+    table["rl-lora-single"] = ("rl", 1, lora)
+    table["rl-lora-zero2"] = ("rl", 2, [*lora, *zero(2, i)])
     return table
 
 
@@ -345,6 +350,15 @@ def test_zero2_offloaded_optimizer(runs):
     (states,) = (run / "checkpoints").glob("step-*/sft/mp_rank_00_model_states.pt")  # stages 0-2: one, from rank 0
     zero = torch.load(states, map_location="cpu", weights_only=False)["ds_config"]["zero_optimization"]
     assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
+
+
+def test_lora_with_the_adapter_free_reference_on_two_ranks_matches_one_process(runs):
+    """PPO with LoRA adapters on actor and critic and no separate reference model (the actor without its adapters
+    scores π_ref) trains under ZeRO-2 on 2 ranks like one process."""
+    runs.start("rl-lora-single", "rl-lora-zero2")
+    got = assert_metrics_match(runs.get("rl-lora-zero2"), runs.get("rl-lora-single"), EQUAL)
+    assert any(values["optim/actor_grad_norm"] > 0 for values in got.values())
+    assert "without its LoRA adapters" in runs.log("rl-lora-zero2")
 
 
 def test_user_deepspeed_config_is_applied(runs):
