@@ -50,7 +50,7 @@ from transformers import (
 
 from chatrlhf.config import GenerationConfig
 from chatrlhf.data.collate import pad
-from chatrlhf.rlhf import entropy_from_logits, truncate_after_eos
+from chatrlhf.rlhf import truncate_after_eos
 
 
 @dataclass
@@ -344,10 +344,9 @@ class _SampledLogprobs(StoppingCriteria):
         self.logits = output.logits[:, -1]
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        logits = self.logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(self.logits.float(), dim=-1)
         self.logprobs.append(logp.gather(1, input_ids[:, -1:].to(logp.device)).squeeze(1))
-        self.entropy.append(entropy_from_logits(logits))
+        self.entropy.append(-(logp.exp() * logp).sum(-1))  # H = −Σ p log p, from the same log-softmax
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def tensors(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:

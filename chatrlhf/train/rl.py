@@ -26,6 +26,7 @@ import copy
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from chatrlhf.train.algorithms import ALGORITHMS, AdvantageInputs, Advantages, A
 from chatrlhf.train.data import stage_records
 from chatrlhf.train.outputs import Stopwatch, save_trained, write_summary
 from chatrlhf.train.resume import checkpoint_if_due, open_loop
-from chatrlhf.train.rl_eval import append_samples, evaluate_held_out, held_out
+from chatrlhf.train.rl_eval import HeldOut, append_samples, evaluate_held_out, held_out
 from chatrlhf.train.rl_models import (
     Models,
     PTXBatches,
@@ -269,6 +270,28 @@ def run_rl(cfg: RLConfig, raws=None, eval_raws=None) -> dict:
     return run_stage(cfg, cfg.output_dir, raws is None, lambda out, device: _run_rl(cfg, out, device, raws, eval_raws))
 
 
+def rl_prompts(cfg: RLConfig, m: Models, out: Path, raws, eval_raws) -> tuple[Sequence[Prompt], HeldOut | None]:
+    """The training prompts (at least a rollout batch of them) and the held-out set-up, encoded with the actor's
+    tokenizer; single responses that could grow past the models' context are refused here (episodes were checked
+    by their runner when it was built)."""
+    train = cfg.train
+    train_recs, eval_recs = stage_records(cfg.data, to_prompt, cfg.run.seed, out, "prompt", raws, eval_raws)
+    prompts = to_prompts(m.tok, train_recs, train.max_prompt_len)
+    if len(prompts) < train.rollout_batch_size:
+        raise UserError(
+            f"only {len(prompts)} RL prompts, fewer than train.rollout_batch_size={train.rollout_batch_size}"
+        )
+    held = held_out(
+        to_prompts(m.tok, eval_recs, train.max_prompt_len), cfg.judge, train.eval_prompts, train.rollout_batch_size,
+        cfg.run.seed + 7,
+    )  # fmt: skip
+    if m.runner is None:
+        every = itertools.chain(prompts, held.prompts if held else [])
+        max_new = train.generation.max_new_tokens
+        check_fits_context(((p.ids, p.text) for p in every), train.max_prompt_len, max_new, m.context)
+    return prompts, held
+
+
 def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> dict:
     clock = Stopwatch()
     train = cfg.train
@@ -279,20 +302,7 @@ def _run_rl(cfg: RLConfig, out: Path, device: torch.device, raws, eval_raws) -> 
 
     m = build_models(cfg, algo, out, device)
     tok = m.tok
-    train_recs, eval_recs = stage_records(cfg.data, to_prompt, cfg.run.seed, out, "prompt", raws, eval_raws)
-    prompts = to_prompts(tok, train_recs, train.max_prompt_len)
-    if len(prompts) < train.rollout_batch_size:
-        raise UserError(
-            f"only {len(prompts)} RL prompts, fewer than train.rollout_batch_size={train.rollout_batch_size}"
-        )
-    held = held_out(
-        to_prompts(tok, eval_recs, train.max_prompt_len), cfg.judge, train.eval_prompts, train.rollout_batch_size,
-        cfg.run.seed + 7,
-    )  # fmt: skip
-    max_new = train.generation.max_new_tokens
-    if m.runner is None:  # episodes: their runner checked the context when it was built
-        every = itertools.chain(prompts, held.prompts if held else [])
-        check_fits_context(((p.ids, p.text) for p in every), train.max_prompt_len, max_new, m.context)
+    prompts, held = rl_prompts(cfg, m, out, raws, eval_raws)
     ptx = ptx_batches(cfg, tok, out, device)
     ema = copy.deepcopy(m.actor_engine.module).requires_grad_(False) if train.ema else None
     torch.manual_seed(cfg.run.seed + dist.rank())  # each rank samples its own responses

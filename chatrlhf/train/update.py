@@ -241,7 +241,7 @@ def update(
     taken_entropy = torch.zeros_like(batch.loss_mask) if reuse else None
     shuffle = torch.Generator().manual_seed(schedule.order_seed)
     device = batch.rollout.response.device
-    lengths = batch.rollout.response_attention_mask.sum(1)  # the columns each row's forward needs
+    lengths = batch.rollout.response_attention_mask.sum(1) if schedule.trim_padding else None  # columns a row needs
     sums: dict[str, float] = {}  # this rank's shares of the losses and fractions: summed over ranks below
     norms: dict[str, float] = {}  # gradient norms: global already, the same on every rank
     updates = 0
