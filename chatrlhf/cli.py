@@ -1,6 +1,6 @@
 """`chatrlhf sft | reward | rl | dpo | pipeline | eval | chat | serve | report`.
 
-Each command takes its typed config (chatrlhf/config.py): defaults, then `--recipe FILE.yaml`, then flags such as
+Each command takes its typed config (chatrlhf/config/): defaults, then `--recipe FILE.yaml`, then flags such as
 `--train.optim.lr 1e-5` (run `chatrlhf COMMAND --help` for every field); `chat` and `serve` take the model
 directory as their first argument. User errors print one message and exit 2; a numerical failure (NaN/inf) exits 3.
 """

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from jinja2.exceptions import TemplateError
 
-from chatrlhf.config import ChatConfig, ConfigError, _validate_sampling
+from chatrlhf.config import ChatConfig, ConfigError
+from chatrlhf.config.rl import check_sampling
 from chatrlhf.data.collate import prompt_ids, render_prompt
 from chatrlhf.engine.backends import Opened, open_configured, start
 from chatrlhf.engine.generation import Request, Sampling
@@ -94,7 +95,7 @@ class Chat:
                 new = dataclasses.replace(self.sampling, seed=None if value == "none" else int(value))
             else:
                 new = dataclasses.replace(self.sampling, **{name: SETTINGS[name](value)})
-            _validate_sampling(new.temperature, new.top_p, new.top_k, new.max_new_tokens, "")
+            check_sampling(new.temperature, new.top_p, new.top_k, new.max_new_tokens, "")
         except ValueError:
             kind = "an integer or none" if name == "seed" else SETTINGS[name].__name__
             self.say(f"/set {name}: expected {kind}, got {value!r}")
