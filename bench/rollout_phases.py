@@ -1,12 +1,26 @@
-"""One RL iteration split by phase, for the `hf` and `vllm` rollout backends, at several model sizes.
+"""One PPO iteration split by phase with the `hf` and the `vllm` rollout backend, and chatrlhf's vLLM rollout
+against vLLM on its own, at several model sizes.
 
-For each size, builds a tiny Llama (random init) and its reward model (the same weights and a seeded random head),
-then runs `chatrlhf rl` (PPO) for `--iterations` iterations with each backend, and reads the per-iteration phase
-times the driver logs (docs/metrics.md): `time/sync_s` (getting the weights into the rollout engine and, for
-vLLM, checking them), `time/generate_s` (the rollout, sync included), `time/score_s` (rewards), `time/forward_s`
-(the no-grad forwards: actor, reference, critic), `time/train_s` (advantages and the PPO update). The first
-`--warmup` iterations are left out (vLLM's first generate sets up its kernels). Prints the median of each phase
-per backend and size, the vLLM/hf ratio of the rollout, and writes every figure to `--json`.
+The workload is trl_compare's: a random-init tiny Llama (`--layers` layers, `--hidden` wide) that cannot sample
+EOS, so that every response is exactly `--new-tokens` long and every backend generates the same tokens' worth of
+work, and its reward model (the actor's network with a seeded score head; chatrlhf's critic starts from it);
+`--prompts` demo prompts of one token length per iteration. For each size the runs rotate, `--runs` times:
+
+- `hf` and `vllm`: `chatrlhf rl` (PPO, `--train.rollout.backend hf|vllm`), measured from outside
+  (`_runner.run_measured`: peak RSS, the cores other work kept busy), its phases read from metrics.jsonl
+  (docs/metrics.md): `time/sync_s` (the weights into the rollout engine), `time/generate_s` (the rollout, sync and
+  vLLM's freshness check included), `time/score_s`, `time/forward_s` (no-grad forwards), `time/train_s`
+  (advantages and the update), and the iteration (the interval between two metrics lines); the median over the
+  iterations after `--warmup`;
+- `standalone`: vLLM on its own in a process of this script (`--standalone-worker`), started with the settings
+  chatrlhf's backend gives it (float32, eager, the same KV cache and context, the engine in-process) and asked for
+  the same thing per iteration: the same number of prompts of the same token ids (chatrlhf's `render_prompt` and
+  `prompt_ids`), temperature 1, one seed per request, the sampled tokens' log-probs, EOS as the stop token.
+
+Every run is checked to have generated `--prompts` × `--new-tokens` tokens per iteration (chatrlhf's
+`response/length_mean`; the standalone worker counts its outputs), or the script stops. Printed: the median of the
+runs' medians per size and backend, vllm ÷ hf, and chatrlhf's vLLM rollout as a fraction of standalone vLLM's
+throughput (standalone generate seconds ÷ chatrlhf's `time/generate_s`); everything goes to `--json`.
 
     python bench/rollout_phases.py --hidden 128 256 512 --json bench/results/rollout_phases.json
 
@@ -17,98 +31,203 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_measured, write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("time/sync_s", "time/generate_s", "time/score_s", "time/forward_s", "time/train_s")
+BACKENDS = ("hf", "vllm", "standalone")
+MAX_PROMPT_LEN = 64
 
 
-def build(workdir: Path, hidden: int, layers: int) -> tuple[Path, Path]:
-    """The actor and its reward model for one size (built once)."""
-    from chatrlhf.models.load import add_value_head
-    from chatrlhf.models.tiny import build_tiny_model
-
-    actor = workdir / f"llama-h{hidden}"
-    if not (actor / "config.json").is_file():
-        build_tiny_model(actor, arch="llama", hidden=hidden, layers=layers, heads=max(2, hidden // 64))
-    rm = workdir / f"llama-h{hidden}-rm"
-    if not (rm / "config.json").is_file():
-        add_value_head(actor, rm)
-    return actor, rm
-
-
-def command(actor: Path, rm: Path, out: Path, backend: str, args: argparse.Namespace) -> list[str]:
+def chatrlhf_command(actor: Path, rm: Path, prompts: Path, out: Path, backend: str, a: argparse.Namespace):
     return [
         sys.executable, "-m", "chatrlhf", "rl", "--actor", str(actor), "--reward_model", str(rm),
-        "--output_dir", str(out), "--data.paths", "demo:prompts:512:3", "--data.eval_fraction", "0",
-        "--train.iterations", str(args.warmup + args.iterations), "--train.rollout_batch_size", str(args.batch),
-        "--train.max_prompt_len", "64", "--train.generation.max_new_tokens", str(args.new_tokens),
-        "--train.rollout.backend", backend, "--train.rollout.cpu_kv_cache_gib", "1",
+        "--output_dir", str(out), "--data.paths", str(prompts), "--data.eval_fraction", "0",
+        "--train.iterations", str(a.warmup + a.iterations), "--train.rollout_batch_size", str(a.prompts),
+        "--train.max_prompt_len", str(MAX_PROMPT_LEN), "--train.generation.max_new_tokens", str(a.new_tokens),
+        "--train.rollout.backend", backend, "--train.rollout.cpu_kv_cache_gib", str(a.kv_cache_gib),
         "--checkpoint.every", "0", "--run.log_every", "1", "--run.progress", "False", "--run.overwrite", "True",
     ]  # fmt: skip
 
 
-def run(actor: Path, rm: Path, workdir: Path, backend: str, args: argparse.Namespace) -> dict:
-    out = workdir / f"{actor.name}-{backend}"
-    cmd = command(actor, rm, out, backend, args)
-    start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    wall = time.time() - start
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    kept = [m for m in lines if m["step"] > args.warmup and "time/generate_s" in m]
-    medians = {k: statistics.median(m.get(k, 0.0) for m in kept) for k in PHASES}
+def standalone_worker(spec_path: Path) -> int:
+    """vLLM on its own (module docstring): writes each iteration's generate seconds and token count to spec's
+    `out`."""
+    spec = json.loads(spec_path.read_text())
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    import vllm
+    from transformers import AutoTokenizer
+
+    from chatrlhf.data.collate import prompt_ids, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    ids = [prompt_ids(tok, render_prompt(tok, t)) for t in spec["prompts"]]
+    llm = vllm.LLM(
+        model=spec["model"], tokenizer=spec["model"], dtype="float32", max_model_len=spec["max_model_len"],
+        enforce_eager=True, generation_config="vllm", logprobs_mode="raw_logprobs", seed=0,
+        kv_cache_memory_bytes=int(spec["kv_cache_gib"] * 2**30),
+    )  # fmt: skip
+    n, generator = spec["batch"], torch.Generator().manual_seed(0)
+    sampling = dict(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=spec["new_tokens"], logprobs=0,
+                    stop_token_ids=[tok.eos_token_id], detokenize=False)  # fmt: skip
+    seconds, tokens = [], []
+    for i in range(spec["iterations"]):
+        seeds = torch.randint(2**31 - 1, (n,), generator=generator).tolist()
+        params = [vllm.SamplingParams(**sampling, seed=seed) for seed in seeds]
+        requests = [{"prompt_token_ids": list(p)} for p in ids[i * n : (i + 1) * n]]
+        start = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        seconds.append(time.perf_counter() - start)
+        tokens.append(sum(len(o.outputs[0].token_ids) for o in outputs))
+    Path(spec["out"]).write_text(json.dumps({"generate_s": seconds, "tokens": tokens}))
+    return 0
+
+
+def run_chatrlhf(actor: Path, rm: Path, prompts: Path, workdir: Path, backend: str, tag: str, a) -> dict:
+    out = workdir / f"{actor.name}-{backend}-{tag}"
+    cmd = chatrlhf_command(actor, rm, prompts, out, backend, a)
+    res = run_measured(cmd, workdir / f"{out.name}.log", env=dict(os.environ), timeout_s=a.timeout)
+    if res.returncode != 0:
+        raise SystemExit(f"{out.name}: exit {res.returncode}; see {workdir / f'{out.name}.log'}")
+    lines = metrics_lines(out / "metrics.jsonl")
+    kept = [m for m in lines if m["step"] > a.warmup]
+    lengths = [m["response/length_mean"] for m in kept]
+    if len(kept) != a.iterations or any(x != a.new_tokens for x in lengths):
+        raise SystemExit(f"{out.name}: unequal work: {len(kept)} iterations, response lengths {lengths}")
+    clock = [m["time/elapsed_s"] for m in lines]
+    phases = {k.removeprefix("time/").removesuffix("_s"): statistics.median(m[k] for m in kept) for k in PHASES}
+    phases["iteration"] = statistics.median(b - c for b, c in zip(clock[a.warmup :], clock[a.warmup - 1 :]))
     logprob_diff = [m["rollout/logprob_diff"] for m in kept if "rollout/logprob_diff" in m]
     return {
-        "backend": backend,
-        "model": actor.name,
+        "model": actor.name, "backend": backend, "run": tag,
         "command": " ".join(["chatrlhf", *cmd[3:]]).replace(str(workdir), "$W"),
-        "wall_s": wall,
-        "iterations_measured": len(kept),
-        "median_s": medians,
+        "median_s": phases, "tokens_per_iteration": a.prompts * a.new_tokens,
+        "peak_rss_bytes": max(p.peak_bytes for p in res.workers()), "other_cores": res.other_cores,
+        "wall_s": res.wall_s,
         "rollout_logprob_diff_median": statistics.median(logprob_diff) if logprob_diff else None,
-    }
+    }  # fmt: skip
+
+
+def run_standalone(actor: Path, texts: list[str], workdir: Path, tag: str, a) -> dict:
+    name = f"{actor.name}-standalone-{tag}"
+    spec = {
+        "model": str(actor), "prompts": texts, "batch": a.prompts, "new_tokens": a.new_tokens,
+        "iterations": a.warmup + a.iterations, "max_model_len": MAX_PROMPT_LEN + a.new_tokens,
+        "kv_cache_gib": a.kv_cache_gib, "out": str(workdir / f"{name}.json"),
+    }  # fmt: skip
+    spec_path = workdir / f"{name}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--standalone-worker", str(spec_path)]
+    res = run_measured(cmd, workdir / f"{name}.log", env=dict(os.environ), timeout_s=a.timeout)
+    if res.returncode != 0:
+        raise SystemExit(f"{name}: exit {res.returncode}; see {workdir / f'{name}.log'}")
+    got = json.loads(Path(spec["out"]).read_text())
+    if any(t != a.prompts * a.new_tokens for t in got["tokens"]):
+        raise SystemExit(f"{name}: unequal work: tokens per iteration {got['tokens']}")
+    return {
+        "model": actor.name, "backend": "standalone", "run": tag,
+        "median_s": {"generate": statistics.median(got["generate_s"][a.warmup :])},
+        "generate_s": got["generate_s"], "tokens_per_iteration": a.prompts * a.new_tokens,
+        "peak_rss_bytes": max(p.peak_bytes for p in res.workers()), "other_cores": res.other_cores,
+        "wall_s": res.wall_s,
+    }  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per model and backend: the median over runs of each run's median phase seconds."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            mine = [r for r in rows if r["model"] == model and r["backend"] == backend]
+            phases = mine[0]["median_s"].keys()
+            med = {p: statistics.median(r["median_s"][p] for r in mine) for p in phases}
+            out.append({
+                "model": model, "backend": backend, "median_s": med,
+                "runs_generate_s": [r["median_s"]["generate"] for r in mine],
+                "generated_tokens_per_s": mine[0]["tokens_per_iteration"] / med["generate"],
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in mine),
+                "other_cores": [round(r["other_cores"], 2) for r in mine],
+            })  # fmt: skip
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    names = ("iteration", "sync", "generate", "score", "forward", "train")
+    header = ["model", "backend", *names, "runs (generate)", "gen tok/s", "peak RSS MiB", "other cores"]
+    table = []
+    for s in summary:
+        cells = [f"{s['median_s'][n]:.3f}" if n in s["median_s"] else "—" for n in names]
+        runs = " ".join(f"{x:.3f}" for x in s["runs_generate_s"])
+        table.append([s["model"], s["backend"], *cells, runs, f"{s['generated_tokens_per_s']:.0f}",
+                      fmt_mib(s["peak_rss_bytes"]), " ".join(map(str, s["other_cores"]))])  # fmt: skip
+    print(fmt_table(header, table))
+    print()
+    for model in dict.fromkeys(s["model"] for s in summary):
+        got = {s["backend"]: s["median_s"] for s in summary if s["model"] == model}
+        hf, vllm, alone = (got.get(b) for b in BACKENDS)
+        if hf and vllm:
+            print(f"{model}: vllm ÷ hf: rollout {vllm['generate'] / hf['generate']:.2f}, iteration "
+                  f"{vllm['iteration'] / hf['iteration']:.2f}")  # fmt: skip
+        if vllm and alone:
+            print(f"{model}: chatrlhf's vLLM rollout at {alone['generate'] / vllm['generate']:.0%} of standalone "
+                  "vLLM's throughput")  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=32, help="prompts per iteration")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--iterations", type=int, default=4, help="measured iterations per run")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="iterations left out (vLLM sets up its kernels)")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each backend per size, rotating")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chatrlhf-phases-"))
-    rows = []
-    for hidden in args.hidden:
-        actor, rm = build(workdir, hidden, args.layers)
-        for backend in ("hf", "vllm"):
-            print(f"running {actor.name} with {backend} ...", flush=True)
-            rows.append(run(actor, rm, workdir, backend, args))
+    parser.add_argument("--standalone-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.standalone_worker:
+        return standalone_worker(a.standalone_worker)
+    assert a.warmup >= 1, "--warmup must be at least 1 (the first iteration's time has no iteration before it)"
 
-    names = [p.removeprefix("time/").removesuffix("_s") for p in PHASES]
-    print()
-    print(f"median seconds per iteration ({args.batch} prompts × {args.new_tokens} new tokens, after {args.warmup} "
-          f"warm-up iterations)")  # fmt: skip
-    print(f"{'model':<14} {'backend':<8} " + " ".join(f"{n:>9}" for n in names) + f" {'logprob_diff':>13}")
-    for r in rows:
-        diff = r["rollout_logprob_diff_median"]
-        cells = " ".join(f"{r['median_s'][p]:>9.3f}" for p in PHASES)
-        print(f"{r['model']:<14} {r['backend']:<8} {cells} {'—' if diff is None else format(diff, '.2e'):>13}")
-    print()
-    for hf, vllm in zip(rows[::2], rows[1::2]):
-        g_hf, g_v = hf["median_s"]["time/generate_s"], vllm["median_s"]["time/generate_s"]
-        print(f"{hf['model']}: rollout (generate, sync included) vllm / hf = {g_v / g_hf:.2f}")
-    out = args.json or workdir / "rollout_phases.json"
-    out.write_text(json.dumps({"rows": rows, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
-    print(f"wrote {out}")
+    from trl_compare import build_model, build_reward_model, prompt_texts
+
+    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="chatrlhf-phases-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for hidden in a.hidden:
+        actor = build_model(workdir, hidden, a.layers)
+        rm = build_reward_model(workdir, actor)
+        texts = prompt_texts(actor, a.prompts * (a.warmup + a.iterations))
+        prompts = workdir / f"{actor.name}-prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+        for run in range(a.runs):
+            for backend in a.backends:
+                print(f"{actor.name} {backend} run {run + 1}/{a.runs} ...", flush=True)
+                if backend == "standalone":
+                    rows.append(run_standalone(actor, texts, workdir, str(run), a))
+                else:
+                    rows.append(run_chatrlhf(actor, rm, prompts, workdir, backend, str(run), a))
+                print(f"  generate {rows[-1]['median_s']['generate']:.3f} s, other cores "
+                      f"{rows[-1]['other_cores']:.2f}", flush=True)  # fmt: skip
+    summary = summarise(rows)
+    print(f"\nmedian seconds per iteration ({a.prompts} prompts × {a.new_tokens} new tokens, after {a.warmup} "
+          f"warm-up iterations; the median of {a.runs} runs)")  # fmt: skip
+    print_summary(summary)
+    args = {k: "WORKDIR" if k == "workdir" else str(v) for k, v in vars(a).items() if k != "standalone_worker"}
+    payload = {"machine": machine_summary(), "args": args, "summary": summary, "runs": rows}
+    write_json(a.json or workdir / "rollout_phases.json", payload)
     return 0
 
 
