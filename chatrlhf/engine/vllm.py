@@ -8,7 +8,8 @@ sleep mode, level 1, releases the KV cache and moves the weights to the CPU; the
 
 Freshness is verified, not assumed: on the first `generate` after a sync, vLLM's log-probs of the first prompt
 are compared with the trainer's (a forward of the weights just synced); a difference over
-`rollout.sync_tolerance` stops the run. Every iteration also logs `rollout/logprob_diff` over the sampled tokens.
+`rollout.sync_tolerance` stops the run. vLLM's side comes with the rollout (the first request's prompt log-probs),
+not from an engine call of its own. Every iteration also logs `rollout/logprob_diff` over the sampled tokens.
 
 Sampling follows engine/generation.py: our temperature/top-p/top-k only (`generation_config="vllm"` keeps a
 checkpoint's defaults out), EOS as the one stop token (kept in the response), at most `max_new_tokens`, and raw
@@ -170,7 +171,7 @@ class VLLMGenerator:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
         self._reference = reference
 
-    def sampling_params(self, greedy: bool, logprobs: bool, seed: int):
+    def sampling_params(self, greedy: bool, logprobs: bool, seed: int, prompt_logprobs: bool = False):
         g = self.generation
         sample = g.do_sample and not greedy
         return self.vllm.SamplingParams(
@@ -181,6 +182,7 @@ class VLLMGenerator:
             max_tokens=g.max_new_tokens,
             stop_token_ids=[self.tokenizer.eos_token_id],
             logprobs=0 if logprobs else None,
+            prompt_logprobs=0 if prompt_logprobs else None,
             seed=seed,
             detokenize=False,
         )
@@ -188,12 +190,16 @@ class VLLMGenerator:
     def generate(
         self, prompts: list[list[int]], *, greedy: bool = False, logprobs: bool = False, width: int | None = None
     ) -> Generated:
-        if self._reference is not None:
-            self.check_sync(prompts[0])
+        reference, self._reference = self._reference, None
         seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        params = [self.sampling_params(greedy, logprobs, seed) for seed in seeds]
+        # after a sync, the first request also returns its prompt's log-probs: the freshness check rides on the
+        # rollout instead of costing an engine call of its own
+        params = [self.sampling_params(greedy, logprobs, s, prompt_logprobs=i == 0 and reference is not None)
+                  for i, s in enumerate(seeds)]  # fmt: skip
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if reference is not None:
+            self.check_sync(reference, prompts[0], outputs[0].prompt_logprobs)
         return self._collect([o.outputs[0] for o in outputs], logprobs)
 
     def request_params(self, sampling: Sampling, seed: int):
@@ -266,13 +272,12 @@ class VLLMGenerator:
         return Generated(tokens, mask, sampled, finished(tokens, mask, tok.eos_token_id))
 
     @torch.no_grad()
-    def check_sync(self, probe: list[int]) -> float:
-        """vLLM's log-probs of `probe` against the reference model's; raises when they differ by more than
-        `rollout.sync_tolerance` (the weights did not arrive). Returns the largest difference."""
-        reference, self._reference = self._reference, None
-        params = self.vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        out = self.llm.generate([{"prompt_token_ids": list(probe)}], params, use_tqdm=False)[0]
-        theirs = torch.tensor([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], probe[1:])])
+    def check_sync(self, reference: torch.nn.Module, probe: list[int], prompt_logprobs) -> float:
+        """vLLM's log-probs of the prompt `probe` (its `prompt_logprobs`, from the first generate after a sync)
+        against those of `reference`, the model whose weights were synced; raises when they differ by more than
+        `rollout.sync_tolerance` (the weights did not arrive), before the rollout is used. Returns the largest
+        difference."""
+        theirs = torch.tensor([step[t].logprob for step, t in zip(prompt_logprobs[1:], probe[1:])])
         device = next(reference.parameters()).device
         ids = torch.tensor([probe], device=device)
         logits = reference(input_ids=ids, use_cache=False).logits[:, :-1]

@@ -160,6 +160,27 @@ def test_a_skipped_sync_is_caught(trained, engines, monkeypatch):
             actor.generate(prompt_ids(tok)[:1])
 
 
+def test_the_check_after_a_sync_rides_on_the_rollout(trained, engines, monkeypatch):
+    """After a sync, one rollout is one engine call: its first request also returns its prompt's log-probs, which
+    the check compares with the trainer's; the next rollout without a sync asks for none."""
+    tok, vllm = engines["llama"]
+    actor, _ = hybrid(trained["llama"], tok, vllm)
+    calls, real = [], vllm.llm.generate
+
+    def counted(requests, params, **kwargs):
+        calls.append([p.prompt_logprobs for p in params])
+        return real(requests, params, **kwargs)
+
+    monkeypatch.setattr(vllm.llm, "generate", counted)
+    checked, check = [], VLLMGenerator.check_sync
+    monkeypatch.setattr(VLLMGenerator, "check_sync", lambda self, *a: checked.append(check(self, *a)))
+    with actor.generation_mode():
+        actor.generate(prompt_ids(tok))
+        actor.generate(prompt_ids(tok))
+    assert calls == [[0, None, None], [None, None, None]]
+    assert len(checked) == 1 and 0 <= checked[0] <= ROLLOUT.sync_tolerance
+
+
 class FollowUp:
     """A second question after the first answer, then done: a two-turn episode (docs/episodes.md)."""
 
