@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from chatrlhf.data.formats import FORMAT_CHOICES
 from chatrlhf.errors import ConfigError
 from chatrlhf.trackers import TRACKERS
+
+if TYPE_CHECKING:
+    from chatrlhf.config.pipeline import PipelineDataConfig
 
 
 @dataclass
@@ -310,7 +313,8 @@ def check_format(value: str) -> None:
         raise ConfigError(f"data.format must be one of {', '.join(FORMAT_CHOICES)}, got {value!r}")
 
 
-def check_data(d: DataConfig) -> None:
+def check_data(d: DataConfig | PipelineDataConfig) -> None:
+    """A stage's data settings, or the pipeline's (the same fields)."""
     check_format(d.format)
     if d.weights is not None and len(d.weights) != len(d.paths):
         raise ConfigError(

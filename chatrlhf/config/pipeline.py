@@ -7,9 +7,7 @@ from typing import Literal
 
 from chatrlhf.config.common import (
     StageOptions,
-    check_format,
-    check_fraction,
-    check_num_proc,
+    check_data,
     check_optim,
     check_options,
     check_types,
@@ -112,7 +110,6 @@ class PipelineConfig(StageOptions):
         require(self.model, "model", "a model id, directory or tiny:ARCH preset")
         d = self.data
         parse_split(d.split)
-        check_format(d.format)
         if self.method not in ("rlhf", "dpo"):
             raise ConfigError(f"method must be rlhf or dpo, got {self.method!r}")
         if self.method == "dpo":
@@ -122,13 +119,7 @@ class PipelineConfig(StageOptions):
                 "data.paths is empty and not every stage has its own data (data.sft_paths, data.reward_paths, "
                 "data.rl_paths): give a pool to split, or per-stage sources"
             )
-        if d.weights is not None and len(d.weights) != len(d.paths):
-            raise ConfigError(
-                f"data.weights has {len(d.weights)} values but data.paths has {len(d.paths)} source(s); "
-                "give one weight per path"
-            )
-        check_fraction(d.eval_fraction, "data.eval_fraction")
-        check_num_proc(d.num_proc)
+        check_data(d)
         check_loop(self.sft, "sft")
         check_optim(self.sft.optim, "sft.optim")
         check_loop(self.reward, "reward")
