@@ -17,6 +17,29 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+TESTS = Path(__file__).resolve().parent
+LONGEST_FIRST = [
+    "engine/test_deepspeed.py",
+    "train/test_rl_episodes.py",
+    "train/test_resume.py",
+    "engine/test_vllm.py",
+    "test_cli.py",
+    "serve/test_vllm_serving.py",
+    "engine/test_checkpoint.py",
+    "test_trackers.py",
+    "engine/test_multinode.py",
+]
+"""The test files that take minutes (`--durations`), longest first. They run first, so that the two workers of the
+README's test command (`-n 2 --dist loadfile`: a file per worker at a time) finish together on the short files,
+instead of one finishing a long file alone at the end."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {TESTS / name: i for i, name in enumerate(LONGEST_FIRST)}
+    missing = [str(path) for path in rank if not path.is_file()]
+    assert not missing, f"tests/conftest.py LONGEST_FIRST names files that are gone: {missing}"
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: each file's own order is kept
+
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
