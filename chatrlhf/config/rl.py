@@ -139,12 +139,12 @@ class UpdateConfig:
     """Sequences per optimizer step within an iteration's rollouts (0 = all of them in one step)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward (gradient accumulation up to mini_batch_size); 0 = mini_batch_size."""
-    trim_padding: bool = False
-    """Run each forward/backward of the update only over the columns its micro-batch uses: the micro-batches of a
-    rank's share of a mini-batch are cut from it sorted by response length (when there are several), and each
-    drops the prompt columns that are padding in all its rows and the response columns past its longest response.
-    The losses are the same sums; only the float rounding of the forwards differs (so a run is not bit-identical
-    to one without it). False (the default): every micro-batch at the rollout's full width, in the shuffled
+    trim_padding: bool = True
+    """Run each forward/backward of the update only over the columns its micro-batch uses (the default): the
+    micro-batches of a rank's share of a mini-batch are cut from it sorted by response length (when there are
+    several), and each drops the prompt columns that are padding in all its rows and the response columns past its
+    longest response. The losses are the same sums; only the float rounding of the forwards differs (so a run is not
+    bit-identical to one without it). False: every micro-batch at the rollout's full width, in the shuffled
     order."""
     old_logprobs: Literal["auto", "forward", "sampler"] = "auto"
     """Where log π_old comes from. auto: when the update is exactly on-policy — one epoch, one mini-batch (the whole

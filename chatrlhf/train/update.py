@@ -210,7 +210,7 @@ class Schedule:
     micro_batch_size: int
     """Sequences per forward/backward on each rank (0 = the rank's whole share of a mini-batch)."""
     order_seed: int
-    trim_padding: bool = False
+    trim_padding: bool
     """Micro-batches by response length, each without the columns none of its rows uses (`TrainBatch.trimmed`)."""
 
 
