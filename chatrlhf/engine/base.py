@@ -16,6 +16,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from chatrlhf.config import OptimConfig
+
 
 class StepStats(NamedTuple):
     """What one optimizer step reports."""
@@ -75,6 +77,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in trained if len(getattr(p, "ds_shape", p.shape)) >= 2]
     no_decay = [p for p in trained if len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(groups: list[dict], optim: OptimConfig) -> torch.optim.AdamW:
+    """The AdamW of `optim` over `groups` (`param_groups`), fused unless `optim.fused` is False."""
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused)
 
 
 def non_finite_gradient(name: str, grad_norm: float, step: int) -> FloatingPointError:

@@ -22,7 +22,7 @@ from transformers import get_scheduler
 
 from chatrlhf import distributed as dist
 from chatrlhf.config import EngineConfig, OptimConfig
-from chatrlhf.engine.base import StepStats, non_finite_gradient, param_groups
+from chatrlhf.engine.base import StepStats, adamw, non_finite_gradient, param_groups
 from chatrlhf.errors import ConfigError
 
 
@@ -132,7 +132,7 @@ class DeepSpeedEngine:
 
             optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, eps=optim.eps, adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+            optimizer = adamw(groups, optim)
 
         def schedule(opt):
             return get_scheduler(

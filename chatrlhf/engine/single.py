@@ -13,7 +13,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from chatrlhf.config import OptimConfig
-from chatrlhf.engine.base import StepStats, non_finite_gradient, param_groups
+from chatrlhf.engine.base import StepStats, adamw, non_finite_gradient, param_groups
 
 
 class SingleEngine:
@@ -29,9 +29,7 @@ class SingleEngine:
         self.bad_steps = 0
         self.cfg = optim
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
-        )
+        self.optimizer = adamw(param_groups(model, optim.weight_decay), optim)
         self.scheduler = get_scheduler(
             optim.schedule, self.optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=max(total_steps, 1)
         )
