@@ -84,6 +84,17 @@ def adamw(groups: list[dict], optim: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=optim.fused)
 
 
+def device_memory_metrics() -> dict[str, float]:
+    """`memory/device_peak_gib`: the most memory torch's allocator held on this process's CUDA device since the last
+    call, which then starts the next interval, so each iteration logs its own peak. Empty when the process has not
+    used CUDA (a CPU run)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return {"memory/device_peak_gib": peak}
+
+
 def non_finite_gradient(name: str, grad_norm: float, step: int) -> FloatingPointError:
     """The error a refused step raises (the CLI exits 3 on it)."""
     return FloatingPointError(

@@ -35,6 +35,7 @@ import torch
 from chatrlhf import distributed as dist
 from chatrlhf.config import RLConfig, RLTrainConfig
 from chatrlhf.data import to_prompt
+from chatrlhf.engine.base import device_memory_metrics
 from chatrlhf.engine.checkpoint import save_checkpoint
 from chatrlhf.errors import UserError
 from chatrlhf.eval.doctor import Checkup, Doctor, DoctorStop
@@ -467,6 +468,7 @@ def iteration(
             "time/score_s": times["score"],
             "time/forward_s": times["forward"],
             "time/train_s": trained - sampled_at,
+            **device_memory_metrics(),
         }
     )
     metrics["perf/tokens_per_s"] = float(rollout.attention_mask.sum()) / (trained - started)

@@ -70,6 +70,8 @@ def test_ppo_bf16_on_cuda(sft_and_rm, tmp_path, extra):
     rows = lines(out)
     finite(rows, "loss/policy")
     finite(rows, "loss/value")
+    peaks = finite(rows, "memory/device_peak_gib")
+    assert all(0 < p < torch.cuda.get_device_properties(0).total_memory / 2**30 for p in peaks), peaks
     assert (out / "model" / "config.json").is_file()
     if extra and extra[0] == "--lora.rank":
         assert (out / "model_adapter" / "adapter_config.json").is_file()
