@@ -70,10 +70,14 @@ def standalone_worker(spec_path: Path) -> int:
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
     ids = [prompt_ids(tok, render_prompt(tok, t)) for t in spec["prompts"]]
+    memory = (  # on a GPU (bench/step3.py): the share of its memory chatrlhf's backend gives vLLM by default
+        {"gpu_memory_utilization": spec["gpu_memory_utilization"]} if "gpu_memory_utilization" in spec
+        else {"kv_cache_memory_bytes": int(spec["kv_cache_gib"] * 2**30)}
+    )  # fmt: skip
     llm = vllm.LLM(
-        model=spec["model"], tokenizer=spec["model"], dtype="float32", max_model_len=spec["max_model_len"],
-        enforce_eager=True, generation_config="vllm", logprobs_mode="raw_logprobs", seed=0,
-        kv_cache_memory_bytes=int(spec["kv_cache_gib"] * 2**30),
+        model=spec["model"], tokenizer=spec["model"], dtype=spec.get("dtype", "float32"),
+        max_model_len=spec["max_model_len"], enforce_eager=spec.get("enforce_eager", True), generation_config="vllm",
+        logprobs_mode="raw_logprobs", seed=0, **memory,
     )  # fmt: skip
     n, generator = spec["batch"], torch.Generator().manual_seed(0)
     sampling = dict(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=spec["new_tokens"], logprobs=0,

@@ -20,6 +20,10 @@ batch ÷ iteration, tokens/s = batch × (prompt + generated tokens) ÷ iteration
 generated tokens ÷ `time/generate_s`. Every kept iteration must have generated full-length responses
 (`response/length_mean`), or the script stops. A run that fails (e.g. out of device memory) is reported as such and
 the next actor size is skipped for that backend: `--actors` in increasing size finds the largest that fits.
+`standalone` and `standalone-graphs` run vLLM on its own (bench/rollout_phases.py's worker) on the same prompts,
+the first with the settings chatrlhf's backend starts vLLM with (eager, its default share of the GPU), the second
+with CUDA graphs as vLLM runs by default: chatrlhf's vLLM rollout (`time/generate_s`, sync and check included) as
+a fraction of their throughput is printed.
 
     python bench/step3.py --backends hf vllm --json bench/results/step3.json          # on a GPU
     python bench/step3.py --actors opt-1.3b opt-2.7b opt-6.7b --backends vllm         # the largest that fits
@@ -41,6 +45,8 @@ from pathlib import Path
 from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_measured, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("hf", "vllm", "standalone", "standalone-graphs")
+"""chatrlhf's two rollout backends, and vLLM on its own as chatrlhf starts it and as vLLM runs by default."""
 PHASES = ("time/sync_s", "time/generate_s", "time/score_s", "time/forward_s", "time/train_s")
 OPT_VOCAB = 50272
 ACTORS = {  # OPT's published shapes: hidden, layers, heads, FFN
@@ -187,6 +193,40 @@ def run(actor: Path, rm: Path, prompts: Path, workdir: Path, backend: str, a: ar
     }  # fmt: skip
 
 
+def run_standalone(actor: Path, prompts: Path, workdir: Path, backend: str, a: argparse.Namespace) -> dict:
+    """vLLM on its own generating the same prompts (bench/rollout_phases.py's worker): `standalone` with the settings
+    chatrlhf's backend starts it with (eager, its default share of the GPU), `standalone-graphs` as vLLM runs by
+    default (CUDA graphs captured)."""
+    from chatrlhf.config.rl import RolloutConfig
+
+    name = f"{actor.name}-{backend}"
+    texts = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
+    spec = {
+        "model": str(actor), "prompts": texts, "batch": a.batch, "new_tokens": a.new_tokens,
+        "iterations": a.warmup + a.iterations, "max_model_len": a.prompt_tokens + a.new_tokens, "dtype": a.dtype,
+        "enforce_eager": backend == "standalone", "out": str(workdir / f"{name}.json"),
+        **({"gpu_memory_utilization": RolloutConfig().gpu_memory_utilization} if a.device == "cuda"
+           else {"kv_cache_gib": RolloutConfig().cpu_kv_cache_gib}),
+    }  # fmt: skip
+    if len(texts) < spec["iterations"] * a.batch:
+        raise SystemExit(f"{name}: {len(texts)} prompts for {spec['iterations']} iterations of {a.batch}")
+    spec_path = workdir / f"{name}-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "rollout_phases.py"), "--standalone-worker",
+           str(spec_path)]  # fmt: skip
+    res = run_measured(cmd, workdir / f"{name}.log", env=dict(os.environ), timeout_s=a.timeout)
+    row = {"actor": actor.name, "backend": backend, "exit": res.returncode,
+           "peak_rss_bytes": max((p.peak_bytes for p in res.workers()), default=None)}  # fmt: skip
+    if res.returncode != 0:
+        return {**row, "failed": f"exit {res.returncode}; see {name}.log"}
+    got = json.loads(Path(spec["out"]).read_text())
+    if any(t != a.batch * a.new_tokens for t in got["tokens"]):
+        raise SystemExit(f"{name}: unequal work: tokens per iteration {got['tokens']}")
+    generate = statistics.median(got["generate_s"][a.warmup :])
+    return {**row, "median_s": {"generate": generate}, "generated_tokens_per_s": a.batch * a.new_tokens / generate,
+            "device_peak_gib": None}  # fmt: skip
+
+
 def print_rows(rows: list[dict]) -> None:
     names = ("iteration", "sync", "generate", "score", "forward", "train")
     table = []
@@ -195,11 +235,17 @@ def print_rows(rows: list[dict]) -> None:
             table.append([r["actor"], r["backend"], "failed: " + r["failed"][:60], *[""] * (len(names) + 4)])
             continue
         gib = "-" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.1f}"
-        table.append([r["actor"], r["backend"], f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-                      f"{r['generated_tokens_per_s']:.0f}", *[f"{r['median_s'][n]:.3f}" for n in names], gib,
+        whole = [f"{r['samples_per_s']:.2f}", f"{r['tokens_per_s']:.0f}"] if "samples_per_s" in r else ["—", "—"]
+        table.append([r["actor"], r["backend"], *whole, f"{r['generated_tokens_per_s']:.0f}",
+                      *[f"{r['median_s'][n]:.3f}" if n in r["median_s"] else "—" for n in names], gib,
                       fmt_mib(r["peak_rss_bytes"])])  # fmt: skip
     print(fmt_table(["actor", "backend", "samples/s", "tokens/s", "gen tok/s", *(f"{n} s" for n in names),
                      "device peak GiB", "peak RSS MiB"], table))  # fmt: skip
+    for r in rows:
+        mine = {x["backend"]: x for x in rows if x["actor"] == r["actor"] and "failed" not in x}
+        if r["backend"].startswith("standalone") and "vllm" in mine and r["backend"] in mine:
+            share = r["median_s"]["generate"] / mine["vllm"]["median_s"]["generate"]
+            print(f"{r['actor']}: chatrlhf's vLLM rollout at {share:.0%} of {r['backend']} vLLM's throughput")
 
 
 def main() -> int:
@@ -209,7 +255,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="dschat")
     parser.add_argument("--actors", nargs="+", choices=list(ACTORS), default=None, help="default: the preset's")
-    parser.add_argument("--backends", nargs="+", choices=["hf", "vllm"], default=["hf", "vllm"])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--batch", type=int, default=None, help="prompts per iteration (default: the preset's)")
     parser.add_argument("--iterations", type=int, default=3, help="measured iterations per run")
     parser.add_argument("--warmup", type=int, default=2, help="iterations left out")
@@ -232,7 +278,10 @@ def main() -> int:
         for backend in a.backends:
             if backend in failed:  # a smaller actor did not fit with this backend
                 continue
-            row = run(actor, rm, prompts, workdir, backend, a)
+            if backend.startswith("standalone"):
+                row = run_standalone(actor, prompts, workdir, backend, a)
+            else:
+                row = run(actor, rm, prompts, workdir, backend, a)
             print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
             rows.append(row)
             if "failed" in row:
