@@ -42,6 +42,12 @@ class RolloutConfig:
     sleep: bool = True
     """vLLM on a GPU: release the KV cache and the weights while the trainer runs, and take them back before a
     rollout (vLLM's sleep mode, level 1). Not available on the CPU, where it is ignored."""
+    enforce_eager: bool = True
+    """vLLM runs its model eagerly (the default here). False lets vLLM capture CUDA graphs for decoding on a GPU, as
+    vLLM does by default: faster decode steps for a slower start and some memory for the graphs; the weight syncs
+    write into the same tensors the graphs read. Not yet measured on a GPU (bench/step3.py compares the two with
+    vLLM on its own). On the CPU, False compiles the model instead: on the tiny models of bench/rollout_phases.py
+    on a 2-vCPU VM that took 59 s to start against 12 s and gave no clear gain."""
     sync_tolerance: float = 1e-3
     """After each weight sync, the largest |log π_trainer − log π_vllm| allowed on a fixed probe sequence; more
     stops the run (the weights did not arrive). Float32 on the CPU agrees to ~1e-6; bf16 on a GPU needs more."""

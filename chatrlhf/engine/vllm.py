@@ -130,7 +130,7 @@ class VLLMGenerator:
                     tokenizer=model_dir,
                     dtype=VLLM_DTYPES[dtype],
                     max_model_len=max_model_len,
-                    enforce_eager=True,
+                    enforce_eager=rollout.enforce_eager,
                     generation_config="vllm",
                     logprobs_mode="raw_logprobs",
                     enable_sleep_mode=self.sleeps,

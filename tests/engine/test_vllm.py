@@ -281,6 +281,28 @@ def test_a_head_size_vllm_cpu_cannot_run_is_refused_up_front():
     check_vllm_support("tiny:llama:hidden=64,heads=2", "backend=vllm")  # size 32: taken
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_the_engine_starts_vllm_with_rollout_enforce_eager(trained, monkeypatch, eager):
+    """`train.rollout.enforce_eager` reaches vLLM's constructor (False: CUDA graphs on a GPU, vLLM's own default);
+    the constructor is replaced by one that records its arguments and refuses, as vLLM refuses a model it cannot
+    run, so no engine starts."""
+    import vllm
+
+    seen = {}
+
+    def refuse(**kwargs):
+        seen.update(kwargs)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(vllm, "LLM", refuse)
+    path = str(trained["llama"])
+    rollout = RolloutConfig(backend="vllm", cpu_kv_cache_gib=0.25, enforce_eager=eager)
+    with pytest.raises(UserError, match="vLLM cannot run model .*recorded"):
+        VLLMGenerator(path, load_tokenizer(path), GenerationConfig(), rollout, "float32", MAX_LEN, CPU)
+    assert seen["enforce_eager"] is eager and seen["model"] == path
+    assert RolloutConfig().enforce_eager is True
+
+
 def test_rl_with_the_vllm_backend_logs_a_small_mismatch(trained, tmp_path, capsys):
     path = trained["llama"]
     add_value_head(path, tmp_path / "rm")

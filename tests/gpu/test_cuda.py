@@ -77,6 +77,24 @@ def test_ppo_bf16_on_cuda(sft_and_rm, tmp_path, extra):
         assert (out / "model_adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("eager", ["True", "False"], ids=["eager", "cuda-graphs"])
+def test_ppo_with_vllm_rollouts_on_cuda(sft_and_rm, tmp_path, eager):
+    """The colocated vLLM engine on a GPU (sleep mode, bf16), eager and with CUDA graphs: every sync passes its check
+    and the rollouts' log-probs stay near the trainer's."""
+    pytest.importorskip("vllm")
+    root, common = sft_and_rm
+    out = tmp_path / "rl"
+    args = ["rl", "--actor", str(root / "sft" / "model"), "--reward_model", str(root / "rm" / "model"),
+            "--output_dir", str(out), "--data.paths", "demo:prompts:64:3", "--train.iterations", "3",
+            "--train.rollout_batch_size", "8", "--train.generation.max_new_tokens", "16",
+            "--train.rollout.backend", "vllm", "--train.rollout.enforce_eager", eager,
+            "--train.rollout.sync_tolerance", "5e-2", *common]  # fmt: skip
+    assert main(args) == 0
+    rows = lines(out)
+    finite(rows, "loss/policy")
+    assert all(d < 5e-2 for d in finite(rows, "rollout/logprob_diff")), [r["rollout/logprob_diff"] for r in rows]
+
+
 def test_deepspeed_zero3_rl_nccl(sft_and_rm, tmp_path):
     pytest.importorskip("deepspeed")
     root, common = sft_and_rm
