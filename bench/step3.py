@@ -22,8 +22,9 @@ generated tokens ÷ `time/generate_s`. Every kept iteration must have generated 
 the next actor size is skipped for that backend: `--actors` in increasing size finds the largest that fits.
 `standalone` and `standalone-graphs` run vLLM on its own (bench/rollout_phases.py's worker) on the same prompts,
 the first with the settings chatrlhf's backend starts vLLM with (eager, its default share of the GPU), the second
-with CUDA graphs as vLLM runs by default: chatrlhf's vLLM rollout (`time/generate_s`, sync and check included) as
-a fraction of their throughput is printed.
+with CUDA graphs as vLLM runs by default; `vllm-graphs` is chatrlhf's with `--train.rollout.enforce_eager False`:
+chatrlhf's vLLM rollout (`time/generate_s`, sync and check included) as a fraction of the standalone throughput
+with the same graph setting is printed.
 
     python bench/step3.py --backends hf vllm --json bench/results/step3.json          # on a GPU
     python bench/step3.py --actors opt-1.3b opt-2.7b opt-6.7b --backends vllm         # the largest that fits
@@ -45,8 +46,9 @@ from pathlib import Path
 from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_measured, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("hf", "vllm", "standalone", "standalone-graphs")
-"""chatrlhf's two rollout backends, and vLLM on its own as chatrlhf starts it and as vLLM runs by default."""
+BACKENDS = ("hf", "vllm", "vllm-graphs", "standalone", "standalone-graphs")
+"""chatrlhf's two rollout backends (vLLM eager, its default, and with `--train.rollout.enforce_eager False`), and
+vLLM on its own as chatrlhf starts it and as vLLM runs by default (CUDA graphs)."""
 PHASES = ("time/sync_s", "time/generate_s", "time/score_s", "time/forward_s", "time/train_s")
 OPT_VOCAB = 50272
 ACTORS = {  # OPT's published shapes: hidden, layers, heads, FFN
@@ -156,7 +158,9 @@ def command(actor: Path, rm: Path, prompts: Path, out: Path, backend: str, a: ar
         "--train.algo", "ppo", "--train.iterations", str(a.warmup + a.iterations),
         "--train.rollout_batch_size", str(a.batch), "--train.update.epochs", "1",
         "--train.max_prompt_len", str(a.prompt_tokens), "--train.generation.max_new_tokens", str(a.new_tokens),
-        "--train.rollout.backend", backend, "--train.eval_every", "0", "--run.device", a.device,
+        "--train.rollout.backend", backend.removesuffix("-graphs"),
+        *(["--train.rollout.enforce_eager", "False"] if backend == "vllm-graphs" else []),
+        "--train.eval_every", "0", "--run.device", a.device,
         "--run.dtype", a.dtype, "--checkpoint.every", "0", "--run.log_every", "1", "--run.progress", "False",
         "--run.overwrite", "True", *a.extra,
     ]  # fmt: skip
@@ -243,9 +247,10 @@ def print_rows(rows: list[dict]) -> None:
                      "device peak GiB", "peak RSS MiB"], table))  # fmt: skip
     for r in rows:
         mine = {x["backend"]: x for x in rows if x["actor"] == r["actor"] and "failed" not in x}
-        if r["backend"].startswith("standalone") and "vllm" in mine and r["backend"] in mine:
-            share = r["median_s"]["generate"] / mine["vllm"]["median_s"]["generate"]
-            print(f"{r['actor']}: chatrlhf's vLLM rollout at {share:.0%} of {r['backend']} vLLM's throughput")
+        ours = {"standalone": "vllm", "standalone-graphs": "vllm-graphs"}.get(r["backend"])
+        if ours in mine and r["backend"] in mine:
+            share = r["median_s"]["generate"] / mine[ours]["median_s"]["generate"]
+            print(f"{r['actor']}: chatrlhf's {ours} rollout at {share:.0%} of {r['backend']} vLLM's throughput")
 
 
 def main() -> int:
