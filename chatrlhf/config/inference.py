@@ -37,6 +37,9 @@ class BackendOptions:
     """vLLM on the CPU: GiB of memory for its KV cache."""
     gpu_memory_utilization: float = 0.9
     """vLLM on a GPU: the share of the GPU's memory its weights and KV cache may take."""
+    enforce_eager: bool = True
+    """vLLM runs its model eagerly. False captures CUDA graphs for decoding on a GPU, as vLLM does by default
+    (faster decode steps for a slower start; not yet measured here), and compiles the model on a CPU."""
     run: RunOptions = field(default_factory=RunOptions)
     """Device, dtype, threads, seed."""
 

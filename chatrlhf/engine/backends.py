@@ -63,6 +63,7 @@ def open_model(
     max_model_len: int = 0,
     cpu_kv_cache_gib: float = 1.0,
     gpu_memory_utilization: float = 0.9,
+    enforce_eager: bool = True,
     generation: GenerationConfig | None = None,
 ) -> Opened:
     """The model directory `path` behind a generator of `backend` (`hf` or `vllm`); `generation` is its fixed
@@ -84,6 +85,7 @@ def open_model(
         backend="vllm",
         cpu_kv_cache_gib=cpu_kv_cache_gib,
         gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
         sleep=False,
     )
     return Opened(VLLMGenerator(path, tok, generation, rollout, dtype, context, device, option), tok, context)
@@ -117,5 +119,6 @@ def open_configured(
         max_model_len=max_model_len,
         cpu_kv_cache_gib=cfg.cpu_kv_cache_gib,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=cfg.enforce_eager,
         generation=generation,
     )

@@ -302,6 +302,15 @@ def test_the_engine_starts_vllm_with_rollout_enforce_eager(trained, monkeypatch,
     assert seen["enforce_eager"] is eager and seen["model"] == path
     assert RolloutConfig().enforce_eager is True
 
+    seen.clear()  # the commands that only run models (chat, serve, eval): `--enforce_eager`
+    from chatrlhf.config import ServeConfig
+    from chatrlhf.engine.backends import open_configured
+
+    cfg = ServeConfig(backend="vllm", cpu_kv_cache_gib=0.25, enforce_eager=eager)
+    with pytest.raises(UserError, match="recorded"):
+        open_configured(cfg, path, CPU, max_model_len=MAX_LEN)
+    assert seen["enforce_eager"] is eager and ServeConfig().enforce_eager is True
+
 
 def test_rl_with_the_vllm_backend_logs_a_small_mismatch(trained, tmp_path, capsys):
     path = trained["llama"]
