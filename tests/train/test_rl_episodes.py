@@ -225,10 +225,10 @@ def chatrlhf(*args: str, code: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-def rl_args(actor, out, env: str, algo: str, group_size: int, *extra: str) -> list[str]:
+def rl_args(actor, out, env: str, algo: str, group_size: int, *extra: str, prompts: int = 4) -> list[str]:
     return ["rl", "--actor", str(actor), "--env", env, "--output_dir", str(out), "--data.paths",
             "calculator:prompts:48:1", "--data.eval_fraction", "0.1", "--train.algo", algo, "--train.group_size",
-            str(group_size), "--train.iterations", "2", "--train.rollout_batch_size", "4",
+            str(group_size), "--train.iterations", "2", "--train.rollout_batch_size", str(prompts),
             "--train.generation.max_new_tokens", "40", "--train.episode.max_tokens", "1024",
             "--train.eval_prompts", "2", "--train.actor_optim.lr", "1e-3", "--run.progress", "False",
             "--run.log_every", "1", *extra]  # fmt: skip
@@ -277,11 +277,14 @@ def test_multi_turn_episodes_train_on_policy_tokens_only(algo, group_size, sft_l
     the trainer's log-probs still equal the sampler's) but not in the loss (`response/length_mean` counts the
     policy's tokens only); reward functions see the whole conversation. ReMax's baseline is a greedy episode (its
     reward counts that episode's turns), DAPO's dynamic sampling draws rounds of episodes, GSPO's sequence ratio and
-    CISPO's weights run over the policy's tokens."""
+    CISPO's weights run over the policy's tokens. Every algorithm draws 8 episodes an iteration (4 prompts × 2, or 8
+    × 1): the SFT model's first answer to a calculator prompt often runs to the 40-token limit, which ends the
+    episode before the follow-up, and 4 episodes alone can all end that way."""
     out = tmp_path / algo
     env, turns, words = f"{HERE}:AreYouSure", f"{HERE}:assistant_turns", f"{HERE}:policy_words"
     chatrlhf(*rl_args(sft_llama, out, env, algo, group_size, "--reward_functions", turns, words,
-                      "--reward_weights", "1", "1", "0.01", "--train.episode.max_turns", "3"))  # fmt: skip
+                      "--reward_weights", "1", "1", "0.01", "--train.episode.max_turns", "3",
+                      prompts=8 // group_size))  # fmt: skip
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2]
     for m in lines:
