@@ -279,6 +279,21 @@ def metrics_lines(path: Path) -> list[dict]:
     return lines
 
 
+def full_length_iterations(path: Path, warmup: int, iterations: int, new_tokens: int) -> tuple[list[dict], float]:
+    """The metrics lines of an RL run's iterations after `warmup` and the median interval between two iterations'
+    ends over them; SystemExit unless there are `iterations` of them and every response was `new_tokens` long (the
+    benches whose models cannot end a response early: equal work in every run)."""
+    import statistics
+
+    lines = metrics_lines(path)
+    kept = [m for m in lines if m["step"] > warmup]
+    lengths = [m["response/length_mean"] for m in kept]
+    if len(kept) != iterations or any(x != new_tokens for x in lengths):
+        raise SystemExit(f"{path.parent.name}: unequal work: {len(kept)} iterations, response lengths {lengths}")
+    clock = [m["time/elapsed_s"] for m in lines]
+    return kept, statistics.median(b - c for b, c in zip(clock[warmup:], clock[warmup - 1 :]))
+
+
 def reached_step(path: Path, step: int) -> Callable[[], bool]:
     """A mark condition: metrics.jsonl at `path` has a line for `step` (cheap to poll: reads only on growth)."""
     state = {"size": -1, "hit": False}

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_measured, write_json
+from _runner import fmt_mib, fmt_table, full_length_iterations, machine_summary, run_measured, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("time/sync_s", "time/generate_s", "time/score_s", "time/forward_s", "time/train_s")
@@ -101,14 +101,9 @@ def run_chatrlhf(actor: Path, rm: Path, prompts: Path, workdir: Path, backend: s
     res = run_measured(cmd, workdir / f"{out.name}.log", env=dict(os.environ), timeout_s=a.timeout)
     if res.returncode != 0:
         raise SystemExit(f"{out.name}: exit {res.returncode}; see {workdir / f'{out.name}.log'}")
-    lines = metrics_lines(out / "metrics.jsonl")
-    kept = [m for m in lines if m["step"] > a.warmup]
-    lengths = [m["response/length_mean"] for m in kept]
-    if len(kept) != a.iterations or any(x != a.new_tokens for x in lengths):
-        raise SystemExit(f"{out.name}: unequal work: {len(kept)} iterations, response lengths {lengths}")
-    clock = [m["time/elapsed_s"] for m in lines]
+    kept, iteration = full_length_iterations(out / "metrics.jsonl", a.warmup, a.iterations, a.new_tokens)
     phases = {k.removeprefix("time/").removesuffix("_s"): statistics.median(m[k] for m in kept) for k in PHASES}
-    phases["iteration"] = statistics.median(b - c for b, c in zip(clock[a.warmup :], clock[a.warmup - 1 :]))
+    phases["iteration"] = iteration
     logprob_diff = [m["rollout/logprob_diff"] for m in kept if "rollout/logprob_diff" in m]
     return {
         "model": actor.name, "backend": backend, "run": tag,

@@ -43,7 +43,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_measured, write_json
+from _runner import fmt_mib, fmt_table, full_length_iterations, machine_summary, run_measured, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("hf", "vllm", "vllm-graphs", "standalone", "standalone-graphs")
@@ -179,14 +179,9 @@ def run(actor: Path, rm: Path, prompts: Path, workdir: Path, backend: str, a: ar
     if res.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
         return {**row, "failed": tail[0] if tail else f"exit {res.returncode}"}
-    lines = metrics_lines(out / "metrics.jsonl")
-    kept = [m for m in lines if m["step"] > a.warmup]
-    lengths = [m["response/length_mean"] for m in kept]
-    if len(kept) != a.iterations or any(x != a.new_tokens for x in lengths):
-        raise SystemExit(f"{out.name}: unequal work: {len(kept)} iterations, response lengths {lengths}")
-    clock = [m["time/elapsed_s"] for m in lines]
+    kept, iteration = full_length_iterations(out / "metrics.jsonl", a.warmup, a.iterations, a.new_tokens)
     med = {k.removeprefix("time/").removesuffix("_s"): statistics.median(m[k] for m in kept) for k in PHASES}
-    med["iteration"] = statistics.median(b - c for b, c in zip(clock[a.warmup :], clock[a.warmup - 1 :]))
+    med["iteration"] = iteration
     peaks = [m["memory/device_peak_gib"] for m in kept if "memory/device_peak_gib" in m]
     return {
         **row, "median_s": med,
