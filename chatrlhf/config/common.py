@@ -120,9 +120,9 @@ class OptimConfig:
     """Linear warm-up steps (optimizer steps)."""
     fused: bool = True
     """torch's fused AdamW kernel (CPU and GPU), which updates every parameter in one pass: the same update as the
-    default implementation up to float rounding, several times faster on the CPU. False: torch's default
-    implementation (a loop over the parameters on the CPU, `foreach` on a GPU). DeepSpeed's CPU Adam under
-    `engine.offload_optimizer` is used either way."""
+    default implementation up to float rounding, 2–5× faster per step on the CPU (docs/benchmarks.md §11). False:
+    torch's default implementation (a loop over the parameters on the CPU, `foreach` on a GPU). DeepSpeed's CPU
+    Adam under `engine.offload_optimizer` is used either way."""
 
 
 @dataclass
