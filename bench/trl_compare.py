@@ -49,7 +49,9 @@ schedule; sampling at temperature 1; no checkpoints, no sample generations (TRL:
 `trl-nogc`, with the module `trl.experimental.ppo.ppo_trainer`'s reference to `gc` replaced by an object whose
 `collect()` does nothing (and counts its calls): the loop's two `gc.collect()` per update are skipped. chatrlhf
 runs twice too: `chatrlhf`, with its defaults, and `chatrlhf-sampler`, the same command with
-`--train.update.old_logprobs sampler` (log π_old from the generator, as TRL takes it). PPO has no floor worker.
+`--train.update.old_logprobs sampler` (log π_old from the generator, as TRL takes it). `floor` under `--algo ppo`
+(`ppo_floor_worker`) is the same PPO steps in plain torch + transformers, with the least work the step needs
+(log π_old from `generate()`'s logits, as TRL takes it).
 
 What differs in the PPO work, by design of each: chatrlhf (with its defaults) runs one no-grad forward of the actor
 per step for log π_old (the KL shaped into the reward needs it before the update), where TRL takes the log-probs
@@ -88,8 +90,9 @@ from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_meas
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 LAYERS = 4
-FRAMEWORKS = {"grpo": ["chatrlhf", "trl", "floor"], "ppo": ["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc"]}
-"""What can run under each `--algo` (the default `--frameworks`): PPO has no floor worker, and `trl-nogc` and
+FRAMEWORKS = {"grpo": ["chatrlhf", "trl", "floor"],
+              "ppo": ["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc", "floor"]}  # fmt: skip
+"""What can run under each `--algo` (the default `--frameworks`): `trl-nogc` and
 `chatrlhf-sampler` are PPO's (GRPO's update here is on-policy, so chatrlhf's default already skips the forward)."""
 CHATRLHF = ("chatrlhf", "chatrlhf-sampler")
 SAMPLER_ARGS = ["--train.update.old_logprobs", "sampler"]
@@ -453,6 +456,78 @@ def floor_worker(counts: Path, spec_path: Path) -> int:
     return 0
 
 
+def ppo_floor_worker(counts: Path, spec_path: Path) -> int:
+    """The floor of one PPO step on the PPO workload, in plain torch + transformers, with the least work the step
+    needs: `generate()` of the prompts, keeping its logits (log π_old, as TRL takes it); one no-grad forward each of
+    the reference (log π_ref), the critic (per-token values: backbone + score head) and the reward model (its score
+    head on the last position only); the per-token reward −β·k1 with the clipped score at the last token, GAE (γ 1,
+    λ 0.95) and whitened advantages; the actor's forward/backward with the clipped ratio, the critic's with the
+    clipped value loss, one fused AdamW step each, no gradient clipping. No logging, no checks, no framework."""
+    instrument(counts)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+
+    spec = json.loads(spec_path.read_text())
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    policy = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).eval().requires_grad_(False)
+    critic = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], dtype=torch.float32).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(spec["reward_model"], dtype=torch.float32).eval()
+    rm.requires_grad_(False)
+    opts = [torch.optim.AdamW(m.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+            for m in (policy, critic)]  # fmt: skip
+    gen = GenerationConfig(max_new_tokens=spec["new_tokens"], do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                           return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    texts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).read_text().splitlines()]
+    p, beta, gamma, lam, eps = spec["prompts_per_step"], spec["beta"], 1.0, 0.95, 0.2
+
+    def token_logprobs(logits, targets):
+        return torch.log_softmax(logits.float(), -1).gather(2, targets).squeeze(2)
+
+    def values(model, seq, start):
+        return model.score(model.model(seq).last_hidden_state[:, start:-1]).squeeze(2)
+
+    phases, started = [], time.perf_counter()
+    for step in range(spec["max_steps"]):
+        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)["input_ids"]
+                            for t in texts[step * p : (step + 1) * p]])  # fmt: skip
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        seq, start = out.sequences, ids.shape[1] - 1
+        targets = seq[:, ids.shape[1] :].unsqueeze(2)
+        old_logp = token_logprobs(torch.stack(out.logits, 1), targets)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref(seq).logits[:, start:-1], targets)
+            old_values = values(critic, seq, start)
+            score = rm.score(rm.model(seq).last_hidden_state[:, -1]).squeeze(1).clamp(-5.0, 5.0)
+        t2 = time.perf_counter()
+        rewards = -beta * (old_logp - ref_logp)
+        rewards[:, -1] += score
+        adv, last = torch.zeros_like(rewards), torch.zeros_like(score)
+        for t in reversed(range(rewards.shape[1])):
+            following = old_values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(score)
+            last = rewards[:, t] + gamma * following - old_values[:, t] + gamma * lam * last
+            adv[:, t] = last
+        returns = adv + old_values
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        ratio = torch.exp(token_logprobs(policy(seq).logits[:, start:-1], targets) - old_logp)
+        torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean().backward()
+        v = values(critic, seq, start)
+        clipped = old_values + (v - old_values).clamp(-eps, eps)
+        (0.5 * torch.max((v - returns) ** 2, (clipped - returns) ** 2).mean()).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        phases.append({"end_s": t3 - started, "generate_s": t1 - t0, "forwards_s": t2 - t1, "train_s": t3 - t2})
+    Path(spec["output_dir"], "floor_result.json").write_text(json.dumps(phases))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ measuring
 
 
@@ -473,7 +548,8 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         worker = "floor" if framework == "floor" else "trl"
         cmd = [*me, "--worker", worker, "--counts", str(counts), "--spec", str(spec)]
         label = {"grpo": {"trl": "GRPOTrainer ", "floor": "floor "},
-                 "ppo": {"trl": "PPOTrainer ", "trl-nogc": "PPOTrainer, gc.collect() skipped, "}}  # fmt: skip
+                 "ppo": {"trl": "PPOTrainer ", "trl-nogc": "PPOTrainer, gc.collect() skipped, ",
+                         "floor": "PPO floor "}}  # fmt: skip
         shown = label[a.algo][framework] + json.dumps(trl_spec(model, prompts, out, a, framework, reward_model))
     threads = str(a.threads)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{BENCH}", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
@@ -501,7 +577,7 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         r = json.loads((out / "floor_result.json").read_text())
         ends, steps = [x["end_s"] for x in r], len(r)
         lengths = [a.new_tokens] * steps  # checked by the generate() record: no EOS can be sampled
-        phases = {k: statistics.median(x[k] for x in r[a.warmup :]) for k in ("generate_s", "ref_forward_s", "train_s")}
+        phases = {k: statistics.median(x[k] for x in r[a.warmup :]) for k in r[0] if k != "end_s"}
     intervals = [b - e for e, b in zip(ends, ends[1:])][a.warmup - 1 :]  # step k's time: end(k) − end(k−1)
     worker = res.workers()[0]
     return {
@@ -550,7 +626,7 @@ def expected_work(framework: str, a: argparse.Namespace, actor_params: int, crit
             "optimizers": [[steps, actor_params]],
             "generate_calls": [[a.prompts * a.group, a.new_tokens]] * steps,
         }
-    if framework in CHATRLHF:
+    if framework in CHATRLHF or framework == "floor":  # the PPO floor steps the actor and the critic apart too
         optimizers = sorted([[steps, actor_params], [steps, critic_params]])
     else:
         optimizers = [[steps, actor_params + critic_params]]
@@ -580,10 +656,6 @@ def settle_options(a: argparse.Namespace) -> None:
     """Fill in `--group` and `--frameworks` for `--algo`, or refuse (SystemExit) what that algorithm cannot run."""
     allowed = FRAMEWORKS[a.algo]
     a.frameworks = a.frameworks or list(allowed)
-    if a.algo == "ppo" and "floor" in a.frameworks:
-        raise SystemExit(
-            "--algo ppo has no floor worker (the floor is GRPO's only); use --frameworks chatrlhf trl trl-nogc"
-        )
     if a.algo == "grpo" and "trl-nogc" in a.frameworks:
         raise SystemExit("trl-nogc is TRL's PPOTrainer with its gc.collect() calls skipped: it needs --algo ppo")
     if a.algo == "grpo" and "chatrlhf-sampler" in a.frameworks:
@@ -614,7 +686,7 @@ def main() -> int:
         nargs="+",
         choices=["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc", "floor"],
         default=None,
-        help="what runs (default: grpo chatrlhf trl floor, ppo chatrlhf chatrlhf-sampler trl trl-nogc); each run "
+        help="what runs (default: grpo chatrlhf trl floor, ppo chatrlhf chatrlhf-sampler trl trl-nogc floor); each run "
         "round rotates the order; trl-nogc (PPO only) is TRL with its gc.collect() calls skipped, chatrlhf-sampler "
         "(PPO only) chatrlhf with --train.update.old_logprobs sampler",
     )
@@ -632,7 +704,8 @@ def main() -> int:
     if a.worker == "trl":
         return trl_worker(a.counts, a.spec)
     if a.worker == "floor":
-        return floor_worker(a.counts, a.spec)
+        ppo = json.loads(a.spec.read_text()).get("algo") == "ppo"
+        return (ppo_floor_worker if ppo else floor_worker)(a.counts, a.spec)
     assert a.warmup >= 1, "--warmup must be at least 1 (the first step's time has no step before it)"
     settle_options(a)
 

@@ -33,12 +33,12 @@ def row_as_expected(tc, framework: str, a: argparse.Namespace) -> dict:
 def test_options_default_per_algorithm(tc):
     grpo, ppo = options(tc, "grpo"), options(tc, "ppo")
     assert (grpo.frameworks, grpo.group) == (["chatrlhf", "trl", "floor"], 4)
-    assert (ppo.frameworks, ppo.group) == (["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc"], 1)
+    assert (ppo.frameworks, ppo.group) == (["chatrlhf", "chatrlhf-sampler", "trl", "trl-nogc", "floor"], 1)
 
 
 @pytest.mark.parametrize(
     "algo, frameworks, group, words",
-    [("ppo", ["chatrlhf", "floor"], None, "no floor"), ("grpo", ["trl-nogc"], None, "--algo ppo"),
+    [("grpo", ["trl-nogc"], None, "--algo ppo"),
      ("grpo", ["chatrlhf-sampler"], None, "PPO's"), ("ppo", None, 4, "--group must be 1")],
 )  # fmt: skip
 def test_options_refused(tc, algo, frameworks, group, words):
@@ -59,6 +59,7 @@ def test_ppo_expects_two_optimizers_in_chatrlhf_and_one_over_policy_and_value_in
     assert chatrlhf["optimizer_steps"] == 6 and chatrlhf["optimizers"] == [[3, CRITIC], [3, ACTOR]]
     assert chatrlhf["generate_calls"] == [[8, 64]] * 3
     assert tc.expected_work("chatrlhf-sampler", a, ACTOR, CRITIC) == chatrlhf
+    assert tc.expected_work("floor", a, ACTOR, CRITIC) == chatrlhf  # the floor steps actor and critic apart too
     for framework, skipped in (("trl", None), ("trl-nogc", 6)):
         trl = tc.expected_work(framework, a, ACTOR, CRITIC)
         assert trl["optimizer_steps"] == 3 and trl["optimizers"] == [[3, ACTOR + CRITIC]]
@@ -132,3 +133,33 @@ def test_chatrlhf_grpo_command_is_unchanged_by_the_ppo_mode(tc, tmp_path):
     assert args[args.index("--reward_functions") + 1] == "trl_compare:letter_share"
     t = parse(args[0], args[1:]).train
     assert (t.algo, t.group_size, t.kl.placement, t.kl.estimator) == ("grpo", 4, "loss", "k3")
+
+
+def test_ppo_floor_worker_does_the_workload(tc, tmp_path):
+    """The PPO floor on a tiny pair of models, as the bench starts it: one generate() of the prompts per step at
+    full length (the generate() record), the actor's and the critic's optimizers one step each per step, and the
+    phases it reports."""
+    import json
+    import subprocess
+    import sys
+
+    a = options(tc, "ppo")
+    a.prompts, a.new_tokens, a.warmup, a.steps = 2, 6, 1, 1
+    model = tc.build_model(tmp_path, 32, layers=1)
+    rm = tc.build_reward_model(tmp_path, model)
+    prompts = tmp_path / "prompts.jsonl"
+    texts = tc.prompt_texts(model, a.prompts * (a.warmup + a.steps))
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "floor"
+    out.mkdir()
+    spec, counts = out / "spec.json", tmp_path / "counts.json"
+    spec.write_text(json.dumps(tc.trl_spec(model, prompts, out, a, "floor", rm)))
+    subprocess.run([sys.executable, str(tc.BENCH / "trl_compare.py"), "--worker", "floor", "--counts", str(counts),
+                    "--spec", str(spec)], check=True, timeout=300)  # fmt: skip
+    seen = json.loads(counts.read_text())
+    row = {"framework": "floor", "model": model.name, "response_length_mean": [a.new_tokens] * 2,  # as run_one
+           "optimizer_steps": seen["optimizer_steps"], "generate_calls": seen["generate_calls"],
+           "optimizers": sorted([o["steps"], o["params"]] for o in seen["optimizers"].values())}  # fmt: skip
+    tc.check_equal_work(row, a, tc.param_count(model), tc.param_count(rm, reward_model=True))
+    phases = json.loads((out / "floor_result.json").read_text())
+    assert [sorted(p) for p in phases] == [["end_s", "forwards_s", "generate_s", "train_s"]] * 2
