@@ -255,13 +255,26 @@ def trl_spec(model: Path, prompts: Path, out: Path, a: argparse.Namespace, frame
 
 
 def instrument(path: Path) -> None:
-    """Count optimizer steps, in all and per optimizer (with the parameters it updates), and record every
-    generate() call (batch, generated length); written at exit."""
+    """Count optimizer steps, in all and per optimizer (with the parameters it updates), record every generate()
+    call (batch, generated length), and time Python's garbage collections per generation (`gc.callbacks`: the
+    automatic ones and any `gc.collect()`); written at exit."""
+    import gc
+
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers.generation.utils import GenerationMixin
 
-    seen = {"optimizer_steps": 0, "optimizers": {}, "generate_calls": []}
+    seen = {"optimizer_steps": 0, "optimizers": {}, "generate_calls": [], "gc": {g: [0, 0.0] for g in range(3)}}
+    gc_started = [0.0]
+
+    def collected(phase, info):
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            seen["gc"][info["generation"]][0] += 1
+            seen["gc"][info["generation"]][1] += time.perf_counter() - gc_started[0]
+
+    gc.callbacks.append(collected)
 
     def stepped(opt, args, kwargs):
         seen["optimizer_steps"] += 1
@@ -590,6 +603,7 @@ def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str,
         "optimizer_steps": seen["optimizer_steps"],
         "optimizers": sorted([o["steps"], o["params"]] for o in seen["optimizers"].values()),
         "generate_calls": seen["generate_calls"],
+        "gc_collections": {f"gen{g}": {"count": n, "s": t} for g, (n, t) in seen["gc"].items()},
         "response_length_mean": lengths,
         **extra,
         "phases_median_s": phases,
@@ -744,7 +758,12 @@ def main() -> int:
                   for f, rs in per.items()}  # fmt: skip
         item = {"model": name, "hidden": hidden, "median_step_s": s, "peak_rss_bytes": rss,
                 "tokens_per_s": {f: tokens_per_step / v for f, v in s.items()}, "other_cores_mean": other,
-                "phases_median_s": phases}  # fmt: skip
+                "phases_median_s": phases,
+                "gc_median_per_run": {f: {"s": statistics.median(sum(c["s"] for c in r["gc_collections"].values())
+                                                                 for r in rs),
+                                          "full_collections": statistics.median(r["gc_collections"]["gen2"]["count"]
+                                                                                for r in rs)}
+                                      for f, rs in per.items()}}  # fmt: skip
         ratio = {}
         for c in CHATRLHF:
             for f in ("trl", "trl-nogc"):
@@ -780,6 +799,9 @@ def main() -> int:
         for f, p in item["phases_median_s"].items():
             if p:
                 print(f"{item['model']}: {f} phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()))
+        print(f"{item['model']}: garbage collection per run, all of it from start to exit (median s, full "
+              "collections): " + ", ".join(f"{f} {g['s']:.2f} s ({g['full_collections']:g})"
+                                           for f, g in item["gc_median_per_run"].items()))  # fmt: skip
         if "chatrlhf-sampler" in item["median_step_s"]:
             print(f"{item['model']}: chatrlhf-sampler steps/s ÷ TRL's: " + ", ".join(
                 f"{f} {item['chatrlhf_sampler_over_' + f.replace('-', '_') + '_steps_per_s']:.2f}"
