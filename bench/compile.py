@@ -28,13 +28,12 @@ from pathlib import Path
 
 import torch
 from _runner import fmt_table, machine_summary, write_json
-from trl_compare import build_model
+from trl_compare import build_model, token_logprobs
 
 
 def train_step(model, opt, seq: torch.Tensor, prompt: int) -> None:
     logits = model(seq).logits[:, prompt - 1 : -1]
-    logp = torch.log_softmax(logits.float(), -1).gather(2, seq[:, prompt:].unsqueeze(2)).squeeze(2)
-    (-logp.mean()).backward()
+    (-token_logprobs(logits, seq[:, prompt:].unsqueeze(2)).mean()).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 

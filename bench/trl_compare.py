@@ -179,6 +179,21 @@ def param_count(path: Path, reward_model: bool = False) -> int:
     return sum(p.numel() for p in cls.from_pretrained(path, dtype=torch.float32).parameters())
 
 
+def chat_ids(tok, text: str) -> list[int]:
+    """The prompt ids TRL (and the floors) feed the model: the conversation [{"role": "user", "content": text}]
+    through the chat template with the generation prompt."""
+    out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                                  return_dict=True)  # fmt: skip
+    return list(out["input_ids"])
+
+
+def token_logprobs(logits, targets):
+    """log-softmax of `logits` (B, T, V) at `targets` (B, T, 1), in float32: (B, T)."""
+    import torch
+
+    return torch.log_softmax(logits.float(), -1).gather(2, targets).squeeze(2)
+
+
 def prompt_texts(model_dir: Path, n: int) -> list[str]:
     """`n` demo prompts that all render to the same number of tokens, checked to tokenize alike in both frameworks:
     chatrlhf renders with `render_prompt` and tokenizes with `prompt_ids`; TRL applies the chat template to the
@@ -194,9 +209,7 @@ def prompt_texts(model_dir: Path, n: int) -> list[str]:
     length = collections.Counter(len(v) for v in ids.values()).most_common(1)[0][0]
     chosen = [t for t in texts if len(ids[t]) == length][:n]
     for t in chosen:
-        trl_ids = tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
-        assert list(trl_ids) == ids[t], f"the frameworks tokenize {t!r} differently"
+        assert chat_ids(tok, t) == ids[t], f"the frameworks tokenize {t!r} differently"
     return chosen
 
 
@@ -384,9 +397,7 @@ def trl_ppo_worker(counts: Path, spec: dict) -> int:
         module.gc = skipped = SkippedCollect()
     tok = AutoTokenizer.from_pretrained(spec["model"])
     texts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).read_text().splitlines()]
-    data = Dataset.from_list([{"input_ids": list(tok.apply_chat_template([{"role": "user", "content": t}],
-                               add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])}
-                              for t in texts])  # fmt: skip
+    data = Dataset.from_list([{"input_ids": chat_ids(tok, t)} for t in texts])
     n = spec["prompts_per_step"]
     config = PPOConfig(
         output_dir=spec["output_dir"], per_device_train_batch_size=n, gradient_accumulation_steps=1,
@@ -445,18 +456,16 @@ def floor_worker(counts: Path, spec_path: Path) -> int:
     adv = torch.tensor([1.0, -1.0] * (p * g // 2)).unsqueeze(1)
     phases, started = [], time.perf_counter()
     for step in range(spec["max_steps"]):
-        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)["input_ids"]
-                            for t in texts[step * p : (step + 1) * p]]).repeat_interleave(g, 0)  # fmt: skip
+        ids = torch.tensor([chat_ids(tok, t) for t in texts[step * p : (step + 1) * p]]).repeat_interleave(g, 0)
         t0 = time.perf_counter()
         with torch.no_grad():
             seq = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
         t1 = time.perf_counter()
         start, targets = ids.shape[1] - 1, seq[:, ids.shape[1] :].unsqueeze(2)
         with torch.no_grad():
-            ref_logp = torch.log_softmax(ref(seq).logits[:, start:-1].float(), -1).gather(2, targets).squeeze(2)
+            ref_logp = token_logprobs(ref(seq).logits[:, start:-1], targets)
         t2 = time.perf_counter()
-        logp = torch.log_softmax(policy(seq).logits[:, start:-1].float(), -1).gather(2, targets).squeeze(2)
+        logp = token_logprobs(policy(seq).logits[:, start:-1], targets)
         d = ref_logp - logp
         loss = (-adv * logp).mean() + spec["beta"] * (torch.exp(d) - d - 1).mean()
         loss.backward()
@@ -495,17 +504,12 @@ def ppo_floor_worker(counts: Path, spec_path: Path) -> int:
     texts = [json.loads(x)["prompt"] for x in Path(spec["prompts"]).read_text().splitlines()]
     p, beta, gamma, lam, eps = spec["prompts_per_step"], spec["beta"], 1.0, 0.95, 0.2
 
-    def token_logprobs(logits, targets):
-        return torch.log_softmax(logits.float(), -1).gather(2, targets).squeeze(2)
-
     def values(model, seq, start):
         return model.score(model.model(seq).last_hidden_state[:, start:-1]).squeeze(2)
 
     phases, started = [], time.perf_counter()
     for step in range(spec["max_steps"]):
-        ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=True)["input_ids"]
-                            for t in texts[step * p : (step + 1) * p]])  # fmt: skip
+        ids = torch.tensor([chat_ids(tok, t) for t in texts[step * p : (step + 1) * p]])
         t0 = time.perf_counter()
         with torch.no_grad():
             out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
