@@ -3,9 +3,9 @@
 From a finished demo run (`chatrlhf pipeline --recipe recipes/demo.yaml`, whose `config.yaml`, `sft/model` and
 `data/` it reads), each (seed, epochs, lr) trains that run's reward stage again, in-process, on the same share of
 the pairs that the pipeline gave its reward stage (`train.pipeline.stage_data`, with the run's own seed), with the
-seed S (the head's initial weights and the order of the pairs) and the run's other reward settings. Per run it prints the held-out pairwise accuracy, the
-chosen-minus-rejected score gap and the wall time; the figures, versions and CPU go to `--json`. A run whose
-summary exists is read, not run again.
+seed S (the head's initial weights and the order of the pairs) and the run's other reward settings. Per run it
+prints the held-out pairwise accuracy, the chosen-minus-rejected score gap and the wall time; the figures,
+versions and CPU go to `--json`. A run whose summary exists is read, not run again.
 
     python bench/reward_epochs.py --demo runs/demo --seeds 1234 1 2 --epochs 1 2 --workdir runs/reward-epochs
 """

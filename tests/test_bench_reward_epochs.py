@@ -23,8 +23,8 @@ def test_each_row_trains_the_runs_reward_stage_for_its_epochs(bench, tmp_path):
     demo = tmp_path / "demo"
     build_tiny_model(demo / "sft" / "model", hidden=32, layers=2, heads=4)  # stands in for the run's SFT model
     reward = RewardTrainConfig(epochs=1, batch_size=8, max_seq_len=128)
-    cfg = PipelineConfig(model="tiny:llama", run_dir=str(demo), reward=reward, run=RunConfig(seed=3),
-                         data=PipelineDataConfig(paths=["demo:pairs:200:0"], split="2,4,4", eval_fraction=0.1))  # fmt: skip
+    data = PipelineDataConfig(paths=["demo:pairs:200:0"], split="2,4,4", eval_fraction=0.1)
+    cfg = PipelineConfig(model="tiny:llama", run_dir=str(demo), reward=reward, run=RunConfig(seed=3), data=data)
     save_config(cfg, demo / "config.yaml")
     out = tmp_path / "rows.json"
     assert bench.main(["--demo", str(demo), "--seeds", "5", "6", "--epochs", "1", "2", "--workdir",
