@@ -26,18 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_one(demo: Path, out: Path, seed: int, epochs: int, lr: float | None) -> dict:
     from chatrlhf.config import DataConfig, PipelineConfig, RewardConfig
     from chatrlhf.config.recipes import load_recipe
-    from chatrlhf.train.pipeline import stage_data
+    from chatrlhf.train.pipeline import options, stage_data
     from chatrlhf.train.reward import run_reward
 
     if not (out / "summary.json").is_file():
         cfg = load_recipe(PipelineConfig, demo / "config.yaml")
         optim = dataclasses.replace(cfg.reward.optim, lr=lr if lr is not None else cfg.reward.optim.lr)
         train = dataclasses.replace(cfg.reward, epochs=epochs, optim=optim)
-        run = dataclasses.replace(cfg.run, seed=seed, progress=False)
+        shared = options(cfg, "reward")  # the engine, LoRA, checkpoints and run settings the pipeline gives the stage
+        shared["run"] = dataclasses.replace(shared["run"], seed=seed, progress=False)
         data = DataConfig(eval_fraction=cfg.data.eval_fraction)
         pairs = stage_data(cfg, demo)["reward"]  # the pipeline's split, by the demo run's seed
         run_reward(RewardConfig(model=str(demo / "sft" / "model"), output_dir=str(out), data=data, train=train,
-                                run=run), raws=pairs)  # fmt: skip
+                                **shared), raws=pairs)  # fmt: skip
     s = json.loads((out / "summary.json").read_text())
     return {"seed": seed, "epochs": epochs, "lr": lr, "steps": s["steps"],
             "accuracy": s["eval/accuracy"], "score_gap": s["eval/score_gap"], "time_s": s["time/total_s"],
