@@ -83,6 +83,7 @@ import statistics
 import sys
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from _runner import fmt_mib, fmt_table, machine_summary, metrics_lines, run_measured, write_json
@@ -548,6 +549,15 @@ def ppo_floor_worker(counts: Path, spec_path: Path) -> int:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
+def installed_version(name: str) -> str:
+    """The installed version of a distribution, or "not installed" (a run of chatrlhf and the floor alone needs no
+    TRL)."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def run_one(framework: str, model: Path, prompts: Path, workdir: Path, tag: str, a: argparse.Namespace,
             reward_model: Path | None = None) -> dict:  # fmt: skip
     out = workdir / (f"{model.name}-{framework}-{tag}" if a.algo == "grpo" else f"{model.name}-ppo-{framework}-{tag}")
@@ -727,8 +737,6 @@ def main() -> int:
     assert a.warmup >= 1, "--warmup must be at least 1 (the first step's time has no step before it)"
     settle_options(a)
 
-    from importlib.metadata import version
-
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="chatrlhf-trl-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -806,14 +814,14 @@ def main() -> int:
         print(f"{item['model']}: garbage collection per run, all of it from start to exit (median s, full "
               "collections): " + ", ".join(f"{f} {g['s']:.2f} s ({g['full_collections']:g})"
                                            for f, g in item["gc_median_per_run"].items()))  # fmt: skip
-        if "chatrlhf-sampler" in item["median_step_s"]:
+        if "chatrlhf-sampler" in item["median_step_s"] and {"trl", "trl-nogc"} & set(item["median_step_s"]):
             print(f"{item['model']}: chatrlhf-sampler steps/s ÷ TRL's: " + ", ".join(
                 f"{f} {item['chatrlhf_sampler_over_' + f.replace('-', '_') + '_steps_per_s']:.2f}"
                 for f in ("trl", "trl-nogc") if f in item["median_step_s"]))  # fmt: skip
         if "trl_nogc_over_trl_steps_per_s" in item:
             print(f"{item['model']}: TRL with gc.collect() skipped ÷ as shipped, steps/s: "
                   f"{item['trl_nogc_over_trl_steps_per_s']:.2f}")  # fmt: skip
-    versions = {n: version(n) for n in ("torch", "transformers", "trl", "accelerate", "datasets")}
+    versions = {n: installed_version(n) for n in ("torch", "transformers", "trl", "accelerate", "datasets")}
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     args = {k: "WORKDIR" if k == "workdir" else str(v) for k, v in vars(a).items()
             if k not in ("worker", "counts", "spec", "rest")}  # fmt: skip
