@@ -318,12 +318,9 @@ def machine_summary() -> dict:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from chatrlhf.train.outputs import cpu_id, cpu_name, cpuinfo
+
+    info = cpuinfo()
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
     versions = {}
@@ -339,7 +336,8 @@ def machine_summary() -> dict:
                 continue
     return {
         "cores": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_name(info),
+        "cpu_id": cpu_id(info),  # family, model, stepping: CPU generations that share a name differ here
         "memory_gib": round(mem_kib * KIB / 2**30, 1),
         "python": platform.python_version(),
         **versions,
@@ -366,7 +364,9 @@ def chatrlhf_code() -> str:
 def run_env_line(env: dict) -> str:
     """The machine and versions a chatrlhf run recorded (its summary's `env/*`), as one line."""
     return (
-        f"machine: {env.get('env/cpu')} ({env.get('env/cpu_count')} cores); torch {env.get('env/torch')}, "
+        f"machine: {env.get('env/cpu')} ({env.get('env/cpu_id', 'cpu id not recorded')}, "
+        f"{env.get('env/cpu_capability', 'capability not recorded')}; {env.get('env/cpu_count')} cores); "
+        f"torch {env.get('env/torch')}, "
         f"transformers {env.get('env/transformers')}, python {env.get('env/python')}"
     )
 

@@ -198,6 +198,8 @@ def test_pipeline_on_a_reduced_demo_budget(tmp_path):
             "2",
             "--run.progress",
             "False",
+            "--reward_gate.action",  # a reward model of a few seconds' training is at chance
+            "warn",
         )
     )
     summary = json.loads((run / "summary.json").read_text())
@@ -209,6 +211,9 @@ def test_pipeline_on_a_reduced_demo_budget(tmp_path):
     assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     assert set(summary["time_s"]) == {"sft", "reward", "rl", "eval"}
     assert 0.0 <= summary["reward_model"]["eval/accuracy"] <= 1.0
+    # the gate tested the reward stage's 12 held-out pairs (5% of its 240) and let RL run (action warn)
+    gate = summary["reward_model"]["gate"]
+    assert gate["pairs"] == 12 and gate["correct"] == round(summary["reward_model"]["eval/accuracy"] * 12)
     assert "final/kl/mean" in summary["rl"]
     for stage in ("sft", "reward", "rl"):
         assert (run / stage / "model" / "config.json").is_file()
@@ -283,6 +288,7 @@ def test_ppo_pipeline_on_episodes_with_a_reward_model(tmp_path):
         "--sft.epochs", "1", "--reward.epochs", "1", "--rl.iterations", "2", "--rl.rollout_batch_size", "8",
         "--rl.update.mini_batch_size", "8", "--rl.generation.max_new_tokens", "12", "--rl.episode.max_tokens", "160",
         "--eval.num_prompts", "4", "--eval.samples_per_prompt", "2", "--run.progress", "False",
+        "--reward_gate.action", "warn",
     ))  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["time_s"]) == {"sft", "reward", "rl", "eval"}

@@ -247,6 +247,7 @@ def test_pipeline_stages_are_tracker_runs_named_after_the_run(tmp_path):
         "--model", "tiny:llama:hidden=32,layers=2,heads=4", "--sft.epochs", "1", "--rl.iterations", "2",
         "--rl.rollout_batch_size", "8", "--rl.generation.max_new_tokens", "8", "--eval.num_prompts", "4",
         "--eval.samples_per_prompt", "1", "--run.progress", "False", "--run.report_to", "mlflow",
+        "--reward_gate.action", "warn",
     ]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr

@@ -30,7 +30,7 @@ from chatrlhf.config.common import (
 )
 from chatrlhf.config.dpo import DPOConfig, DPOTrainConfig
 from chatrlhf.config.inference import BackendOptions, ChatConfig, EvaluateConfig, RunOptions, ServeConfig
-from chatrlhf.config.pipeline import EvalConfig, PipelineConfig, PipelineDataConfig
+from chatrlhf.config.pipeline import EvalConfig, PipelineConfig, PipelineDataConfig, RewardGateConfig
 from chatrlhf.config.recipes import (
     RENAMED,
     check_renamed_flags,
@@ -92,6 +92,7 @@ __all__ = [
     "RLConfig",
     "RLTrainConfig",
     "RewardConfig",
+    "RewardGateConfig",
     "RewardShapingConfig",
     "RewardTrainConfig",
     "RolloutConfig",

@@ -51,6 +51,21 @@ class PipelineDataConfig:
 
 
 @dataclass
+class RewardGateConfig:
+    """Between steps 2 and 3: does the reward model rank held-out pairs better than chance (or than `min_accuracy`)?
+    RL on a reward model that does not would optimise noise (docs/report.md, "The reward-model gate")."""
+
+    action: Literal["stop", "warn", "off"] = "stop"
+    """stop: end the pipeline before RL when the reward model fails the test (SFT and the reward model are kept; the
+    message says how to go on); warn: print the finding and run RL anyway; off: no test."""
+    min_accuracy: float = 0.5
+    """The held-out accuracy the reward model must be shown to exceed: 0.5 is chance; 0.6 is a stricter bar."""
+    p: float = 0.05
+    """Significance level of the one-sided exact binomial test of H₀ "accuracy ≤ min_accuracy": the reward model
+    passes when P(at least its correct pairs | accuracy = min_accuracy) is at most this."""
+
+
+@dataclass
 class EvalConfig:
     """The final comparison of the SFT and the RLHF (or DPO) policies on held-out prompts."""
 
@@ -97,6 +112,8 @@ class PipelineConfig(StageOptions):
     """Step 1 training."""
     reward: RewardTrainConfig = field(default_factory=RewardTrainConfig)
     """Step 2 training."""
+    reward_gate: RewardGateConfig = field(default_factory=RewardGateConfig)
+    """The test of the reward model's held-out accuracy against chance before RL."""
     rl: RLTrainConfig = field(default_factory=RLTrainConfig)
     """Step 3 training. With method dpo only `max_prompt_len` and `generation` are used: by the final comparison."""
     dpo: DPOTrainConfig = field(default_factory=DPOTrainConfig)
@@ -124,6 +141,12 @@ class PipelineConfig(StageOptions):
         check_optim(self.sft.optim, "sft.optim")
         check_loop(self.reward, "reward")
         check_optim(self.reward.optim, "reward.optim")
+        if not 0.0 < self.reward_gate.p < 1.0:
+            raise ConfigError(f"reward_gate.p must be in (0, 1), got {self.reward_gate.p}")
+        if not 0.5 <= self.reward_gate.min_accuracy < 1.0:
+            raise ConfigError(
+                f"reward_gate.min_accuracy must be in [0.5, 1) (0.5 is chance), got {self.reward_gate.min_accuracy}"
+            )
         check_rl(self.rl, "rl")
         if self.method == "rlhf":
             self._validate_rl_rewards()

@@ -586,6 +586,22 @@ def _ci(d: dict | None) -> str:
     return f"{d['mean']:{sign}.3f} [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
 
 
+def reward_gate_note(gate: dict | None) -> str:
+    """What the pipeline's reward-model gate found before RL (train/pipeline.py:reward_gate), or nothing."""
+    if not isinstance(gate, dict) or not _is_number(gate.get("p_value")):
+        return ""
+    bar = gate.get("min_accuracy")
+    said = (
+        f"Before RL the reward model ranked {gate.get('correct')} of {gate.get('pairs')} held-out pairs right "
+        f"(p = {gate['p_value']:.2g} against accuracy {bar}, one-sided exact binomial test): "
+    )
+    if gate.get("passed"):
+        return note(said + f"above {bar}.")
+    return note(
+        said + f"NOT shown above {bar}; RL ran anyway (reward_gate.action warn), on a reward that may be noise."
+    )
+
+
 def comparison_section(run: Run, figs: Figures) -> str:
     head = '<section id="comparison"><h2>SFT vs the trained model on held-out prompts</h2>'
     s = run.summary
@@ -615,6 +631,7 @@ def comparison_section(run: Run, figs: Figures) -> str:
             )
         )
     body = note(f"{c.get('prompts')} held-out prompts × {c.get('samples_per_prompt')} samples; mean [95% CI]")
+    body += reward_gate_note((s.get("reward_model") or {}).get("gate"))
     if rows:
         body += table(["score", "SFT", tuned, f"{tuned} − SFT (paired)", f"{tuned} better"], rows)
         body += figs.img("comparison", interval_plot("Held-out scores, mean and 95% CI", intervals))

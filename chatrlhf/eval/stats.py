@@ -82,6 +82,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def binomial_upper_tail(k: int, n: int, p: float = 0.5) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, p): the p-value of the one-sided exact binomial test of H₀ "success rate ≤ p"
+    after k successes in n trials. Σ_{i=k}^{n} C(n, i) pⁱ (1 − p)ⁿ⁻ⁱ, summed in log space (log C(n, i) from lgamma)
+    so that large n neither overflows nor underflows before the end; 1.0 for k ≤ 0."""
+    if not 0 <= k <= n or n < 1 or not 0.0 < p < 1.0:
+        raise ValueError(f"binomial_upper_tail needs 0 <= k <= n, n >= 1 and 0 < p < 1, got k={k}, n={n}, p={p}")
+    if k == 0:
+        return 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k, n + 1)
+    ]
+    top = max(logs)
+    return min(1.0, math.exp(top + math.log(sum(math.exp(x - top) for x in logs))))
+
+
 def distribution(xs: list[float], bins: int = 20) -> dict:
     """Summary of a score distribution: n, mean, std, min, the 5/25/50/75/95% quantiles (linear interpolation),
     max, and a histogram on `bins` equal bins from min to max (`edges` has bins + 1 values)."""

@@ -52,13 +52,16 @@ def environment() -> dict[str, str | int]:
 
     from chatrlhf import __version__
 
+    info = cpuinfo()
     env: dict[str, str | int] = {
         "env/chatrlhf": __version__,
         "env/python": platform.python_version(),
         "env/torch": torch.__version__,
         "env/transformers": transformers.__version__,
         "env/platform": platform.platform(),
-        "env/cpu": cpu_name(),
+        "env/cpu": cpu_name(info),
+        "env/cpu_id": cpu_id(info),
+        "env/cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "env/cpu_count": os.cpu_count() or 0,
         "env/torch_threads": torch.get_num_threads(),
         "env/world_size": dist.world_size(),
@@ -69,15 +72,34 @@ def environment() -> dict[str, str | int]:
     return env
 
 
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux; `platform.processor()` elsewhere)."""
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text; "" where there is none (not Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return ""
+
+
+def cpu_name(info: str) -> str:
+    """The CPU model name (from /proc/cpuinfo's text on Linux; `platform.processor()` elsewhere)."""
+    for line in info.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def cpu_id(info: str) -> str:
+    """The first CPU's family, model and stepping from /proc/cpuinfo's text (x86; e.g. "family 26 model 2 stepping
+    1"), which tell apart CPU generations that share a model name such as "AMD EPYC"; "unknown" where not listed."""
+    fields = {}
+    for line in info.splitlines():
+        if not line.strip():
+            break  # the end of the first CPU's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if not all(fields.get(k) for k in ("cpu family", "model", "stepping")):
+        return "unknown"
+    return f"family {fields['cpu family']} model {fields['model']} stepping {fields['stepping']}"
 
 
 def write_summary(path: Path, summary: dict) -> None:

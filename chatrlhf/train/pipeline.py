@@ -1,5 +1,8 @@
 """`chatrlhf pipeline`: SFT → reward model → RLHF → side-by-side evaluation, in one run directory.
 
+Between the reward model and RL the reward-model gate tests the reward model's held-out accuracy against chance and,
+by default, stops the pipeline when it is not above it (`reward_gate`, docs/report.md).
+
 With `method: dpo`, DPO replaces steps 2+3: SFT → DPO from the SFT model → the same evaluation, SFT vs DPO, scored
 by the judge only (there is no reward model).
 
@@ -25,6 +28,7 @@ from chatrlhf.config import (
     EvaluateConfig,
     PipelineConfig,
     RewardConfig,
+    RewardGateConfig,
     RLConfig,
     RunOptions,
     SFTConfig,
@@ -37,6 +41,7 @@ from chatrlhf.engine.vllm import check_vllm_support
 from chatrlhf.errors import UserError
 from chatrlhf.eval.compare import pipeline_view, write_samples
 from chatrlhf.eval.report import write_report
+from chatrlhf.eval.stats import binomial_upper_tail
 from chatrlhf.models.load import check_value_model_support, pick_device
 from chatrlhf.train.data import convert, load_raw, prep_of, read_all, train_eval_split
 from chatrlhf.train.dpo import run_dpo
@@ -177,6 +182,47 @@ def train_reward_model(cfg: PipelineConfig, run_dir: Path, data: dict[str, list]
     return rm_dir, reward, clock.elapsed()
 
 
+def reward_gate(gate: RewardGateConfig, reward: dict, run_dir: Path) -> dict | None:
+    """Step 2's held-out accuracy tested before RL: k of n pairs ranked right, the one-sided exact binomial test of
+    H₀ "accuracy ≤ gate.min_accuracy" (½, chance, by default). Returns what the run summary records; with action
+    stop, a reward model that fails ends the pipeline here, and the message says how to go on."""
+    if gate.action == "off":
+        return None
+    n, accuracy = int(reward.get("eval_pairs") or 0), reward.get("eval/accuracy")
+    if n == 0 or accuracy is None:
+        print(
+            "pipeline: warning: the reward model has no held-out pairs (data.eval_fraction gives its share none), "
+            "so its accuracy is not tested before RL"
+        )
+        return {"pairs": 0, "passed": None}
+    correct = round(accuracy * n)
+    p_value = binomial_upper_tail(correct, n, gate.min_accuracy)
+    passed = p_value <= gate.p
+    result = {"accuracy": accuracy, "correct": correct, "pairs": n, "min_accuracy": gate.min_accuracy,
+              "p_value": p_value, "passed": passed}  # fmt: skip
+    bar = "chance" if gate.min_accuracy == 0.5 else f"reward_gate.min_accuracy {gate.min_accuracy}"
+    said = (
+        f"reward model: held-out accuracy {accuracy:.3f} ({correct} of {n} pairs), p = {p_value:.2g} against "
+        f"{bar} (one-sided exact binomial test)"
+    )
+    if passed:
+        print(f"pipeline: {said} <= reward_gate.p {gate.p}: above {bar}")
+        return result
+    problem = f"{said} > reward_gate.p {gate.p}: not shown to rank answers better than {bar}"
+    if gate.min_accuracy == 0.5:
+        problem += ", so RL would optimise noise"
+    if binomial_upper_tail(n, n, gate.min_accuracy) > gate.p:
+        problem += f" (with {n} held-out pairs not even all right would pass: raise data.eval_fraction)"
+    if gate.action == "warn":
+        print(f"pipeline: warning: {problem}; RL runs anyway (reward_gate.action warn)")
+        return result
+    raise UserError(
+        f"{problem}. Stopped before RL, keeping {run_dir / 'sft'} and {run_dir / 'reward'}. To train the reward model "
+        f"again, remove {run_dir / 'reward'} and rerun with --resume auto and more reward training (--reward.epochs, "
+        "--reward.optim.lr); to run RL on this one, rerun with --resume auto --reward_gate.action warn"
+    )
+
+
 def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_data_cfg: DataConfig) -> Tuned:
     """Steps 2 and 3: the reward model, then RL from the SFT model."""
     d = cfg.data
@@ -185,9 +231,10 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
 
     # step 2: reward model (InstructGPT initialises it from the SFT model unless another base is given), unless the
     # RL reward comes from Python reward functions alone
-    rm_dir, reward = None, {}
+    rm_dir, reward, gate = None, {}, None
     if cfg.train_reward_model:
         rm_dir, reward, times["reward"] = train_reward_model(cfg, run_dir, data, stage_data_cfg)
+        gate = reward_gate(cfg.reward_gate, reward, run_dir)
 
     # step 3: RLHF; the held-out prompts are kept for the final comparison
     clock = Stopwatch()
@@ -215,6 +262,8 @@ def rlhf_steps(cfg: PipelineConfig, run_dir: Path, data: dict[str, list], stage_
     if reward:
         keys = ("eval/accuracy", "eval/chosen_score", "eval/rejected_score", "eval/score_gap")
         sections["reward_model"] = {k: reward.get(k) for k in keys}
+        if gate is not None:
+            sections["reward_model"]["gate"] = gate
     return Tuned(
         policy_dir=rl_dir / "model",
         reward_model_dir=rm_dir / "model" if rm_dir else None,
@@ -313,7 +362,11 @@ def print_table(summary: dict) -> None:
         print("(nothing scored the samples: set eval.judge; the DPO pipeline has no reward model)")
     rm = summary.get("reward_model", {})
     if rm.get("eval/accuracy") is not None:
-        print(f"reward model held-out accuracy {rm['eval/accuracy']:.3f}, score gap {rm['eval/score_gap']:.3f}")
+        gate = rm.get("gate") or {}
+        tested = ""
+        if gate.get("p_value") is not None:
+            tested = f" ({'passed' if gate['passed'] else 'FAILED'} the gate before RL: p = {gate['p_value']:.2g})"
+        print(f"reward model held-out accuracy {rm['eval/accuracy']:.3f}{tested}, score gap {rm['eval/score_gap']:.3f}")
     dpo = summary.get("dpo", {})
     if dpo.get("eval/rewards/accuracy") is not None:
         print(

@@ -256,6 +256,15 @@ def pipeline_run(root: Path) -> Path:
                 "eval/chosen_score": 1.2,
                 "eval/rejected_score": -1.3,
                 "eval/score_gap": 2.5,
+                # 58 of 64 right: p = Σ_{i≥58} C(64, i) / 2⁶⁴
+                "gate": {
+                    "accuracy": 58 / 64,
+                    "correct": 58,
+                    "pairs": 64,
+                    "min_accuracy": 0.5,
+                    "p_value": sum(math.comb(64, i) for i in range(58, 65)) / 2**64,
+                    "passed": True,
+                },
             },
             "rl": {"final/kl/mean": 1.2},
             "comparison": comparison,

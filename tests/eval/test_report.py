@@ -41,6 +41,10 @@ def test_pipeline_report_has_every_section_and_image(pipeline_dir):
     ):
         assert section in page, section
     assert page.index('id="rl-doctor"') < page.index('id="comparison"') < page.index('id="sft-"')  # findings first
+    # the reward-model gate's result, in the comparison section: p = (1 + 64 + 2016 + 41664 + 635376 + 7624512 +
+    # 74974368) / 2⁶⁴ = 83,278,001 / 2⁶⁴ ≈ 4.5e-12
+    gate = "ranked 58 of 64 held-out pairs right (p = 4.5e-12 against accuracy 0.5, one-sided exact binomial test)"
+    assert gate + ": above 0.5." in page
     pngs = sorted((pipeline_dir / "report").glob("*.png"))
     names = {p.stem for p in pngs}
     assert names >= {

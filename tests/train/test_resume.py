@@ -68,7 +68,7 @@ def stage_args(stage: str, out: Path, base: Path) -> list[str]:
             "--reward.max_steps", "8", "--reward.batch_size", "4", "--reward.max_seq_len", "128",
             "--rl.iterations", "8", "--rl.rollout_batch_size", "4", "--rl.max_prompt_len", "64",
             "--rl.generation.max_new_tokens", "8", "--rl.actor_optim.lr", "1e-3", "--rl.critic_optim.lr", "1e-3",
-            "--eval.num_prompts", "4", "--eval.samples_per_prompt", "2"]  # fmt: skip
+            "--eval.num_prompts", "4", "--eval.samples_per_prompt", "2", "--reward_gate.action", "warn"]  # fmt: skip
 
 
 PIPELINE_STEPS = {"sft": 8, "reward": 8, "rl": 8}
