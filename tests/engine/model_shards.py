@@ -73,8 +73,8 @@ def main(out: Path, stage: str, args: list[str]) -> None:
     record["world_size"] = dist.world_size()
     record["engines"] = engines
     (out / f"rank-{dist.rank()}.json").write_text(json.dumps(record), encoding="utf-8")
-    dist.barrier()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    dist.finish(0)  # as the CLI ends: barrier, destroy the group, exit at once (torch 2.13's gloo teardown can abort)
