@@ -238,8 +238,9 @@ def axis_summary(axis: str, runs: list[dict], params: dict[int, int]) -> dict:
     }
 
 
-def plot(summaries: list[dict], path: Path) -> None:
-    """Time per phase (top) and peak RSS (bottom) against each axis, log-log, each series with its exponent."""
+def plot(summaries: list[dict], path: Path, cores: int) -> None:
+    """Time per phase (top) and peak RSS (bottom) against each axis, log-log, each series with its exponent; the
+    title says how busy the machine's other cores were (the median over the points of `other cores`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,8 +270,10 @@ def plot(summaries: list[dict], path: Path) -> None:
         bottom.set_yticks([round(v) for v in s["peak_rss_mib"]])
         bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
         bottom.yaxis.set_minor_formatter(NullFormatter())
-    fig.suptitle("chatrlhf rl (GRPO), tiny Llama, shared 2-vCPU CPU: wall seconds per iteration (solid), CPU seconds "
-                 "(dashed), peak RSS; cost ∝ x^k, k fitted on log-log", fontsize=11)  # fmt: skip
+    busy = statistics.median(c for s in summaries for c in s["other_cores"])
+    fig.suptitle(f"chatrlhf rl (GRPO), tiny Llama, {cores}-vCPU CPU, other cores busy {busy:.2f}: wall seconds per "
+                 "iteration (solid), CPU seconds (dashed), peak RSS; cost ∝ x^k, k fitted on log-log",
+                 fontsize=11)  # fmt: skip
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -327,7 +330,7 @@ def main() -> int:
         payload = json.loads(a.from_json.read_text())
         print_tables(payload["summary"], payload["base_first_last"], payload["args"])
         if a.plot:
-            plot(payload["summary"], a.plot)
+            plot(payload["summary"], a.plot, payload["machine"]["cores"])
         return 0
     assert a.warmup >= 1, "--warmup must be at least 1 (the first iteration's time has no iteration before it)"
     assert 0 in a.doublings, "--doublings must include 0, the base point"
@@ -367,7 +370,7 @@ def main() -> int:
             if k not in ("worker_clocks", "rest", "from_json")}  # fmt: skip
     print_tables(summaries, base_runs, args)
     if a.plot:
-        plot(summaries, a.plot)
+        plot(summaries, a.plot, os.cpu_count() or 0)
     payload = {
         "machine": machine_summary(),
         "args": args,
