@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from chatrlhf.config import RewardGateConfig
-from chatrlhf.errors import UserError
+from chatrlhf.config import PipelineConfig, PipelineDataConfig, RewardGateConfig
+from chatrlhf.errors import ConfigError, UserError
 from chatrlhf.eval.stats import binomial_upper_tail
 from chatrlhf.train.pipeline import reward_gate
 
@@ -46,7 +46,7 @@ def summary(correct: int, pairs: int) -> dict:
     return {"stage": "reward", "eval_pairs": pairs, "eval/accuracy": correct / pairs}
 
 
-def test_a_reward_model_binomial_upper_tailasses(capsys):
+def test_a_reward_model_above_chance_passes(capsys):
     got = reward_gate(RewardGateConfig(), summary(55, 64), Path("run"))
     assert got["passed"] is True and (got["correct"], got["pairs"]) == (55, 64)
     assert got["p_value"] == pytest.approx(exact_tail(55, 64), rel=1e-9)
@@ -70,7 +70,7 @@ def test_the_significance_level_decides():
         reward_gate(RewardGateConfig(p=0.001), summary(42, 64), Path("r"))
 
 
-def test_a_stricter_bar_is_tested_against_its_own_rate(capsys):
+def test_a_stricter_bar_is_tested_against_its_own_rate():
     # 185 of 320 (0.578): above chance (p = 0.003) but not shown above 0.6 (p = 0.80)
     assert reward_gate(RewardGateConfig(), summary(185, 320), Path("r"))["passed"] is True
     with pytest.raises(UserError, match="better than reward_gate.min_accuracy 0.6") as err:
@@ -108,6 +108,17 @@ def test_too_few_pairs_to_ever_pass_are_named():
     with pytest.raises(UserError) as err:
         reward_gate(RewardGateConfig(), summary(4, 5), Path("r"))
     assert "not even all right" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "gate, field", [(RewardGateConfig(p=0.0), "reward_gate.p"), (RewardGateConfig(p=1.0), "reward_gate.p"),
+                    (RewardGateConfig(min_accuracy=0.4), "reward_gate.min_accuracy"),
+                    (RewardGateConfig(min_accuracy=1.0), "reward_gate.min_accuracy")],
+)  # fmt: skip
+def test_settings_out_of_range_are_refused_by_name(gate, field):
+    cfg = PipelineConfig(model="tiny:llama", data=PipelineDataConfig(paths=["demo:pairs:100:0"]), reward_gate=gate)
+    with pytest.raises(ConfigError, match=field):
+        cfg.validate()
 
 
 def pipeline(*args: str) -> subprocess.CompletedProcess:
