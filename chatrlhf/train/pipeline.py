@@ -195,7 +195,7 @@ def reward_gate(gate: RewardGateConfig, reward: dict, run_dir: Path) -> dict | N
             "so its accuracy is not tested before RL"
         )
         return {"pairs": 0, "passed": None}
-    correct = round(accuracy * n)
+    correct = round(accuracy * n)  # exact: the summary's accuracy is k/n to float32 precision (error < 1e-6·n)
     p_value = binomial_upper_tail(correct, n, gate.min_accuracy)
     passed = p_value <= gate.p
     result = {"accuracy": accuracy, "correct": correct, "pairs": n, "min_accuracy": gate.min_accuracy,
